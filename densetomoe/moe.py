@@ -87,6 +87,8 @@ class MoEFeedForward(nn.Module):
         self.b_up = nn.Parameter(torch.zeros(num_experts, expert_size)) if bias else None
         self.b_gate = nn.Parameter(torch.zeros(num_experts, expert_size)) if bias and gated else None
         self.b_down = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        # What each expert adds on average when it is *not* selected (zeros: nothing is added).
+        self.skip_mean = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.router = Router(hidden_size, num_experts, router_hidden)
 
     def extra_repr(self) -> str:
@@ -123,7 +125,9 @@ class MoEFeedForward(nn.Module):
         if self.top_k >= self.num_experts:
             out = self._neurons(x, slice(None)) @ self.w_down.reshape(-1, self.hidden_size)
         else:
-            out = self._dispatch(x, self.select(x))
+            chosen = self.select(x)  # (tokens, top_k)
+            out = self._dispatch(x, chosen)
+            out = out + self.skip_mean.sum(0) - self.skip_mean[chosen].sum(1)
         if self.b_down is not None:
             out = out + self.b_down
         return out.reshape(shape)

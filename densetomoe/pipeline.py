@@ -110,6 +110,8 @@ def convert(
         show_progress=show_progress,
     )
     clock.lap("calibrate")
+    if stats.tokens < recipe.calib_tokens:
+        log(f"warning: the calibration text ran out after {stats.tokens:,} of {recipe.calib_tokens:,} tokens")
 
     # partition and route, layer by layer
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -120,7 +122,10 @@ def convert(
         for i in layers:
             labels = PARTITIONS[recipe.partition](ffns[i], stats.layers[i], recipe.experts, generator)
             router = ROUTERS[recipe.router](ffns[i], stats.layers[i], labels, recipe.experts, settings, generator)
-            modules[i] = surgery.moe_from_dense(ffns[i], labels, router, recipe.experts, recipe.top_k, activation)
+            sample = stats.layers[i].inputs if recipe.compensate else None
+            modules[i] = surgery.moe_from_dense(
+                ffns[i], labels, router, recipe.experts, recipe.top_k, activation, sample
+            )
             bar.advance(task)
     clock.lap("partition+route")
 
@@ -136,7 +141,6 @@ def convert(
             out,
             overwrite,
             model,
-            load.load_tokenizer(source),
             recipe_yaml=recipe.to_yaml(),
             card=text,
             figures=result.figures(),

@@ -36,6 +36,7 @@ class Recipe(BaseModel):
     sample_tokens: int = Field(8192, gt=0, description="tokens per layer kept to cluster neurons and train routers")
     router_hidden: int = Field(128, ge=0, description="hidden width of the MLP router")
     router_steps: int = Field(400, ge=0, description="optimisation steps per MLP router")
+    compensate: bool = Field(True, description="add unselected experts' mean output (training-free correction)")
     layers: list[int] | None = Field(None, description="indices of the layers to convert; None converts all")
     seed: int = 0
     dtype: DType = "float32"

@@ -11,10 +11,32 @@ from .stages.calibrate import DenseFFN
 from .stages.partition import expert_members
 
 
+def skip_means(
+    ffn: DenseFFN, labels: torch.Tensor, router: moe.Router, sample: torch.Tensor, experts: int, top_k: int
+) -> torch.Tensor:
+    """``(experts, hidden)``: each expert's mean output over the sampled tokens that do not select it.
+
+    Adding these for the unselected experts is the least-squares constant correction for what
+    top-k routing drops; it is zero at ``top_k == experts`` and keeps the dense equivalence exact.
+    """
+    with torch.no_grad():
+        y = ffn.contributions(sample, labels, experts)  # (tokens, experts, hidden)
+        chosen = router(sample).topk(top_k, dim=-1).indices  # (tokens, top_k)
+        skipped = torch.ones(len(sample), experts).scatter_(1, chosen, 0.0)  # (tokens, experts)
+        return (skipped.unsqueeze(-1) * y).sum(0) / skipped.sum(0).clamp_min(1).unsqueeze(-1)
+
+
 def moe_from_dense(
-    ffn: DenseFFN, labels: torch.Tensor, router: moe.Router, experts: int, top_k: int, activation: str
+    ffn: DenseFFN,
+    labels: torch.Tensor,
+    router: moe.Router,
+    experts: int,
+    top_k: int,
+    activation: str,
+    sample: torch.Tensor | None = None,
 ) -> moe.MoEFeedForward:
-    """An MoE feed-forward holding exactly ``ffn``'s weights, its neurons grouped by ``labels``."""
+    """An MoE feed-forward holding exactly ``ffn``'s weights, its neurons grouped by ``labels``;
+    with a calibration ``sample`` ``(tokens, hidden)``, unselected experts are compensated by their mean."""
     members = expert_members(labels, experts)  # (experts, expert_size)
     hidden = ffn.w_up.shape[1]
     module = moe.MoEFeedForward(
@@ -38,6 +60,9 @@ def moe_from_dense(
             if module.b_gate is not None:
                 module.b_gate.copy_(ffn.b_gate[members])
     module.router.load_state_dict(router.state_dict())
+    if sample is not None and top_k < experts:
+        with torch.no_grad():
+            module.skip_mean.copy_(skip_means(ffn, labels, router, sample, experts, top_k))
     return module
 
 

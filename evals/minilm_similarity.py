@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--router", default="mlp")
     parser.add_argument("--calib-tokens", type=int, default=32768)
     parser.add_argument("--snippets", type=int, default=1500, help="Rotten Tomatoes test snippets to embed")
+    parser.add_argument("--no-compensate", dest="compensate", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
@@ -49,6 +50,7 @@ def main() -> None:
         router=args.router,
         calib_tokens=args.calib_tokens,
         seed=args.seed,
+        compensate=args.compensate,
     )
     start = time.perf_counter()
     conversion = densetomoe.convert(recipe, show_progress=not args.json)
@@ -61,6 +63,7 @@ def main() -> None:
         "top_k": args.top_k,
         "partition": args.partition,
         "router": args.router,
+        "compensate": args.compensate,
         "calib_tokens": conversion.stats.tokens,
         "snippets": len(texts),
         "cosine_mean": round(cosine.mean().item(), 4),

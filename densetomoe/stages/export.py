@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
+from transformers import AutoTokenizer
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -81,7 +82,6 @@ def write(
     out: Path,
     overwrite: bool,
     model: nn.Module,
-    tokenizer,
     *,
     recipe_yaml: str,
     card: str,
@@ -99,7 +99,8 @@ def write(
         on_file("weights")
         moe_config(model).save_pretrained(staging)  # replaces the dense config written above
         shutil.copyfile(Path(moe.__file__), staging / MODELING_FILE)
-        tokenizer.save_pretrained(staging)
+        # a fresh copy: calls with truncation settings change a tokenizer's saved state
+        AutoTokenizer.from_pretrained(source_folder).save_pretrained(staging)
         _copy_sentence_transformers(source_folder, staging)
         (staging / RECIPE_FILE).write_text(recipe_yaml)
         (staging / FIGURES_FILE).write_text(json.dumps({"densetomoe_version": __version__, **figures}, indent=2) + "\n")

@@ -90,7 +90,12 @@ def _download(model: str, hub_id: str, allow_pickle: bool) -> Path:
     except RepositoryNotFoundError:
         raise UsageError(f"no model {hub_id!r} on the Hugging Face Hub (or it is private: log in first)") from None
     except (LocalEntryNotFoundError, OSError) as e:
-        reason = type(e).__name__ if not str(e) else str(e).splitlines()[0][:120]
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            reason = "offline mode: HF_HUB_OFFLINE is set"
+        else:
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise UsageError(
             f"{hub_id} is not in the local Hugging Face cache and the Hub could not be reached ({reason}); "
             f"download it where there is network and pass the folder: densetomoe convert ./path/to/model"
@@ -137,7 +142,7 @@ def load_model(source: Source, config, dtype: str = "float32", allow_pickle: boo
 
 
 def load_tokenizer(source: Source):
-    """A fresh tokenizer (calls with truncation settings change a tokenizer's saved state)."""
+    """The checkpoint's tokenizer, or a :class:`UsageError` saying why it has none."""
     try:
         return AutoTokenizer.from_pretrained(source.path)
     except (OSError, ValueError) as e:

@@ -1,0 +1,139 @@
+"""The ``densetomoe`` command: parse, call one library function, print.
+
+Library errors (:class:`~densetomoe.errors.UsageError`) become one line on stderr and exit code 2;
+Ctrl-C exits 130 with nothing written; anything unexpected exits 1 with a one-line summary (set
+``DENSETOMOE_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .console import stderr
+from .recipe import DType, Partition, RouterKind
+
+app = typer.Typer(
+    help="Turn a dense transformer checkpoint into a sparse mixture-of-experts checkpoint.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _fail(message: str, code: int) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run(action):
+    """Call ``action`` and map what it raises to one line and an exit code."""
+    from .errors import UsageError
+
+    try:
+        return action()
+    except UsageError as e:
+        _fail(str(e), EXIT_USAGE)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+    except Exception as e:  # a bug or an environment problem: one line unless debugging
+        if os.environ.get("DENSETOMOE_DEBUG"):
+            raise
+        summary = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(f"{type(e).__name__}: {summary} (set DENSETOMOE_DEBUG=1 for the traceback)", EXIT_FAILURE)
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@app.command()
+def convert(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Local folder, Hub id, or alias (bert-base, roberta-base, distilbert, all-minilm-l6-v2, ...).")],
+    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per FFN layer; they split its neurons equally.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts each token uses (changeable at load time).")] = 2,
+    partition: Annotated[Partition, typer.Option(help="coactivation: neurons that fire together share an expert. parameters: cluster input weights. random: baseline.")] = "coactivation",
+    router: Annotated[RouterKind, typer.Option(help="mlp: small trained router per layer. centroid: training-free, from the experts' weight centroids.")] = "mlp",
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text: .txt (a document per line), .jsonl, .csv, or a datasets name NAME\\[:CONFIG]\\[@SPLIT]. Default: embedded Wikipedia sample.")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to run through the dense model.")] = 32768,
+    compensate: Annotated[bool, typer.Option(help="Add each unselected expert's mean output (training-free correction).")] = True,
+    seed: Annotated[int, typer.Option(help="Seed for shuffling, clustering and router training.")] = 0,
+    dtype: Annotated[DType, typer.Option(help="Load the model in float32, bfloat16 or float16.")] = "float32",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: ./<model>-moe-<experts>x<top-k>.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML; flags given on the command line win over its keys.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept a checkpoint stored only as pickle (.bin); only for sources you trust.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Convert a dense checkpoint into an MoE folder that loads with plain transformers."""
+    def action():
+        from .pipeline import convert as run_conversion
+        from .recipe import Recipe
+
+        settings = {
+            "model": model, "experts": experts, "top_k": top_k, "partition": partition, "router": router,
+            "calib": calib, "calib_tokens": calib_tokens, "compensate": compensate, "seed": seed,
+            "dtype": dtype, "allow_pickle": allow_pickle,
+        }  # fmt: skip
+        if recipe is not None:
+            given = {k: v for k, v in settings.items() if _given(ctx, k)}
+            plan = Recipe.from_yaml(recipe, **given)
+        else:
+            plan = Recipe.build(**settings)
+        destination = out or Path(f"{Path(plan.model).name or 'model'}-moe-{plan.experts}x{plan.top_k}")
+        _quiet_transformers()
+        result = run_conversion(plan, destination, overwrite, show_progress=progress, log=lambda m: stderr.print(m))
+        _print_summary(result)
+
+    _run(action)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was typed on the command line (not a default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _print_summary(result) -> None:
+    q, r = result.report, result.recipe
+    table = Table(title=f"{result.source.name} -> {result.out}", show_header=True, title_justify="left")
+    table.add_column("measured on held-out text, dense vs MoE")
+    table.add_column("value", justify="right")
+    table.add_row("experts, top-k", f"{r.experts}, {r.top_k}")
+    table.add_row("share of FFN neurons a token uses", f"{q.active_ffn_share:.0%}")
+    table.add_row("FFN FLOPs per token, MoE / dense", f"{q.ffn_flops_ratio:.3f}")
+    table.add_row("cosine of mean-pooled outputs", f"{q.embedding_cosine:.4f}")
+    table.add_row("relative error of final hidden states", f"{q.hidden_rel_error:.4f}")
+    if q.head_agreement is not None:
+        table.add_row("head predictions that agree", f"{q.head_agreement:.1%}")
+    table.add_row("conversion time", f"{result.seconds['total']:.1f} s")
+    from rich.console import Console
+
+    Console().print(table)
+
+
+@app.command()
+def version() -> None:
+    """Print the densetomoe version."""
+    from . import __version__
+
+    print(__version__)
+
+
+def main() -> None:  # pragma: no cover - console entry point for python -m
+    app(prog_name="densetomoe")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The command line: one clear line and exit code 2 on bad input, never a traceback or a partial folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from densetomoe.cli import app
+
+runner = CliRunner()
+FAST = ["--calib-tokens", "512", "--no-progress"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_failure(result, message, out=None):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert message in text, text
+    assert text.startswith("error:")
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.fixture
+def unsupported_model(tmp_path):
+    folder = tmp_path / "t5"
+    transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def pickle_only_model(tmp_path, tiny_models):
+    folder = tmp_path / "pickled"
+    source = tiny_models["BertModel"]
+    folder.mkdir()
+    for f in source.iterdir():
+        if f.suffix != ".safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    model = transformers.BertModel.from_pretrained(source)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_help_explains_each_choice():
+    result = invoke("convert", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for phrase in ("coactivation", "parameters", "random", "centroid", "mlp", "--calib-tokens", "--overwrite"):
+        assert phrase in text
+
+
+def test_missing_path(tmp_path):
+    out = tmp_path / "out"
+    assert_clean_failure(invoke("convert", tmp_path / "nowhere", "--out", out), "no such folder", out)
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert_clean_failure(invoke("convert", tmp_path / "empty", "--out", out), "not a model folder", out)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(unsupported_model, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("convert", unsupported_model, "--out", out)
+    assert_clean_failure(result, "model type 't5' is not supported", out)
+    assert "BERT" in result.output and "DistilBERT" in result.output
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--experts", "0"], "experts"),
+        (["--experts", "128"], "exceeds the FFN's 64 neurons"),
+        (["--experts", "5", "--top-k", "1"], "do not split into 5 equal experts"),
+        (["--experts", "4", "--top-k", "8"], "top_k (8) cannot exceed experts (4)"),
+    ],
+)
+def test_impossible_sizes(tiny_models, tmp_path, flags, message):
+    out = tmp_path / "out"
+    assert_clean_failure(invoke("convert", tiny_models["BertModel"], *flags, "--out", out), message, out)
+
+
+def test_empty_and_unreadable_calibration(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\xff")
+    assert_clean_failure(invoke("convert", tiny_models["BertModel"], "--calib", tmp_path / "empty.txt", "--out", out), "holds no text", out)
+    assert_clean_failure(invoke("convert", tiny_models["BertModel"], "--calib", tmp_path / "binary.txt", "--out", out), "cannot read", out)
+
+
+def test_existing_output_needs_overwrite(tiny_models, texts_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["convert", tiny_models["BertModel"], "--experts", "4", "--calib", texts_file, "--out", out, *FAST]
+    assert_clean_failure(invoke(*args), "already exists; pass --overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    result = invoke(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_pickle_only_checkpoint_is_refused_unless_allowed(pickle_only_model, texts_file, tmp_path):
+    out = tmp_path / "out"
+    args = ["convert", pickle_only_model, "--experts", "4", "--calib", texts_file, "--out", out, *FAST]
+    assert_clean_failure(invoke(*args), "pickle", out)
+    result = invoke(*args, "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file()
+
+
+def test_hub_id_offline_says_how_to_use_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    out = tmp_path / "out"
+    assert_clean_failure(invoke("convert", "bert-base", "--out", out), "pass the folder: densetomoe convert ./path/to/model", out)
+
+
+def test_unreachable_hub_in_a_real_process(tmp_path):
+    """The real console script, a real (refused) connection, a cold cache."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+    run = subprocess.run(
+        [sys.executable, "-m", "densetomoe.cli", "convert", "some-org/some-model", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert "could not be reached" in run.stderr and len(run.stderr.strip().splitlines()) <= 3
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_recipe_key(tmp_path, tiny_models):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("experts: 4\nrouterr: mlp\n")
+    assert_clean_failure(invoke("convert", tiny_models["BertModel"], "--recipe", recipe), "routerr")
+
+
+def test_recipe_with_flag_overrides(tiny_models, texts_file, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"experts: 4\ntop_k: 1\nrouter: centroid\ncalib: {texts_file}\ncalib_tokens: 512\n")
+    out = tmp_path / "out"
+    result = invoke("convert", tiny_models["BertModel"], "--recipe", recipe, "--top-k", "2", "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    saved = (out / "densetomoe_recipe.yaml").read_text()
+    assert "top_k: 2" in saved and "router: centroid" in saved and "experts: 4" in saved

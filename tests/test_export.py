@@ -1,0 +1,87 @@
+"""Export writes a complete, self-describing folder or nothing at all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import densetomoe
+from conftest import quick_recipe
+from densetomoe.stages import export
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_models, tmp_path_factory):
+    texts = tmp_path_factory.mktemp("t") / "calib.txt"
+    texts.write_text("\n".join(f"document {i} about rivers and markets and music" for i in range(40)))
+    return densetomoe.convert(quick_recipe(tiny_models["BertForSequenceClassification"], texts), show_progress=False)
+
+
+def write(conversion, out, overwrite=False):
+    return export.write(
+        out,
+        overwrite,
+        conversion.model,
+        recipe_yaml=conversion.recipe.to_yaml(),
+        card="card",
+        figures=conversion.figures(),
+        source_folder=conversion.source.path,
+    )
+
+
+def leftovers(out):
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError])
+def test_failure_midway_leaves_nothing(converted, tmp_path, monkeypatch, interruption):
+    out = tmp_path / "out"
+
+    def broken(*args, **kwargs):
+        raise interruption("stopped while writing")
+
+    monkeypatch.setattr(export.shutil, "copyfile", broken)
+    with pytest.raises(interruption):
+        write(converted, out)
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_failed_overwrite_keeps_the_old_folder(converted, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(export, "_copy_sentence_transformers", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        write(converted, out, overwrite=True)
+    assert (out / "old.txt").read_text() == "old" and leftovers(out) == []
+
+
+def test_folder_explains_itself(converted, tmp_path):
+    out = write(converted, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MoEBertForSequenceClassification"]
+    assert config["auto_map"] == {
+        "AutoConfig": "modeling_densetomoe.MoEBertConfig",
+        "AutoModel": "modeling_densetomoe.MoEBertModel",
+        "AutoModelForSequenceClassification": "modeling_densetomoe.MoEBertForSequenceClassification",
+    }
+    assert (out / "modeling_densetomoe.py").read_text() == (densetomoe.moe.__file__ and open(densetomoe.moe.__file__).read())
+    recipe = yaml.safe_load((out / "densetomoe_recipe.yaml").read_text())
+    assert recipe["experts"] == 4 and recipe["top_k"] == 2
+    figures = json.loads((out / "densetomoe_conversion.json").read_text())
+    assert 0 < figures["quick_eval"]["ffn_flops_ratio"] < 1
+    assert figures["calibration"]["tokens"] == converted.stats.tokens > 0
+    source_tokenizer = json.loads((converted.source.path / "tokenizer_config.json").read_text())
+    assert json.loads((out / "tokenizer_config.json").read_text()) == source_tokenizer
+
+
+def test_model_card_from_a_real_conversion(tiny_models, texts_file, tmp_path):
+    out = tmp_path / "card"
+    densetomoe.convert(quick_recipe(tiny_models["BertModel"], texts_file), out=out, show_progress=False)
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert "moe" in front["tags"] and "densetomoe" in front["tags"]
+    for phrase in ("4 experts", "cosine of mean-pooled", "coactivation", "trust_remote_code=True", "num_experts_per_tok"):
+        assert phrase in card
