@@ -123,6 +123,52 @@ def _print_summary(result) -> None:
     Console().print(table)
 
 
+@app.command("eval")
+def evaluate(
+    moe_dir: Annotated[Path, typer.Argument(help="A folder written by densetomoe convert.")],
+    base: Annotated[Optional[str], typer.Option(help="Dense model to compare with. Default: the one recorded in the folder.")] = None,
+    suite: Annotated[Optional[list[str]], typer.Option("--suite", "-s", help="Suite name (evals/suites/NAME.yaml) or YAML file; repeatable. Default: wiki-prose.")] = None,
+    top_k: Annotated[Optional[str], typer.Option("--top-k", "-k", help="Comma-separated top-k values to sweep, e.g. 1,2,4. Default: the folder's own.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (report.json, report.md, figures). Default: MOE_DIR/eval.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the timings. Default: torch's.")] = None,
+    repeats: Annotated[int, typer.Option(help="Interleaved timing rounds; medians are reported.")] = 5,
+    speed: Annotated[bool, typer.Option(help="Measure throughput and latency (slower).")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Measure quality, speed and routing of an MoE folder against its dense model."""
+
+    def action():
+        from . import report as reports
+        from .errors import UsageError
+        from .evaluation import Settings
+        from .evaluation import evaluate as run_evaluation
+
+        try:
+            ks = [int(k) for k in top_k.split(",")] if top_k else None
+        except ValueError:
+            raise UsageError(f"--top-k takes comma-separated integers, got {top_k!r}") from None
+        if not (moe_dir / "config.json").is_file():
+            raise UsageError(f"{moe_dir} is not a model folder (no config.json in it)")
+        settings = Settings(top_ks=ks, base=base, threads=threads, repeats=repeats, speed=speed)
+        if suite:
+            settings.suites = list(suite)
+        _quiet_transformers()
+        result = run_evaluation(moe_dir, settings, show_progress=progress)
+        folder = reports.write(result, out or moe_dir / "eval")
+        table = Table(title=f"{moe_dir} vs {result['base_model']}", title_justify="left")
+        header, *lines = reports.rows(result)
+        for column in header:
+            table.add_column(column, justify="right")
+        for line in lines:
+            table.add_row(*line)
+        from rich.console import Console
+
+        Console().print(table)
+        stderr.print(f"report: {folder / 'report.md'}")
+
+    _run(action)
+
+
 @app.command()
 def version() -> None:
     """Print the densetomoe version."""

@@ -51,7 +51,7 @@ def resolve(model: str, allow_pickle: bool = False) -> Source:
     if path.exists():
         if not (path.is_dir() and (path / "config.json").is_file()):
             raise UsageError(f"{model} is not a model folder (no config.json in it)")
-        return Source(path.resolve(), _hub_id_in(path) or str(path.resolve()))
+        return Source(path.resolve(), str(path.resolve()))
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise UsageError(f"no such folder: {model}")
     hub_id = ALIASES.get(model.lower(), model)
@@ -60,15 +60,6 @@ def resolve(model: str, allow_pickle: bool = False) -> Source:
         folder = Path(importlib.util.find_spec(package).submodule_search_locations[0]) / sub
         return Source(folder, hub_id, hub_id)
     return Source(_download(model, hub_id, allow_pickle), hub_id, hub_id)
-
-
-def _hub_id_in(folder: Path) -> str | None:
-    """The Hub id recorded in a sentence-transformers or transformers folder, if any."""
-    try:
-        name = AutoConfig.from_pretrained(folder).to_dict().get("_name_or_path")
-    except Exception:
-        return None
-    return name if isinstance(name, str) and name.count("/") == 1 and not Path(name).exists() else None
 
 
 def _download(model: str, hub_id: str, allow_pickle: bool) -> Path:

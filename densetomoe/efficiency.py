@@ -1,0 +1,114 @@
+"""What a model costs: parameters, analytical FLOPs per token, and measured speed.
+
+FLOPs are counted from shapes (2 per multiply-add): every linear layer once per token, the MoE
+feed-forward for its ``top_k`` experts plus its router, and attention's two sequence-length
+products (scores and weighted values) per layer. Speed is measured, never assumed: models are
+timed in interleaved rounds in the same process and compared by their medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .moe import MoEFeedForward
+
+
+@dataclass
+class Cost:
+    params_total: int
+    params_active: int  # per token: inactive experts' weights excluded
+    ffn_flops: float  # per token, all FFN layers
+    flops: float  # per token, the whole forward at the given sequence length
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _expert_params(m: MoEFeedForward) -> int:
+    per_neuron = m.hidden_size * (3 if m.gated else 2) + (1 if m.b_up is not None else 0) * (2 if m.gated else 1)
+    return per_neuron * m.expert_size
+
+
+def _linear_flops(module: nn.Module) -> float | None:
+    if isinstance(module, nn.Linear):
+        return 2.0 * module.in_features * module.out_features
+    if type(module).__name__ == "Conv1D":  # GPT-2: weight (in, out)
+        return 2.0 * module.weight.numel()
+    return None
+
+
+def cost(model: nn.Module, seq_len: int, ffn_linears: set[nn.Module] | None = None) -> Cost:
+    """Parameters and per-token FLOPs of ``model`` at ``seq_len`` tokens per sequence.
+
+    ``ffn_linears``: for a dense model, the linear layers that make up its FFNs (so that FFN FLOPs
+    can be told apart); MoE feed-forwards are recognised by type.
+    """
+    ffn_linears = ffn_linears or set()
+    total = sum(p.numel() for p in model.parameters())
+    inactive, ffn, flops = 0, 0.0, 0.0
+
+    def visit(module: nn.Module) -> None:
+        nonlocal inactive, ffn, flops
+        if isinstance(module, MoEFeedForward):
+            k = min(module.top_k, module.num_experts)
+            inactive += (module.num_experts - k) * _expert_params(module)
+            f = 2.0 * module.hidden_size * (3 if module.gated else 2) * module.expert_size * (
+                module.num_experts if k == module.num_experts else k
+            )
+            f += sum(_linear_flops(layer) or 0.0 for layer in module.router.modules())
+            ffn, flops = ffn + f, flops + f
+            return
+        f = _linear_flops(module)
+        if f is not None:
+            flops += f
+            if module in ffn_linears:
+                ffn += f
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", 0) or 0
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", 0) or 0
+    flops += layers * 2 * 2.0 * seq_len * hidden  # QK^T and attention x V, per token
+    return Cost(total, total - inactive, ffn, flops)
+
+
+@dataclass
+class Timing:
+    median_s: float
+    runs_s: list[float]
+    tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.median_s
+
+
+@torch.inference_mode()
+def time_models(models: dict[str, nn.Module], inputs: dict, repeats: int = 7, warmup: int = 2) -> dict[str, Timing]:
+    """Median forward time of each model on ``inputs``, from interleaved rounds (A B A B ...), so
+    that drifts of the machine (other load, clocks) fall on all models alike."""
+    for _ in range(warmup):
+        for model in models.values():
+            model(**inputs)
+    runs = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(**inputs)
+            runs[name].append(time.perf_counter() - start)
+    tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+    return {name: Timing(statistics.median(r), r, tokens) for name, r in runs.items()}
+
+
+def random_inputs(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, min(vocab_size, 20000), (batch, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -1,0 +1,112 @@
+"""densetomoe eval: metrics, suites, the report and its figures, on tiny converted models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import densetomoe
+from conftest import quick_recipe
+from densetomoe import UsageError
+from densetomoe import report as reports
+from densetomoe.efficiency import cost
+from densetomoe.evaluation import Settings, accuracy_f1, evaluate, routing_summary
+from densetomoe.suites import load_suite
+from typer.testing import CliRunner
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    predicted, labels = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 1, 1, 0])
+    result = accuracy_f1(predicted, labels, 2)
+    assert result["accuracy"] == pytest.approx(0.6)
+    # class 0: tp 1 fp 1 fn 1 -> F1 0.5; class 1: tp 2 fp 1 fn 1 -> F1 2/3
+    assert result["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_routing_summary_even_and_skewed():
+    even = routing_summary(torch.tensor([5.0, 5.0, 5.0, 5.0]))
+    assert even["imbalance"] == pytest.approx(1.0) and even["entropy"] == pytest.approx(1.0)
+    skewed = routing_summary(torch.tensor([20.0, 0.0, 0.0, 0.0]))
+    assert skewed["imbalance"] == pytest.approx(4.0) and skewed["entropy"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_moe_cost_counts_only_active_experts(tiny_models, texts_file):
+    conversion = densetomoe.convert(quick_recipe(tiny_models["BertModel"], texts_file, experts=4, top_k=1), show_progress=False)
+    moe = conversion.model
+    c1 = cost(moe, 16)
+    densetomoe.set_top_k(moe, 4)
+    c4 = cost(moe, 16)
+    per_layer_ffn = 2 * 32 * 64 * 2  # up and down, hidden 32, FFN 64
+    router = 2 * 32 * 16 + 2 * 16 * 4
+    assert c4.ffn_flops == pytest.approx(2 * (per_layer_ffn + router))
+    assert c1.ffn_flops == pytest.approx(2 * (per_layer_ffn / 4 + router))
+    assert c1.params_total == c4.params_total and c1.params_active < c4.params_active
+
+
+@pytest.fixture
+def sentiment_suite(tmp_path):
+    rows = ["text,label"] + [f"review {i} was {'great fun' if i % 2 else 'a dull mess'},{'pos' if i % 2 else 'neg'}" for i in range(60)]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    path = tmp_path / "toy.yaml"
+    path.write_text("name: toy\ntask: classification\ndata: {file: data.csv}\nlabel: label\nlabels: [neg, pos]\nsplit: {modulo: 2, keep: [0, 1]}\n")
+    return path
+
+
+def test_suite_files_are_validated(tmp_path, sentiment_suite):
+    suite = load_suite(str(sentiment_suite))
+    texts, labels = suite.examples()
+    assert len(texts) == 60 and set(labels) == {0, 1}
+    (tmp_path / "bad.yaml").write_text("name: x\ntask: translation\ndata: {file: a.txt}\n")
+    with pytest.raises(UsageError, match="task"):
+        load_suite(str(tmp_path / "bad.yaml"))
+    with pytest.raises(UsageError, match="known suites"):
+        load_suite("no-such-suite")
+
+
+def test_shipped_suites_read_real_data():
+    wiki = load_suite("wiki-prose")
+    texts, labels = wiki.examples()
+    assert len(texts) == 500 and labels is None
+    sentiment = load_suite("rotten-tomatoes-sentiment")
+    texts, labels = sentiment.examples()
+    assert len(texts) == 2000 and 0.3 < sum(labels) / len(labels) < 0.8
+
+
+def test_evaluate_sweeps_top_k_and_writes_the_report(tiny_models, texts_file, tmp_path, sentiment_suite):
+    out = tmp_path / "moe"
+    densetomoe.convert(quick_recipe(tiny_models["BertForSequenceClassification"], texts_file), out=out, show_progress=False)
+    settings = Settings(top_ks=[1, 2, 4], suites=[str(sentiment_suite)], repeats=1, batch=2, seq_len=16)
+    report = evaluate(out, settings, show_progress=False)
+
+    assert [e["top_k"] for e in report["sweep"]] == [1, 2, 4]
+    full = report["sweep"][2]
+    assert full["fidelity"]["pooled_cosine"] > 0.9999 and max(full["fidelity"]["layer_rel_error"]) < 1e-4
+    assert full["fidelity"]["head_agreement"] == 1.0
+    assert full["quality"]["toy"] == pytest.approx(report["dense"]["quality"]["toy"])
+    flops = [e["cost"]["flops"] for e in report["sweep"]]
+    assert flops[0] < flops[1] < flops[2]
+    assert all(e["speed"]["throughput"]["speedup"] > 0 for e in report["sweep"])
+    layers = report["routing"]["layers"]
+    assert len(layers) == 2 and all(abs(sum(layer["load"]) - 1) < 1e-3 for layer in layers)
+    assert any(m["type"] == "accuracy" for m in report["metrics"])
+
+    folder = reports.write(report, tmp_path / "eval")
+    assert json.loads((folder / "report.json").read_text())["schema"] == "densetomoe.report/1"
+    md = (folder / "report.md").read_text()
+    assert "top-2/4" in md and "expert_load.png" in md
+    for name in (reports.FIGURE_ROUTING, reports.FIGURE_TRADEOFF):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_command_end_to_end(tiny_models, texts_file, tmp_path, sentiment_suite):
+    from densetomoe.cli import app
+
+    out = tmp_path / "moe"
+    densetomoe.convert(quick_recipe(tiny_models["BertForSequenceClassification"], texts_file), out=out, show_progress=False)
+    result = CliRunner().invoke(app, ["eval", str(out), "--suite", str(sentiment_suite), "--top-k", "1,2", "--repeats", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "top-1/4" in result.output and (out / "eval" / "report.md").is_file()
+    bad = CliRunner().invoke(app, ["eval", str(out), "--top-k", "9", "--no-speed"])
+    assert bad.exit_code == 2 and "outside 1..4" in bad.output
