@@ -75,11 +75,17 @@ def convert(
     recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML; flags given on the command line win over its keys.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept a checkpoint stored only as pickle (.bin); only for sources you trust.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="Then upload the folder to this Hub repo (NAME or ORG/NAME), as `densetomoe push` does.")] = None,
 ) -> None:
     """Convert a dense checkpoint into an MoE folder that loads with plain transformers."""
     def action():
         from .pipeline import convert as run_conversion
         from .recipe import Recipe
+
+        if push_to_hub:
+            from .hub import preflight
+
+            preflight(push_to_hub)  # a bad repo id or a missing token fails before the conversion
 
         settings = {
             "model": model, "experts": experts, "top_k": top_k, "partition": partition, "router": router,
@@ -95,8 +101,21 @@ def convert(
         _quiet_transformers()
         result = run_conversion(plan, destination, overwrite, show_progress=progress, log=lambda m: stderr.print(m))
         _print_summary(result)
+        if push_to_hub:
+            _push_converted(result.out, push_to_hub)
 
     _run(action)
+
+
+def _push_converted(out: Path, repo_id: str) -> None:
+    from .errors import UsageError
+    from .hub import push as upload
+
+    try:
+        print(upload(out, repo_id))
+    except UsageError as e:
+        retry = f"densetomoe push {out} --repo-id {repo_id}"
+        raise UsageError(f"{e} (the converted folder is in {out}: retry with `{retry}`)") from None
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -165,6 +184,23 @@ def evaluate(
 
         Console().print(table)
         stderr.print(f"report: {folder / 'report.md'}")
+
+    _run(action)
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `densetomoe convert`.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub repository, NAME or ORG/NAME; created if missing.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    token: Annotated[Optional[str], typer.Option(help="Hub token with write access. Default: HF_TOKEN, else the `hf auth login` cache (both safer than a flag).", show_default=False)] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="Hub id of the dense model, for the card, when it was converted from a local folder.")] = None,
+) -> None:
+    """Upload a converted folder to the Hugging Face Hub (HF_ENDPOINT is honoured), with a model card for the Hub."""
+    def action():
+        from .hub import push as upload
+
+        print(upload(folder, repo_id, private=private, token=token, base_model=base_model))
 
     _run(action)
 
