@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
@@ -24,6 +25,7 @@ ROUTER_TEXT = {
 
 def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
     r, q = result.recipe, result.report
+    name = result.source.hub_id or Path(result.source.name).name  # never publish a local path
     meta = {
         "base_model": result.source.hub_id or None,
         "library_name": "transformers",
@@ -39,9 +41,9 @@ def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
 {yaml.safe_dump(meta, sort_keys=False).strip()}
 ---
 
-# {result.source.name} as a mixture of experts
+# {name} as a mixture of experts
 
-Converted with [densetomoe](https://pypi.org/project/densetomoe/) from the dense **{result.source.name}**
+Converted with [densetomoe](https://pypi.org/project/densetomoe/) from the dense **{name}**
 ({arch.family}, `{head}`): every converted feed-forward layer's neurons were split into
 **{r.experts} experts**, and a router sends each token to **{r.top_k}** of them, so a token computes
 {q.active_ffn_share:.0%} of each converted FFN. With `num_experts_per_tok={r.experts}` the model computes

@@ -8,11 +8,11 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
-import transformers
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (set before the HF imports)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 torch.set_num_threads(2)

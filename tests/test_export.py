@@ -85,3 +85,4 @@ def test_model_card_from_a_real_conversion(tiny_models, texts_file, tmp_path):
     assert "moe" in front["tags"] and "densetomoe" in front["tags"]
     for phrase in ("4 experts", "cosine of mean-pooled", "coactivation", "trust_remote_code=True", "num_experts_per_tok"):
         assert phrase in card
+    assert str(tiny_models["BertModel"].parent) not in card  # a local path is never published
