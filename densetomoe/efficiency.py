@@ -60,7 +60,8 @@ def cost(model: nn.Module, seq_len: int, ffn_linears: set[nn.Module] | None = No
             f = 2.0 * module.hidden_size * (3 if module.gated else 2) * module.expert_size * (
                 module.num_experts if k == module.num_experts else k
             )
-            f += sum(_linear_flops(layer) or 0.0 for layer in module.router.modules())
+            if k < module.num_experts:  # with every expert active the router is not run
+                f += sum(_linear_flops(layer) or 0.0 for layer in module.router.modules())
             ffn, flops = ffn + f, flops + f
             return
         f = _linear_flops(module)

@@ -67,7 +67,8 @@ def ffn_flops(model: nn.Module, dense_ffn_size: int, num_layers: int) -> tuple[f
         per_neuron = 2 * m.hidden_size * projections
         dense += per_neuron * dense_ffn_size
         moe += per_neuron * m.expert_size * min(m.top_k, m.num_experts)
-        moe += sum(2 * layer.in_features * layer.out_features for layer in m.router.layers if hasattr(layer, "in_features"))
+        if m.top_k < m.num_experts:  # with every expert active the router is not run
+            moe += sum(2 * layer.in_features * layer.out_features for layer in m.router.layers if hasattr(layer, "in_features"))
     if modules:
         unconverted = (num_layers - len(modules)) * 2 * modules[0].hidden_size * projections * dense_ffn_size
         dense, moe = dense + unconverted, moe + unconverted
