@@ -60,7 +60,7 @@ def _quiet_transformers() -> None:
 @app.command()
 def convert(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="Local folder, Hub id, or alias (bert-base, roberta-base, distilbert, all-minilm-l6-v2, ...).")],
+    model: Annotated[str, typer.Argument(help="Local folder, .gguf file, Hub id, or alias (bert-base, roberta-base, distilbert, all-minilm-l6-v2, gpt2, ...).")],
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per FFN layer; they split its neurons equally.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts each token uses (changeable at load time).")] = 2,
     partition: Annotated[Partition, typer.Option(help="coactivation: neurons that fire together share an expert. parameters: cluster input weights. random: baseline.")] = "coactivation",
@@ -91,7 +91,8 @@ def convert(
             plan = Recipe.from_yaml(recipe, **given)
         else:
             plan = Recipe.build(**settings)
-        destination = out or Path(f"{Path(plan.model).name or 'model'}-moe-{plan.experts}x{plan.top_k}")
+        name = Path(plan.model).stem if plan.model.lower().endswith(".gguf") else Path(plan.model).name
+        destination = out or Path(f"{name or 'model'}-moe-{plan.experts}x{plan.top_k}")
         _quiet_transformers()
         result = run_conversion(plan, destination, overwrite, show_progress=progress, log=lambda m: stderr.print(m))
         _print_summary(result)
