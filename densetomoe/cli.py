@@ -29,7 +29,9 @@ EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _fail(message: str, code: int) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "densetomoe[gguf]" is not markup
     raise typer.Exit(code)
 
 
@@ -118,6 +120,8 @@ def _print_summary(result) -> None:
     table.add_row("relative error of final hidden states", f"{q.hidden_rel_error:.4f}")
     if q.head_agreement is not None:
         table.add_row("head predictions that agree", f"{q.head_agreement:.1%}")
+    if q.perplexity is not None:
+        table.add_row("next-token perplexity, dense -> MoE", f"{q.dense_perplexity:.2f} -> {q.perplexity:.2f}")
     table.add_row("conversion time", f"{result.seconds['total']:.1f} s")
     from rich.console import Console
 

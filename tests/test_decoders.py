@@ -87,3 +87,24 @@ print("reloaded", type(model).__name__)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"reloaded MoE{DECODERS[family][2]}" in run.stdout
+
+
+def test_gguf_without_the_gguf_package_says_how_to_install(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from densetomoe.cli import app
+    from densetomoe.stages import load
+
+    path = tmp_path / "model.Q4_1.gguf"
+    path.write_bytes(b"GGUF")
+    real = load.importlib.util.find_spec
+    monkeypatch.setattr(load.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    result = CliRunner().invoke(app, ["convert", str(path), "--no-progress"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "pip install 'densetomoe[gguf]'" in " ".join(result.output.split())
+    assert not (tmp_path / "model.Q4_1-moe-8x2").exists()
+
+
+def test_missing_gguf_file_is_a_usage_error(tmp_path):
+    with pytest.raises(densetomoe.UsageError, match="no such file"):
+        densetomoe.convert(densetomoe.Recipe.build(model=str(tmp_path / "absent.gguf")), show_progress=False)
