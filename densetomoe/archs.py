@@ -33,10 +33,6 @@ class Arch:
     decoder: bool = False  # a causal LM: loaded with its LM head, exported with a generation config
     examples: tuple[str, ...] = field(default=(), compare=False)
 
-    @property
-    def gated(self) -> bool:
-        return self.gate is not None or self.fused_gate_up
-
 
 _BERT_LIKE = dict(
     layers="encoder.layer",

@@ -108,3 +108,13 @@ def test_gguf_without_the_gguf_package_says_how_to_install(tmp_path, monkeypatch
 def test_missing_gguf_file_is_a_usage_error(tmp_path):
     with pytest.raises(densetomoe.UsageError, match="no such file"):
         densetomoe.convert(densetomoe.Recipe.build(model=str(tmp_path / "absent.gguf")), show_progress=False)
+
+
+def test_conversion_keeps_the_requested_dtype(tiny_decoders, texts_file):
+    folder = tiny_decoders["qwen3"]
+    conversion = densetomoe.convert(quick_recipe(folder, texts_file, top_k=4, dtype="bfloat16"), show_progress=False)
+    assert {p.dtype for p in conversion.model.parameters()} == {torch.bfloat16}
+    dense = transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    inputs = lm_inputs(folder)
+    # bfloat16 sums the regrouped neurons in another order: equal up to bfloat16 rounding
+    torch.testing.assert_close(logits(conversion.model, inputs), logits(dense, inputs), rtol=0.05, atol=0.05)
