@@ -53,6 +53,14 @@ def main() -> None:
     reference = perplexity(dense, tokenizer, texts, **settings)
     rows = [{"model": "dense", "perplexity": reference.value, "eval_seconds": time.perf_counter() - start}]
     del dense
+    if not args.json:  # rows appear as they are measured: a conversion of all 30 layers takes minutes
+        print(f"{GGUF} (dequantized to float32), held-out text: evals/data/wiki_heldout.txt.gz")
+        print(
+            f"window {reference.window}, stride {reference.stride}, BOS {'added' if reference.add_bos else 'not added'}, "
+            f"{reference.tokens:,} tokens scored in {reference.windows} windows\n"
+        )
+        print(f"{'model':<14} {'perplexity':>11} {'vs dense':>9} {'conversion':>11}")
+        _print_row(rows[0], reference.value)
 
     for top_k in args.top_k:
         recipe = densetomoe.Recipe.build(
@@ -75,6 +83,8 @@ def main() -> None:
             }
         )
         del conversion
+        if not args.json:
+            _print_row(rows[-1], reference.value)
 
     result = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
@@ -89,17 +99,11 @@ def main() -> None:
     }
     if args.json:
         print(json.dumps(result))
-        return
-    print(f"{result['model']}\nheld-out text: {result['text']}")
-    print(
-        f"window {reference.window}, stride {reference.stride}, BOS {'added' if reference.add_bos else 'not added'}, "
-        f"{reference.tokens:,} tokens scored in {reference.windows} windows\n"
-    )
-    print(f"{'model':<14} {'perplexity':>11} {'vs dense':>9} {'conversion':>11}")
-    for row in rows:
-        ratio = row["perplexity"] / reference.value
-        conversion = f"{row['conversion_seconds']:.0f} s" if "conversion_seconds" in row else ""
-        print(f"{row['model']:<14} {row['perplexity']:>11.2f} {ratio:>8.2f}x {conversion:>11}")
+
+
+def _print_row(row: dict, dense: float) -> None:
+    conversion = f"{row['conversion_seconds']:.0f} s" if "conversion_seconds" in row else ""
+    print(f"{row['model']:<14} {row['perplexity']:>11.2f} {row['perplexity'] / dense:>8.2f}x {conversion:>11}", flush=True)
 
 
 if __name__ == "__main__":
