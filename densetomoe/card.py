@@ -33,8 +33,13 @@ def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
     }
     meta = {k: v for k, v in meta.items() if v}
     agreement = "n/a (no head)" if q.head_agreement is None else f"{q.head_agreement:.3f}"
+    perplexity = (
+        f"| next-token perplexity, dense -> this model | {q.dense_perplexity:.2f} -> {q.perplexity:.2f} |\n"
+        if q.perplexity is not None
+        else ""
+    )
     where = "held-out documents of the calibration source" if held_out_separate else "the calibration documents"
-    auto = "AutoModel"
+    auto = "AutoModelForCausalLM" if arch.decoder else "AutoModel"
     head = result.model.__class__.__name__
     layers = "all" if not r.layers else ", ".join(map(str, r.layers))
     return f"""---
@@ -71,7 +76,7 @@ On {q.texts} {where} ({q.tokens:,} tokens), dense vs. this model:
 | cosine of mean-pooled final hidden states | {q.embedding_cosine:.4f} |
 | relative error of final hidden states | {q.hidden_rel_error:.4f} |
 | agreement of the head's predictions | {agreement} |
-| FFN FLOPs per token, MoE / dense (router included) | {q.ffn_flops_ratio:.3f} |
+{perplexity}| FFN FLOPs per token, MoE / dense (router included) | {q.ffn_flops_ratio:.3f} |
 | conversion time | {result.seconds.get("total", 0):.1f} s |
 
 This is a quick fidelity check, not a task benchmark: conversion without training loses quality,

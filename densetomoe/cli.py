@@ -29,7 +29,9 @@ EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _fail(message: str, code: int) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "densetomoe[gguf]" is not markup
     raise typer.Exit(code)
 
 
@@ -60,7 +62,7 @@ def _quiet_transformers() -> None:
 @app.command()
 def convert(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="Local folder, Hub id, or alias (bert-base, roberta-base, distilbert, all-minilm-l6-v2, ...).")],
+    model: Annotated[str, typer.Argument(help="Local folder, .gguf file, Hub id, or alias (bert-base, roberta-base, distilbert, all-minilm-l6-v2, gpt2, ...).")],
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per FFN layer; they split its neurons equally.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts each token uses (changeable at load time).")] = 2,
     partition: Annotated[Partition, typer.Option(help="coactivation: neurons that fire together share an expert. parameters: cluster input weights. random: baseline.")] = "coactivation",
@@ -97,7 +99,8 @@ def convert(
             plan = Recipe.from_yaml(recipe, **given)
         else:
             plan = Recipe.build(**settings)
-        destination = out or Path(f"{Path(plan.model).name or 'model'}-moe-{plan.experts}x{plan.top_k}")
+        name = Path(plan.model).stem if plan.model.lower().endswith(".gguf") else Path(plan.model).name
+        destination = out or Path(f"{name or 'model'}-moe-{plan.experts}x{plan.top_k}")
         _quiet_transformers()
         result = run_conversion(plan, destination, overwrite, show_progress=progress, log=lambda m: stderr.print(m))
         _print_summary(result)
@@ -136,6 +139,8 @@ def _print_summary(result) -> None:
     table.add_row("relative error of final hidden states", f"{q.hidden_rel_error:.4f}")
     if q.head_agreement is not None:
         table.add_row("head predictions that agree", f"{q.head_agreement:.1%}")
+    if q.perplexity is not None:
+        table.add_row("next-token perplexity, dense -> MoE", f"{q.dense_perplexity:.2f} -> {q.perplexity:.2f}")
     table.add_row("conversion time", f"{result.seconds['total']:.1f} s")
     from rich.console import Console
 

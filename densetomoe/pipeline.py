@@ -84,17 +84,19 @@ def convert(
     hidden, ffn_size = archs.ffn_sizes(config, arch)
     num_layers = archs.num_layers(config, arch)
     check_against_model(recipe, ffn_size, num_layers)
-    load.check_weights(source.path, recipe.allow_pickle)
+    if not source.gguf_file:
+        load.check_weights(source.path, recipe.allow_pickle)
     calibration_texts, held_out_texts, separate = split_texts(data.load_texts(recipe.calib), recipe.seed)
     log(f"{source.name}: {arch.family}, {num_layers} layers, hidden {hidden}, FFN {ffn_size}")
-    model, tokenizer = load.load_model(source, config, recipe.dtype, recipe.allow_pickle)
+    model, tokenizer = load.load_model(source, config, recipe.dtype, recipe.allow_pickle, causal_lm=arch.decoder)
     clock.lap("load")
 
     layers = sorted(set(recipe.layers)) if recipe.layers else list(range(num_layers))
     blocks = moe_layers(model, {"layers": arch.layers})
     activation = archs.activation(config, arch)
     ffns = {i: dense_ffn(blocks[i], arch, ACT2FN[activation]) for i in layers}
-    probe = evaluate.record(model, list(batches(tokenizer, held_out_texts, recipe.seq_len, recipe.batch_size)))
+    held_out = list(batches(tokenizer, held_out_texts, recipe.seq_len, recipe.batch_size))
+    probe = evaluate.record(model, held_out, causal_lm=arch.decoder)
 
     # calibrate
     stats = calibrate(
@@ -146,6 +148,7 @@ def convert(
             card=text,
             figures=result.figures(),
             source_folder=source.path,
+            gguf_file=source.gguf_file,
         )
         clock.lap("export")
         result.out = out

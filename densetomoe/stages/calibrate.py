@@ -64,6 +64,10 @@ def dense_ffn(block: nn.Module, arch: Arch, activation: nn.Module) -> DenseFFN:
     w_up, b_up = linear(arch.up)
     w_down, b_down = linear(arch.down)
     w_gate, b_gate = linear(arch.gate) if arch.gate else (None, None)
+    if arch.fused_gate_up:  # rows [gate; up], each (d_ff, hidden): the halves that chunk(2) makes
+        (w_gate, w_up) = w_up.chunk(2, dim=0)
+        if b_up is not None:
+            (b_gate, b_up) = b_up.chunk(2, dim=0)
     return DenseFFN(w_up, b_up, w_down, b_down, activation, w_gate, b_gate)
 
 
@@ -112,10 +116,17 @@ class ActivationStats:
 
 
 def batches(tokenizer, texts: list[str], seq_len: int, batch_size: int):
-    """Tokenized batches of whole documents (truncated to ``seq_len``)."""
+    """Tokenized batches of whole documents (truncated to ``seq_len``), padded on the right.
+
+    Hooks mask padding through ``attention_mask``; right padding also keeps every real token at the
+    position a causal LM gives it without padding. Special tokens (a BOS where the family's
+    tokenizer adds one) are the tokenizer's defaults.
+    """
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        yield tokenizer(chunk, truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
+        yield tokenizer(
+            chunk, truncation=True, max_length=seq_len, padding=True, padding_side="right", return_tensors="pt"
+        )
 
 
 @torch.no_grad()
@@ -144,7 +155,8 @@ def calibrate(
 
     def hook(index):
         def record(module, args):
-            x = args[0].float()[mask["tokens"]]  # (real tokens, hidden)
+            x = args[0].float()
+            x = x.reshape(-1, x.shape[-1])[mask["tokens"].reshape(-1)]  # (real tokens, hidden); OPT passes (tokens, hidden)
             a = ffns[index].neurons(x)  # (real tokens, d_ff)
             sums[index] += a.abs().sum(0, dtype=torch.float64)
             fired[index] += (a > 0).sum(0, dtype=torch.float64)

@@ -1,11 +1,14 @@
 """A quick check of the converted model against the dense one, run at the end of every conversion.
 
 The dense outputs on held-out text are recorded before the FFNs are swapped (the swap is in place),
-then compared with the converted model's on the same batches.
+then compared with the converted model's on the same batches. Only what the comparison needs is
+kept: final hidden states, the head's argmax, and for a causal LM each next token's log-likelihood
+(never the full ``(batch, seq, vocab)`` logits).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,7 +23,8 @@ class Probe:
 
     batches: list[dict]
     hidden: list[torch.Tensor]  # final hidden states per batch, (batch, seq, hidden)
-    logits: list[torch.Tensor | None]
+    predictions: list[torch.Tensor | None]  # the head's argmax per batch, (batch, seq) or (batch,)
+    nll: list[torch.Tensor | None]  # causal LM: -log p(next token) per batch, (batch, seq - 1)
 
 
 @dataclass
@@ -32,6 +36,8 @@ class QuickReport:
     head_agreement: float | None  # share of argmax predictions that agree, where there is a head
     ffn_flops_ratio: float  # MoE / dense FFN FLOPs per token (router included)
     active_ffn_share: float  # share of FFN neurons a token uses, converted layers only
+    dense_perplexity: float | None = None  # causal LM: next-token perplexity on the held-out batches
+    perplexity: float | None = None  # the same for the MoE model
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -42,14 +48,22 @@ def _outputs(model: nn.Module, batch: dict):
     return out.hidden_states[-1].float(), getattr(out, "logits", None)
 
 
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``-log p(token t+1 | tokens <= t)``, ``(batch, seq - 1)``, from causal LM ``logits`` ``(batch, seq, vocab)``."""
+    return nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), input_ids[:, 1:], reduction="none"
+    )  # (batch, seq - 1)
+
+
 @torch.no_grad()
-def record(model: nn.Module, batches: list[dict]) -> Probe:
-    hidden, logits = [], []
+def record(model: nn.Module, batches: list[dict], causal_lm: bool = False) -> Probe:
+    hidden, predictions, nll = [], [], []
     for batch in batches:
-        h, l = _outputs(model, batch)
+        h, logits = _outputs(model, batch)
         hidden.append(h)
-        logits.append(None if l is None else l.float())
-    return Probe(batches, hidden, logits)
+        predictions.append(None if logits is None else logits.argmax(-1))
+        nll.append(next_token_nll(logits, batch["input_ids"]) if causal_lm and logits is not None else None)
+    return Probe(batches, hidden, predictions, nll)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -78,7 +92,8 @@ def ffn_flops(model: nn.Module, dense_ffn_size: int, num_layers: int) -> tuple[f
 @torch.no_grad()
 def compare(model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int) -> QuickReport:
     cosines, err_num, err_den, agree, total, tokens = [], 0.0, 0.0, 0, 0, 0
-    for batch, dense_h, dense_logits in zip(probe.batches, probe.hidden, probe.logits):
+    nll_dense, nll_moe, scored = 0.0, 0.0, 0
+    for batch, dense_h, dense_pred, dense_nll in zip(probe.batches, probe.hidden, probe.predictions, probe.nll):
         h, logits = _outputs(model, batch)
         mask = batch["attention_mask"].bool()
         cosines.append(
@@ -87,12 +102,17 @@ def compare(model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int
         err_num += (h - dense_h)[mask].pow(2).sum().item()
         err_den += dense_h[mask].pow(2).sum().item()
         tokens += int(mask.sum())
-        if dense_logits is not None:
-            a, b = logits.float().argmax(-1), dense_logits.argmax(-1)
+        if dense_pred is not None:
+            a, b = logits.argmax(-1), dense_pred
             if a.dim() == 2:  # per-token heads: count real tokens only
                 a, b = a[mask], b[mask]
             agree += int((a == b).sum())
             total += a.numel()
+        if dense_nll is not None:
+            targets = mask[:, 1:]  # right padding: a real next token has a real context
+            nll_dense += dense_nll[targets].sum().item()
+            nll_moe += next_token_nll(logits, batch["input_ids"])[targets].sum().item()
+            scored += int(targets.sum())
     dense, moe = ffn_flops(model, dense_ffn_size, num_layers)
     converted = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
     share = sum(min(m.top_k, m.num_experts) / m.num_experts for m in converted) / max(len(converted), 1)
@@ -104,4 +124,6 @@ def compare(model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int
         head_agreement=agree / total if total else None,
         ffn_flops_ratio=moe / dense if dense else 1.0,
         active_ffn_share=share,
+        dense_perplexity=math.exp(nll_dense / scored) if scored else None,
+        perplexity=math.exp(nll_moe / scored) if scored else None,
     )

