@@ -25,6 +25,7 @@ from .console import progress
 from .efficiency import cost, random_inputs, time_models
 from .errors import UsageError
 from .loading import load
+from .metrics import perplexity
 from .moe import MoEFeedForward, moe_layers, set_top_k
 from .stages import load as dense_loading
 from .stages.evaluate import mean_pool
@@ -137,7 +138,14 @@ def _suite_quality(suite: Suite, model, dense, tokenizer, dense_cache: dict) -> 
         moe = torch.cat([p for _, _, p, _ in _run(model, tokenizer, texts, suite.max_length)])
         cosine = nn.functional.cosine_similarity(moe, dense_cache[suite.name], dim=-1)
         return {"cosine_to_dense": 1.0}, {"cosine_to_dense": float(cosine.mean())}
-    raise UsageError(f"suite {suite.name}: task {suite.task!r} needs a language model (decoder support)")
+    if suite.task == "perplexity":
+        if not archs.arch_for(dense.config).decoder:
+            raise UsageError(f"suite {suite.name} measures perplexity and needs a causal language model")
+        score = lambda m: perplexity(m, tokenizer, texts, suite.window, suite.stride, max_tokens=suite.max_tokens)  # noqa: E731
+        if dense_cache.get(suite.name) is None:
+            dense_cache[suite.name] = score(dense).value
+        return {"perplexity": dense_cache[suite.name]}, {"perplexity": score(model).value}
+    raise UsageError(f"suite {suite.name}: unknown task {suite.task!r}")
 
 
 @torch.no_grad()
@@ -196,8 +204,9 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
     base = settings.base or _recorded_base(moe_dir)
     source = dense_loading.resolve(base)
     dense_config = dense_loading.load_config(source)
-    dense, tokenizer = dense_loading.load_model(source, dense_config)
     arch = archs.arch_for(dense_config)
+    dense, tokenizer = dense_loading.load_model(source, dense_config, causal_lm=arch.decoder)
+    tokenizer = dense_loading.for_batches(tokenizer)
     blocks = moe_layers(dense, {"layers": arch.layers})
     ffn_linears = {b.get_submodule(name) for b in blocks for name in (arch.up, arch.down, arch.gate) if name}
 

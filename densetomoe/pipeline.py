@@ -43,7 +43,7 @@ class Conversion:
     def figures(self) -> dict:
         return {
             "base_model": self.source.name,
-            "base_path": str(self.source.path),
+            "base_path": str(self.source.path / self.source.gguf_file) if self.source.gguf_file else str(self.source.path),
             "calibration": {"tokens": self.stats.tokens, "sequences": self.stats.sequences},
             "quick_eval": self.report.as_dict(),
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},

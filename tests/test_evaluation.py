@@ -110,3 +110,24 @@ def test_eval_command_end_to_end(tiny_models, texts_file, tmp_path, sentiment_su
     assert "top-1/4" in result.output and (out / "eval" / "report.md").is_file()
     bad = CliRunner().invoke(app, ["eval", str(out), "--top-k", "9", "--no-speed"])
     assert bad.exit_code == 2 and "outside 1..4" in bad.output
+
+
+def test_perplexity_suite_on_a_decoder(tiny_decoders, texts_file, tmp_path):
+    out = tmp_path / "lm"
+    densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file), out=out, show_progress=False)
+    suite = tmp_path / "ppl.yaml"
+    suite.write_text(f"name: ppl\ntask: perplexity\ndata: {{file: {texts_file}}}\nwindow: 32\nstride: 16\nmax_tokens: 200\n")
+    report = evaluate(out, Settings(top_ks=[2, 4], suites=[str(suite)], speed=False, seq_len=32), show_progress=False)
+    dense_ppl = report["dense"]["quality"]["ppl"]["perplexity"]
+    top2, top4 = (e["quality"]["ppl"]["perplexity"] for e in report["sweep"])
+    assert top4 == pytest.approx(dense_ppl, rel=1e-4)  # every expert active: the dense model
+    assert top2 > 1 and top2 != pytest.approx(dense_ppl, rel=1e-4)
+
+
+def test_perplexity_suite_refuses_an_encoder(tiny_models, texts_file, tmp_path):
+    out = tmp_path / "enc"
+    densetomoe.convert(quick_recipe(tiny_models["BertModel"], texts_file), out=out, show_progress=False)
+    suite = tmp_path / "ppl.yaml"
+    suite.write_text(f"name: ppl\ntask: perplexity\ndata: {{file: {texts_file}}}\n")
+    with pytest.raises(UsageError, match="causal language model"):
+        evaluate(out, Settings(suites=[str(suite)], speed=False), show_progress=False)
