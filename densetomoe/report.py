@@ -64,7 +64,8 @@ def rows(report: dict) -> list[list[str]]:
     line = ["dense", "100%", _flops(dense["cost"]["flops"]), "1.0000"]
     if primary:
         line.append(f"{dense['quality'][primary[0]][primary[1]]:.4f}")
-    table.append(line + ["1.00x", "1.00x"])
+    timed = any("speed" in e for e in report["sweep"])
+    table.append(line + (["1.00x", "1.00x"] if timed else ["-", "-"]))
     for e in report["sweep"]:
         line = [f"top-{e['top_k']}/{report['num_experts']}", f"{e['active_ffn_share']:.0%}", _flops(e["cost"]["flops"]), f"{e['fidelity']['pooled_cosine']:.4f}"]
         if primary:
