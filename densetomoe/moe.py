@@ -127,9 +127,12 @@ class MoEFeedForward(nn.Module):
         else:
             chosen = self.select(x)  # (tokens, top_k)
             out = self._dispatch(x, chosen)
-            out = out + self.skip_mean.sum(0) - self.skip_mean[chosen].sum(1)
+            # unselected experts add their mean output: all of them, minus the selected ones
+            selected = torch.zeros(len(x), self.num_experts, dtype=out.dtype, device=out.device)
+            selected.scatter_(1, chosen, 1.0)  # (tokens, experts)
+            out = out.addmm_(selected, self.skip_mean.to(out.dtype), alpha=-1.0).add_(self.skip_mean.sum(0).to(out.dtype))
         if self.b_down is not None:
-            out = out + self.b_down
+            out = out.add_(self.b_down.to(out.dtype))
         return out.reshape(shape)
 
     def _dispatch(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
