@@ -86,3 +86,15 @@ def test_model_card_from_a_real_conversion(tiny_models, texts_file, tmp_path):
     for phrase in ("4 experts", "cosine of mean-pooled", "coactivation", "trust_remote_code=True", "num_experts_per_tok"):
         assert phrase in card
     assert str(tiny_models["BertModel"].parent) not in card  # a local path is never published
+
+
+def test_missing_parent_folders_are_created(converted, tmp_path):
+    out = write(converted, tmp_path / "runs" / "nested" / "out")
+    assert (out / "config.json").is_file()
+
+
+def test_unwritable_destination_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(densetomoe.UsageError, match="not a writable folder"):
+        export.check_destination(blocker / "out", overwrite=False)

@@ -48,11 +48,11 @@ def check_destination(out: Path, overwrite: bool) -> None:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"cannot write {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write {out}: folder {parent} is not writable")
+    ancestor = out.resolve().parent  # created at write time if missing
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise UsageError(f"cannot write {out}: {ancestor} is not a writable folder")
 
 
 def auto_map(model_type: str, model_class: str) -> dict[str, str]:
@@ -95,6 +95,7 @@ def write(
     The tokenizer is read again from ``source_folder`` (from ``gguf_file`` in it, for a GGUF source)."""
     out = Path(out)
     check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
