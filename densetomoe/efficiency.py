@@ -34,6 +34,15 @@ def _expert_params(m: MoEFeedForward) -> int:
     return per_neuron * m.expert_size
 
 
+def moe_ffn_flops(m: MoEFeedForward) -> float:
+    """Per token: the ``top_k`` experts' projections, plus the router when it runs (top_k < experts)."""
+    k = min(m.top_k, m.num_experts)
+    flops = 2.0 * m.hidden_size * (3 if m.gated else 2) * m.expert_size * k
+    if k < m.num_experts:
+        flops += sum(_linear_flops(layer) or 0.0 for layer in m.router.modules())
+    return flops
+
+
 def _linear_flops(module: nn.Module) -> float | None:
     if isinstance(module, nn.Linear):
         return 2.0 * module.in_features * module.out_features
@@ -55,13 +64,8 @@ def cost(model: nn.Module, seq_len: int, ffn_linears: set[nn.Module] | None = No
     def visit(module: nn.Module) -> None:
         nonlocal inactive, ffn, flops
         if isinstance(module, MoEFeedForward):
-            k = min(module.top_k, module.num_experts)
-            inactive += (module.num_experts - k) * _expert_params(module)
-            f = 2.0 * module.hidden_size * (3 if module.gated else 2) * module.expert_size * (
-                module.num_experts if k == module.num_experts else k
-            )
-            if k < module.num_experts:  # with every expert active the router is not run
-                f += sum(_linear_flops(layer) or 0.0 for layer in module.router.modules())
+            inactive += (module.num_experts - min(module.top_k, module.num_experts)) * _expert_params(module)
+            f = moe_ffn_flops(module)
             ffn, flops = ffn + f, flops + f
             return
         f = _linear_flops(module)

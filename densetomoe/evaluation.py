@@ -28,6 +28,7 @@ from .loading import load
 from .metrics import perplexity
 from .moe import MoEFeedForward, moe_layers, set_top_k
 from .stages import load as dense_loading
+from .stages.calibrate import batches
 from .stages.evaluate import mean_pool
 from .suites import Suite, load_suite
 
@@ -68,17 +69,12 @@ def routing_summary(counts: torch.Tensor) -> dict:
 
 
 # -- running models on text --------------------------------------------------------------------------
-def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
-    for start in range(0, len(texts), batch_size):
-        yield tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-
-
 @torch.no_grad()
 def _run(model: nn.Module, tokenizer, texts: list[str], max_length: int, on_batch: Callable | None = None):
     """Per batch: (mask, hidden states of every layer, pooled final state, logits or None).
     ``on_batch(mask)`` is called before each forward pass."""
     out = []
-    for batch in _batches(tokenizer, texts, 32, max_length):
+    for batch in batches(tokenizer, texts, max_length, 32):
         mask = batch["attention_mask"].bool()
         if on_batch is not None:
             on_batch(mask)
@@ -103,10 +99,10 @@ class RoutingRecorder:
             x = args[0].reshape(-1, module.hidden_size)
             if self.mask is not None:
                 x = x[self.mask.reshape(-1)]
-            chosen = module.select(x) if module.top_k < module.num_experts else None
-            if chosen is None:
+            if module.top_k >= module.num_experts:  # every expert gets every token
                 self.counts[index] += len(x)
             else:
+                chosen = module.select(x)  # (tokens, top_k)
                 self.counts[index] += torch.bincount(chosen.reshape(-1), minlength=module.num_experts).float()
 
         return record
@@ -151,7 +147,7 @@ def _suite_quality(suite: Suite, model, dense, tokenizer, dense_cache: dict) -> 
 @torch.no_grad()
 def _predict(model, tokenizer, texts: list[str], suite: Suite) -> torch.Tensor:
     predictions = []
-    for batch in _batches(tokenizer, texts, 64, suite.max_length):
+    for batch in batches(tokenizer, texts, suite.max_length, 64):
         logits = getattr(model(**batch), "logits", None)
         if logits is None or logits.dim() != 2:
             raise UsageError(f"suite {suite.name} needs a model with a sequence-classification head")
@@ -299,9 +295,8 @@ def _recorded_base(moe_dir: Path) -> str:
 
 def _hub_metrics(report: dict) -> list[dict]:
     """The headline figures in a flat list (name, type, value, dataset) for the Hub's model-index."""
-    entry = next(e for e in report["sweep"] if e["top_k"] == report["converted_top_k"]) if any(
-        e["top_k"] == report["converted_top_k"] for e in report["sweep"]
-    ) else report["sweep"][0]
+    sweep = report["sweep"]
+    entry = next((e for e in sweep if e["top_k"] == report["converted_top_k"]), sweep[0])
     metrics = []
     for suite, values in entry["quality"].items():
         for name, value in values.items():

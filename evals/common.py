@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from densetomoe.stages.evaluate import mean_pool
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -52,7 +54,5 @@ def mean_pooled(model, tokenizer, texts: list[str], batch_size: int = 64, max_le
     out = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append((hidden * mask).sum(1) / mask.sum(1))
+        out.append(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]))
     return torch.cat(out)

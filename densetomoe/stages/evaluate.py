@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..efficiency import moe_ffn_flops
 from ..moe import MoEFeedForward
 
 
@@ -80,9 +81,7 @@ def ffn_flops(model: nn.Module, dense_ffn_size: int, num_layers: int) -> tuple[f
         projections = 3 if m.gated else 2
         per_neuron = 2 * m.hidden_size * projections
         dense += per_neuron * dense_ffn_size
-        moe += per_neuron * m.expert_size * min(m.top_k, m.num_experts)
-        if m.top_k < m.num_experts:  # with every expert active the router is not run
-            moe += sum(2 * layer.in_features * layer.out_features for layer in m.router.layers if hasattr(layer, "in_features"))
+        moe += moe_ffn_flops(m)
     if modules:
         unconverted = (num_layers - len(modules)) * 2 * modules[0].hidden_size * projections * dense_ffn_size
         dense, moe = dense + unconverted, moe + unconverted
