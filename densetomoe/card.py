@@ -42,6 +42,27 @@ def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
     auto = "AutoModelForCausalLM" if arch.decoder else "AutoModel"
     head = result.model.__class__.__name__
     layers = "all" if not r.layers else ", ".join(map(str, r.layers))
+    structure = getattr(result.model.config, "densetomoe", {})
+    per_layer = structure.get("layer_top_k") or {}
+    top_k = result.model.config.num_experts_per_tok
+    kept_dense = sorted(set(range(_num_layers(result.model))) - set(structure.get("moe_layers", [])))
+    rows = []
+    if r.ffn_budget is not None:
+        listing = ", ".join(f"{i}: {k}" for i, k in per_layer.items()) or "none"
+        rows.append(f"| per-layer budget | `{r.budget}` for an average of {r.ffn_budget:.0%} of FFN neurons; top-{top_k} except layers {listing}; dense layers: {', '.join(map(str, kept_dense)) or 'none'} |")
+    if structure.get("shared_size"):
+        rows.append(f"| shared expert | {structure['shared_size']} neurons with the largest mean contribution, always on |")
+    if r.prune:
+        rows.append(f"| pruning | {r.prune:.0%} of each expert's neurons removed (activation x weight importance) |")
+    if result.history is not None:
+        h = result.history
+        start, end = (h.held_out[0]["loss"], h.held_out[-1]["loss"]) if h.held_out else (None, None)
+        change = f"; held-out distillation loss {start:.4f} -> {end:.4f}" if start is not None else ""
+        rows.append(f"| recovery | distilled from the dense model: {h.step} steps, {h.tokens:,} tokens, {h.elapsed / 60:.1f} min{change} |")
+        combination = "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output; experts and routers distilled"
+    else:
+        combination = "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output (no training of the experts)"
+    extra = "\n".join(rows) + ("\n" if rows else "")
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False).strip()}
 ---
@@ -50,9 +71,9 @@ def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
 
 Converted with [densetomoe](https://pypi.org/project/densetomoe/) from the dense **{name}**
 ({arch.family}, `{head}`): every converted feed-forward layer's neurons were split into
-**{r.experts} experts**, and a router sends each token to **{r.top_k}** of them, so a token computes
-{q.active_ffn_share:.0%} of each converted FFN. With `num_experts_per_tok={r.experts}` the model computes
-exactly what the dense model did.
+**{r.experts} experts**, and a router sends each token to **{top_k}** of them{" (per layer, see below)" if per_layer else ""},
+so a token computes {q.active_ffn_share:.0%} of the FFN neurons on average over all layers.
+{"With `num_experts_per_tok=" + str(r.experts) + "` the model computes exactly what the dense model did." if result.history is None and not r.prune else ""}
 
 ## How
 
@@ -62,8 +83,8 @@ exactly what the dense model did.
 | partition | `{r.partition}`: {PARTITION_TEXT[r.partition]} |
 | router | `{r.router}`: {ROUTER_TEXT[r.router]} |
 | calibration | {result.stats.tokens:,} tokens from {r.calib or "the embedded Wikipedia sample (CC BY-SA)"} |
-| combination | unweighted sum of the selected experts' outputs (no training of the experts) |
-| seed | {r.seed} |
+| combination | {combination} |
+{extra}| seed | {r.seed} |
 
 The exact settings are in `densetomoe_recipe.yaml`; the figures below in `densetomoe_conversion.json`.
 
@@ -79,8 +100,8 @@ On {q.texts} {where} ({q.tokens:,} tokens), dense vs. this model:
 {perplexity}| FFN FLOPs per token, MoE / dense (router included) | {q.ffn_flops_ratio:.3f} |
 | conversion time | {result.seconds.get("total", 0):.1f} s |
 
-This is a quick fidelity check, not a task benchmark: conversion without training loses quality,
-and how much depends on the task. Measure on yours.
+This is a quick fidelity check, not a task benchmark: how much quality a sparse model keeps depends
+on the task. Measure on yours (`densetomoe eval`).
 
 ## Use
 
@@ -94,3 +115,8 @@ model = {auto}.from_pretrained("path/to/this/folder", trust_remote_code=True, nu
 `trust_remote_code=True` runs `modeling_densetomoe.py` from this folder (torch and transformers only).
 With densetomoe installed, `densetomoe.load("path/to/this/folder")` needs no remote code.
 """
+
+
+def _num_layers(model) -> int:
+    config = model.config
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None) or getattr(config, "n_layer", 0)

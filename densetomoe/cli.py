@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 
 from .console import stderr
-from .recipe import DType, Partition, RouterKind
+from .recipe import Budget, DType, MixedPrecision, Partition, RouterKind, Trainable
 
 app = typer.Typer(
     help="Turn a dense transformer checkpoint into a sparse mixture-of-experts checkpoint.",
@@ -70,6 +70,15 @@ def convert(
     calib: Annotated[Optional[str], typer.Option(help="Calibration text: .txt (a document per line), .jsonl, .csv, or a datasets name NAME\\[:CONFIG]\\[@SPLIT]. Default: embedded Wikipedia sample.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to run through the dense model.")] = 32768,
     compensate: Annotated[bool, typer.Option(help="Add each unselected expert's mean output (training-free correction).")] = True,
+    shared_experts: Annotated[int, typer.Option(help="Always-on experts made of the most important neurons; the FFN splits into experts + shared equal parts.")] = 0,
+    ffn_budget: Annotated[Optional[float], typer.Option(help="Average share of FFN neurons per token over all layers (e.g. 0.5); each layer's top-k, or dense, is then chosen. Replaces --top-k.")] = None,
+    budget: Annotated[Budget, typer.Option(help="How --ffn-budget is shared out: sensitivity (measured per layer on held-out text) or uniform.")] = "sensitivity",
+    prune: Annotated[float, typer.Option(help="Share of each expert's neurons to remove by activation x weight importance (0 keeps all).")] = 0.0,
+    distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="Recover quality by distilling from the dense model (settings: --distill-* flags or the recipe's distill: section).", show_default=False)] = None,
+    distill_steps: Annotated[Optional[int], typer.Option(help="Distillation steps (implies --distill).")] = None,
+    distill_minutes: Annotated[Optional[float], typer.Option(help="Distillation wall-clock budget in minutes (implies --distill).")] = None,
+    distill_data: Annotated[Optional[str], typer.Option(help="Unlabelled text to distil on, as --calib (implies --distill). Default: the calibration text.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted distillation from its checkpoints in OUT.checkpoints.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for shuffling, clustering and router training.")] = 0,
     dtype: Annotated[DType, typer.Option(help="Load the model in float32, bfloat16 or float16.")] = "float32",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: ./<model>-moe-<experts>x<top-k>.")] = None,
@@ -81,8 +90,9 @@ def convert(
 ) -> None:
     """Convert a dense checkpoint into an MoE folder that loads with plain transformers."""
     def action():
+        from .errors import UsageError
         from .pipeline import convert as run_conversion
-        from .recipe import Recipe
+        from .recipe import Recipe, merge
 
         if push_to_hub:
             from .hub import preflight
@@ -92,17 +102,28 @@ def convert(
         settings = {
             "model": model, "experts": experts, "top_k": top_k, "partition": partition, "router": router,
             "calib": calib, "calib_tokens": calib_tokens, "compensate": compensate, "seed": seed,
-            "dtype": dtype, "allow_pickle": allow_pickle,
+            "dtype": dtype, "allow_pickle": allow_pickle, "shared_experts": shared_experts,
+            "ffn_budget": ffn_budget, "budget": budget, "prune": prune,
         }  # fmt: skip
+        given = {k: v for k, v in settings.items() if _given(ctx, k) or k == "model"}
+        flags = {"steps": distill_steps, "minutes": distill_minutes, "data": distill_data}
+        flags = {k: v for k, v in flags.items() if v is not None}
+        if distill is False and flags:
+            raise UsageError("--no-distill contradicts the --distill-* flags given")
         if recipe is not None:
-            given = {k: v for k, v in settings.items() if _given(ctx, k)}
-            plan = Recipe.from_yaml(recipe, **given)
+            base = Recipe.from_yaml(recipe, model=model).model_dump(exclude_unset=True)
+            if distill is False:
+                base.pop("distill", None)
         else:
-            plan = Recipe.build(**settings)
+            base = {}
+        if distill or flags:
+            given["distill"] = {**(base.get("distill") or {}), **flags}
+        plan = Recipe.build(**merge(base, given))
         name = Path(plan.model).stem if plan.model.lower().endswith(".gguf") else Path(plan.model).name
-        destination = out or Path(f"{name or 'model'}-moe-{plan.experts}x{plan.top_k}")
+        shape = f"{plan.experts}x{plan.top_k}" if plan.ffn_budget is None else f"{plan.experts}-budget{plan.ffn_budget:g}"
+        destination = out or Path(f"{name or 'model'}-moe-{shape}")
         _quiet_transformers()
-        result = run_conversion(plan, destination, overwrite, show_progress=progress, log=lambda m: stderr.print(m))
+        result = run_conversion(plan, destination, overwrite, show_progress=progress, log=lambda m: stderr.print(m), resume=resume)
         _print_summary(result)
         if push_to_hub:
             _push_converted(result.out, push_to_hub)
@@ -132,8 +153,10 @@ def _print_summary(result) -> None:
     table = Table(title=f"{result.source.name} -> {result.out}", show_header=True, title_justify="left")
     table.add_column("measured on held-out text, dense vs MoE")
     table.add_column("value", justify="right")
-    table.add_row("experts, top-k", f"{r.experts}, {r.top_k}")
-    table.add_row("share of FFN neurons a token uses", f"{q.active_ffn_share:.0%}")
+    top_k = result.model.config.num_experts_per_tok
+    per_layer = getattr(result.model.config, "densetomoe", {}).get("layer_top_k") or {}
+    table.add_row("experts, top-k", f"{r.experts}, {top_k}" + (f" (per layer: {len(per_layer)} differ)" if per_layer else ""))
+    table.add_row("share of FFN neurons a token uses (all layers)", f"{q.active_ffn_share:.0%}")
     table.add_row("FFN FLOPs per token, MoE / dense", f"{q.ffn_flops_ratio:.3f}")
     table.add_row("cosine of mean-pooled outputs", f"{q.embedding_cosine:.4f}")
     table.add_row("relative error of final hidden states", f"{q.hidden_rel_error:.4f}")
@@ -141,7 +164,10 @@ def _print_summary(result) -> None:
         table.add_row("head predictions that agree", f"{q.head_agreement:.1%}")
     if q.perplexity is not None:
         table.add_row("next-token perplexity, dense -> MoE", f"{q.dense_perplexity:.2f} -> {q.perplexity:.2f}")
-    table.add_row("conversion time", f"{result.seconds['total']:.1f} s")
+    if result.history is not None:
+        h = result.history
+        table.add_row("distillation", f"{h.step} steps, {h.tokens:,} tokens, {h.elapsed / 60:.1f} min")
+    table.add_row("total time", f"{result.seconds['total']:.1f} s")
     from rich.console import Console
 
     Console().print(table)
@@ -189,6 +215,52 @@ def evaluate(
 
         Console().print(table)
         stderr.print(f"report: {folder / 'report.md'}")
+
+    _run(action)
+
+
+@app.command("distill")
+def distill_command(
+    ctx: typer.Context,
+    moe_dir: Annotated[Path, typer.Argument(help="A folder written by densetomoe convert.")],
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps.")] = 300,
+    minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget; training stops at whichever of steps and minutes comes first.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Unlabelled text (.txt, .jsonl, .csv, datasets name). Default: the folder's calibration text.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, cosine decay).")] = 3e-4,
+    batch_size: Annotated[int, typer.Option(help="Texts per step (per process under accelerate launch).")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per text; longer ones are cut.")] = 128,
+    expert_dropout: Annotated[float, typer.Option(help="Probability of dropping each selected expert per token while training.")] = 0.0,
+    train: Annotated[Trainable, typer.Option(help="moe: only experts, routers and corrections learn. all: every weight.")] = "moe",
+    mixed_precision: Annotated[MixedPrecision, typer.Option(help="accelerate mixed precision: no, bf16 or fp16.")] = "no",
+    recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML whose distill: section sets the defaults; flags win.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Dense teacher. Default: the base model recorded in the folder.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: MOE_DIR, replaced when training has finished.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoints in OUT.checkpoints.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Recover quality: distil a converted folder from its dense model (runs under `accelerate launch` too)."""
+
+    def action():
+        from .errors import UsageError
+        from .pipeline import distill as run_distillation
+        from .recipe import Distill, Recipe
+
+        flags = {
+            "steps": steps, "minutes": minutes, "data": data, "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
+            "expert_dropout": expert_dropout, "train": train, "mixed_precision": mixed_precision,
+        }  # fmt: skip
+        given = {k: v for k, v in flags.items() if _given(ctx, k)}
+        if recipe is not None:
+            section = Recipe.from_yaml(recipe, model="-").distill
+            if section is None:
+                raise UsageError(f"recipe {recipe} has no distill: section")
+            settings = Distill.build(**{**section.model_dump(exclude_unset=True), **given})
+        else:
+            settings = Distill.build(**flags)
+        _quiet_transformers()
+        result = run_distillation(moe_dir, settings, out, overwrite, base, resume, show_progress=progress, log=lambda m: stderr.print(m))
+        _print_summary(result)
 
     _run(action)
 

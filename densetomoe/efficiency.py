@@ -34,10 +34,16 @@ def _expert_params(m: MoEFeedForward) -> int:
     return per_neuron * m.expert_size
 
 
+def active_neurons(m: MoEFeedForward) -> int:
+    """FFN neurons one token computes: its ``top_k`` experts' plus the shared expert's."""
+    return min(m.top_k, m.num_experts) * m.expert_size + m.shared_size
+
+
 def moe_ffn_flops(m: MoEFeedForward) -> float:
-    """Per token: the ``top_k`` experts' projections, plus the router when it runs (top_k < experts)."""
+    """Per token: the active neurons' projections (:func:`active_neurons`), plus the router when it
+    runs (top_k < experts)."""
     k = min(m.top_k, m.num_experts)
-    flops = 2.0 * m.hidden_size * (3 if m.gated else 2) * m.expert_size * k
+    flops = 2.0 * m.hidden_size * (3 if m.gated else 2) * active_neurons(m)
     if k < m.num_experts:
         flops += sum(_linear_flops(layer) or 0.0 for layer in m.router.modules())
     return flops

@@ -29,7 +29,7 @@ from .metrics import perplexity
 from .moe import MoEFeedForward, moe_layers, set_top_k
 from .stages import load as dense_loading
 from .stages.calibrate import batches
-from .stages.evaluate import mean_pool
+from .stages.evaluate import active_ffn_share, mean_pool
 from .suites import Suite, load_suite
 
 SCHEMA = "densetomoe.report/1"
@@ -226,11 +226,19 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         "sweep": [],
     }
 
+    converted = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    own = {m: m.top_k for m in converted}  # per layer, where a budget chose them
+    _, dense_ffn_size = archs.ffn_sizes(dense_config, arch)
     with progress(show_progress) as bar:
         task = bar.add_task("evaluating", total=len(top_ks))
         for k in top_ks:
-            set_top_k(model, k)
-            entry = {"top_k": k, "active_ffn_share": min(k, model.config.num_experts) / model.config.num_experts}
+            if k == own_k:
+                for m, layer_k in own.items():
+                    m.top_k = layer_k
+            else:
+                set_top_k(model, k)
+            share = active_ffn_share(converted, dense_ffn_size, archs.num_layers(dense_config, arch))
+            entry = {"top_k": k, "active_ffn_share": share}
             if k == own_k:
                 recorder = RoutingRecorder(model)
                 entry["fidelity"] = _with_routing(model, recorder, dense_runs, tokenizer, fidelity_texts, settings.seq_len, report)
@@ -247,8 +255,10 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
                 entry["speed"] = _speed(dense, model, settings)
             report["sweep"].append(entry)
             bar.advance(task)
-    set_top_k(model, own_k)
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    recovery = _figures(moe_dir).get("distillation")
+    if recovery:
+        report["recovery"] = recovery
     report["metrics"] = _hub_metrics(report)
     return report
 
@@ -283,12 +293,19 @@ def _speed(dense: nn.Module, model: nn.Module, settings: Settings) -> dict:
     return result
 
 
+def _figures(moe_dir: Path) -> dict:
+    """What convert (and distill) recorded in the folder; empty if nothing readable."""
+    try:
+        return json.loads((moe_dir / "densetomoe_conversion.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def _recorded_base(moe_dir: Path) -> str:
     """The dense model a folder was converted from: its local path if still there, else its name."""
-    try:
-        figures = json.loads((moe_dir / "densetomoe_conversion.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"{moe_dir} does not record its base model; pass --base DENSE") from None
+    figures = _figures(moe_dir)
+    if "base_model" not in figures:
+        raise UsageError(f"{moe_dir} does not record its base model; pass --base DENSE")
     path = figures.get("base_path")
     return path if path and Path(path).exists() else figures["base_model"]
 

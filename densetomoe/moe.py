@@ -17,7 +17,9 @@ How a converted checkpoint is described
        "identity": ["output.dense"],     # submodules whose work the MoE module now does
        "moe_layers": [0, 1, 2, ...],     # which blocks were converted
        "hidden_size": 384, "expert_size": 192, "activation": "gelu",
-       "gated": false, "bias": true, "router_hidden": 128}
+       "gated": false, "bias": true, "router_hidden": 128,
+       "shared_size": 0,                 # neurons of an always-on shared expert (0: none)
+       "layer_top_k": {"0": 4}}          # optional per-layer top-k, overriding num_experts_per_tok
 
 Classes are made on demand from the dense class they extend: ``MoEBertModel`` is ``BertModel`` whose
 ``__init__`` ends by installing the MoE feed-forwards, and ``MoEBertConfig`` is ``BertConfig`` with its
@@ -55,10 +57,21 @@ class MoEFeedForward(nn.Module):
 
     Expert ``e`` owns ``expert_size`` neurons: rows of the up (and gate) projection and the matching
     columns of the down projection, stored as ``w_up[e]``, ``w_gate[e]`` and ``w_down[e]``, each
-    ``(expert_size, hidden)``. A token's output is the unweighted sum of its ``top_k`` experts' outputs
-    plus the down bias, so with ``top_k == num_experts`` it is the dense FFN exactly (the neurons are
-    only permuted). Only the selected experts are computed: tokens are grouped by expert and each
-    group goes through one matrix product per projection.
+    ``(expert_size, hidden)``. A token's output is the unweighted sum of its ``top_k`` experts' outputs,
+    the mean output (``skip_mean``) of the experts it did not select, the always-on shared expert's
+    output (``shared_size`` neurons, if any) and the down bias. With ``top_k == num_experts`` it is the
+    dense FFN exactly (the neurons are only permuted). Only the selected experts are computed: tokens
+    are grouped by expert and each group goes through one matrix product per projection.
+
+    Training (``model.train()`` with gradients on) takes a masked dense path with the same forward
+    value, so that the router learns through a straight-through gate and the aux losses exist:
+
+    * each selected expert's output is scaled by ``1 + p_e - stopgrad(p_e)`` (``p`` the router's
+      softmax): exactly 1 in the forward, the softmax's gradient in the backward;
+    * ``expert_dropout`` drops each selected expert of a token with that probability (it then counts
+      as unselected and contributes its ``skip_mean``);
+    * ``aux`` holds a Switch-style load-balancing loss and a router loss: cross-entropy between the
+      router's softmax and each expert's measured share of the output norm on these tokens.
     """
 
     def __init__(
@@ -71,6 +84,7 @@ class MoEFeedForward(nn.Module):
         gated: bool = False,
         bias: bool = True,
         router_hidden: int = 0,
+        shared_size: int = 0,
     ):
         super().__init__()
         self.hidden_size = hidden_size
@@ -90,10 +104,21 @@ class MoEFeedForward(nn.Module):
         # What each expert adds on average when it is *not* selected (zeros: nothing is added).
         self.skip_mean = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.router = Router(hidden_size, num_experts, router_hidden)
+        self.shared_size = shared_size
+        if shared_size:
+            shared = (shared_size, hidden_size)
+            self.shared_up = nn.Parameter(torch.zeros(shared))
+            self.shared_gate = nn.Parameter(torch.zeros(shared)) if gated else None
+            self.shared_down = nn.Parameter(torch.zeros(shared))
+            self.shared_b_up = nn.Parameter(torch.zeros(shared_size)) if bias else None
+            self.shared_b_gate = nn.Parameter(torch.zeros(shared_size)) if bias and gated else None
+        self.expert_dropout = 0.0  # training only; set by distillation
+        self.aux: dict[str, torch.Tensor] = {}  # training only: the last forward's aux losses
 
     def extra_repr(self) -> str:
+        shared = f", shared={self.shared_size}" if self.shared_size else ""
         return (
-            f"hidden={self.hidden_size}, experts={self.num_experts} x {self.expert_size}, "
+            f"hidden={self.hidden_size}, experts={self.num_experts} x {self.expert_size}{shared}, "
             f"top_k={self.top_k}, activation={self.activation}, gated={self.gated}"
         )
 
@@ -115,6 +140,15 @@ class MoEFeedForward(nn.Module):
             b_gate = None if self.b_gate is None else self.b_gate.reshape(-1)
         return self.act(nn.functional.linear(x, w_gate, b_gate)) * h
 
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The always-on shared expert's output ``(tokens, hidden)``."""
+        h = nn.functional.linear(x, self.shared_up, self.shared_b_up)
+        if self.gated:
+            h = self.act(nn.functional.linear(x, self.shared_gate, self.shared_b_gate)) * h
+        else:
+            h = self.act(h)
+        return h @ self.shared_down
+
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """Indices of each token's ``top_k`` experts, ``(tokens, top_k)``."""
         return self.router(x).topk(self.top_k, dim=-1).indices
@@ -122,7 +156,9 @@ class MoEFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)  # (tokens, hidden)
-        if self.top_k >= self.num_experts:
+        if self.training and torch.is_grad_enabled():
+            out = self._train_forward(x)
+        elif self.top_k >= self.num_experts:
             out = self._neurons(x, slice(None)) @ self.w_down.reshape(-1, self.hidden_size)
         else:
             chosen = self.select(x)  # (tokens, top_k)
@@ -131,9 +167,39 @@ class MoEFeedForward(nn.Module):
             selected = torch.zeros(len(x), self.num_experts, dtype=out.dtype, device=out.device)
             selected.scatter_(1, chosen, 1.0)  # (tokens, experts)
             out = out.addmm_(selected, self.skip_mean.to(out.dtype), alpha=-1.0).add_(self.skip_mean.sum(0).to(out.dtype))
+        if self.shared_size:
+            out = out.add_(self._shared(x).to(out.dtype))
         if self.b_down is not None:
             out = out.add_(self.b_down.to(out.dtype))
         return out.reshape(shape)
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert computed, unselected ones masked out: differentiable, same value as inference."""
+        tokens, experts = len(x), self.num_experts
+        a = self._neurons(x, slice(None)).reshape(tokens, experts, self.expert_size)
+        logits = self.router(x)  # (tokens, experts)
+        probs = logits.float().softmax(-1)
+        mask = torch.zeros_like(probs)
+        if self.top_k >= experts:
+            mask.fill_(1.0)
+        else:
+            mask.scatter_(1, logits.topk(self.top_k, dim=-1).indices, 1.0)
+        routed = mask
+        if self.expert_dropout > 0:
+            mask = mask * (torch.rand_like(mask) >= self.expert_dropout)
+        gate = (mask * (1.0 + probs - probs.detach())).to(a.dtype)  # straight-through: 1 in the forward
+        out = (a * gate.unsqueeze(-1)).reshape(tokens, -1) @ self.w_down.reshape(-1, self.hidden_size)
+        out = out + (1.0 - mask).to(out.dtype) @ self.skip_mean.to(out.dtype)
+        with torch.no_grad():  # each expert's |output|: sqrt(a_e^T (W_e W_e^T) a_e)
+            gram = self.w_down @ self.w_down.transpose(1, 2)  # (experts, size, size)
+            norms = torch.einsum("ted,edf,tef->te", a, gram, a).clamp_min(0).sqrt().float()
+            shares = norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
+        self.aux = {
+            # Switch Transformer: experts * sum_e (share of routed slots) * (mean router probability)
+            "balance": experts * (routed.mean(0) / max(min(self.top_k, experts), 1) * probs.mean(0)).sum(),
+            "router": -(shares * logits.float().log_softmax(-1)).sum(-1).mean(),
+        }
+        return out
 
     def _dispatch(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Sum of each token's chosen experts; tokens are grouped so each expert runs once."""
@@ -169,18 +235,25 @@ def replace_ffn(block: nn.Module, structure: dict, moe: nn.Module) -> None:
         block.set_submodule(name, nn.Identity())
 
 
-def new_moe_ffn(config) -> MoEFeedForward:
-    """An empty MoE feed-forward shaped as ``config`` describes."""
+def layer_top_k(config, index: int) -> int:
+    """Layer ``index``'s top-k: its own entry in ``layer_top_k`` if any, else ``num_experts_per_tok``."""
+    per_layer = getattr(config, CONFIG_KEY).get("layer_top_k") or {}
+    return int(per_layer.get(str(index), config.num_experts_per_tok))
+
+
+def new_moe_ffn(config, index: int = 0) -> MoEFeedForward:
+    """An empty MoE feed-forward shaped as ``config`` describes for block ``index``."""
     s = getattr(config, CONFIG_KEY)
     return MoEFeedForward(
         hidden_size=s["hidden_size"],
         num_experts=config.num_experts,
         expert_size=s["expert_size"],
-        top_k=config.num_experts_per_tok,
+        top_k=layer_top_k(config, index),
         activation=s["activation"],
         gated=s["gated"],
         bias=s["bias"],
         router_hidden=s["router_hidden"],
+        shared_size=s.get("shared_size", 0),
     )
 
 
@@ -189,11 +262,12 @@ def install_moe(model: nn.Module, config) -> None:
     structure = getattr(config, CONFIG_KEY)
     blocks = moe_layers(model, structure)
     for index in structure["moe_layers"]:
-        replace_ffn(blocks[index], structure, new_moe_ffn(config))
+        replace_ffn(blocks[index], structure, new_moe_ffn(config, index))
 
 
 def set_top_k(model: nn.Module, top_k: int) -> None:
-    """Change how many experts each token uses, everywhere in ``model`` (and in its config)."""
+    """Change how many experts each token uses, everywhere in ``model`` (and in its config); this
+    replaces any per-layer top-k."""
     found = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
     if not found:
         raise ValueError("this model has no MoE feed-forward layers")
@@ -203,6 +277,9 @@ def set_top_k(model: nn.Module, top_k: int) -> None:
         m.top_k = top_k
     if hasattr(model, "config"):
         model.config.num_experts_per_tok = top_k
+        structure = getattr(model.config, CONFIG_KEY, None)
+        if structure and structure.get("layer_top_k"):
+            setattr(model.config, CONFIG_KEY, {**structure, "layer_top_k": {}})
 
 
 # -- classes made on demand from the dense ones -----------------------------------------------------
@@ -229,6 +306,13 @@ def moe_model_class(dense: type) -> type:
         attrs = {"__init__": __init__, "config_class": moe_config_class(dense.config_class), "__module__": __name__}
         _made[name] = type(name, (dense,), attrs)
     return _made[name]
+
+
+def dense_class(cls: type) -> type:
+    """The dense class that an on-demand ``MoE<Name>`` class extends (``cls`` itself if it is dense)."""
+    while cls.__name__.startswith(CLASS_PREFIX) and _made.get(cls.__name__) is cls:
+        cls = cls.__bases__[0]
+    return cls
 
 
 def __getattr__(name: str) -> type:

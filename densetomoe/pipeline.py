@@ -1,12 +1,15 @@
 """``convert()``: one conversion, its stages in order.
 
-    load -> calibrate -> partition -> route -> swap -> evaluate -> export
+    load -> calibrate -> partition -> route -> budget -> swap -> [distill] -> evaluate -> export
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +20,11 @@ from transformers.activations import ACT2FN
 
 from . import archs, card, data, surgery
 from .console import progress
+from .errors import UsageError
 from .moe import moe_layers
-from .recipe import Recipe, check_against_model
-from .stages import evaluate, export, load
-from .stages.calibrate import ActivationStats, batches, calibrate, dense_ffn
+from .recipe import Distill, Recipe, check_against_model
+from .stages import budget, evaluate, export, load
+from .stages.calibrate import ActivationStats, DenseFFN, LayerStats, batches, calibrate, dense_ffn
 from .stages.partition import PARTITIONS
 from .stages.router import ROUTERS, RouterSettings
 
@@ -38,6 +42,7 @@ class Conversion:
     report: evaluate.QuickReport
     stats: ActivationStats
     seconds: dict[str, float] = field(default_factory=dict)
+    history: object | None = None  # distill.History when distilled
     out: Path | None = None
 
     def figures(self) -> dict:
@@ -47,6 +52,7 @@ class Conversion:
             "calibration": {"tokens": self.stats.tokens, "sequences": self.stats.sequences},
             "quick_eval": self.report.as_dict(),
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+            **({"distillation": self.history.as_dict()} if self.history is not None else {}),
         }
 
 
@@ -70,12 +76,20 @@ def convert(
     overwrite: bool = False,
     show_progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    resume: bool = False,
 ) -> Conversion:
-    """Convert ``recipe.model`` to an MoE model; write it to ``out`` when given."""
+    """Convert ``recipe.model`` to an MoE model; write it to ``out`` when given.
+
+    With ``recipe.distill``, the MoE model is then distilled from the dense one; its checkpoints go
+    to ``<out>.checkpoints`` and ``resume`` continues from the latest of them.
+    """
     clock = _Clock()
     out = Path(out) if out is not None else None
     if out is not None:
         export.check_destination(out, overwrite)
+    workdir = checkpoint_folder(out) if out is not None and recipe.distill is not None else None
+    if resume and (workdir is None or not workdir.is_dir()):
+        raise UsageError(f"--resume: no checkpoints to resume from{'' if workdir is None else ' in ' + str(workdir)}")
 
     # load: everything checkable from the config is checked before weights or text are read
     source = load.resolve(recipe.model, recipe.allow_pickle)
@@ -116,28 +130,44 @@ def convert(
     if stats.tokens < recipe.calib_tokens:
         log(f"warning: the calibration text ran out after {stats.tokens:,} of {recipe.calib_tokens:,} tokens")
 
-    # partition and route, layer by layer
+    # partition and route, layer by layer: the split does not depend on top-k
     generator = torch.Generator().manual_seed(recipe.seed)
     settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps)
-    modules = {}
+    splits = {}
     with progress(show_progress) as bar:
         task = bar.add_task("experts", total=len(layers))
         for i in layers:
-            labels = PARTITIONS[recipe.partition](ffns[i], stats.layers[i], recipe.experts, generator)
-            router = ROUTERS[recipe.router](ffns[i], stats.layers[i], labels, recipe.experts, settings, generator)
-            sample = stats.layers[i].inputs if recipe.compensate else None
-            modules[i] = surgery.moe_from_dense(
-                ffns[i], labels, router, recipe.experts, recipe.top_k, activation, sample
-            )
+            splits[i] = split_layer(ffns[i], stats.layers[i], recipe, activation, settings, generator)
             bar.advance(task)
     clock.lap("partition+route")
 
-    # swap in place, then measure against the dense outputs recorded before
-    surgery.swap_in(model, arch, modules, recipe.top_k)
+    # budget: each layer's top-k, or dense
+    plan = plan_layers(recipe, splits, model, arch, probe, ffn_size, num_layers, show_progress)
+    modules = {i: splits[i].build(k) for i, k in plan.items() if k is not None}
+    if not modules:
+        raise UsageError(f"an FFN budget of {recipe.ffn_budget:.0%} keeps every layer dense: nothing to convert")
+    if recipe.ffn_budget is not None:
+        clock.lap("budget")
+        log("per-layer top-k: " + ", ".join(f"{i}:{'dense' if k is None else k}" for i, k in plan.items()))
+
+    # swap in place; keep the dense model as the teacher when distilling
+    teacher = copy.deepcopy(model) if recipe.distill is not None else None
+    top_k = recipe.top_k if recipe.ffn_budget is None else Counter(m.top_k for m in modules.values()).most_common(1)[0][0]
+    surgery.swap_in(model, arch, modules, top_k)
+
+    history = None
+    if recipe.distill is not None:
+        from .distill import distill_model
+
+        history = distill_model(model, teacher, tokenizer, recipe.distill, arch, calibration_texts, held_out_texts, workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed)
+        del teacher
+        clock.lap("distill")
+
+    # measure against the dense outputs recorded before
     report = evaluate.compare(model, probe, ffn_size, num_layers)
     clock.lap("evaluate")
 
-    result = Conversion(recipe, source, model, tokenizer, report, stats, clock.seconds)
+    result = Conversion(recipe, source, model, tokenizer, report, stats, clock.seconds, history=history)
     if out is not None:
         text = card.render(result, held_out_separate=separate, arch=arch)
         export.write(
@@ -149,10 +179,158 @@ def convert(
             figures=result.figures(),
             source_folder=source.path,
             gguf_file=source.gguf_file,
+            extras=_loss_figure(history),
         )
         clock.lap("export")
         result.out = out
     return result
+
+
+def distill(
+    folder: str | Path,
+    settings: Distill,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    base: str | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> Conversion:
+    """Distil an already converted ``folder`` from its dense base model and write the result to
+    ``out`` (default: ``folder`` itself, replaced atomically once training has finished).
+
+    The training text defaults to the calibration text recorded in the folder's recipe, and the
+    held-out documents are the same ones conversion kept aside.
+    """
+    from .distill import distill_model
+    from .loading import load as load_moe
+
+    clock = _Clock()
+    folder = Path(folder)
+    out = Path(out) if out is not None else folder
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder} is not a model folder (no config.json in it)")
+    if out != folder:
+        export.check_destination(out, overwrite)
+    try:
+        recorded = Recipe.from_yaml(folder / export.RECIPE_FILE)
+        figures = json.loads((folder / export.FIGURES_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{folder} was not written by densetomoe convert: {e}") from None
+    except UsageError as e:
+        raise UsageError(f"{folder}: {e}") from None
+    base = base or (figures["base_path"] if Path(figures.get("base_path", "")).exists() else figures["base_model"])
+    recipe = recorded.model_copy(update={"distill": settings})
+    workdir = checkpoint_folder(out)
+    if resume and not workdir.is_dir():
+        raise UsageError(f"--resume: no checkpoints to resume from in {workdir}")
+
+    source = load.resolve(base, recipe.allow_pickle)
+    config = load.load_config(source)
+    arch = archs.arch_for(config)
+    _, ffn_size = archs.ffn_sizes(config, arch)
+    num_layers = archs.num_layers(config, arch)
+    teacher, tokenizer = load.load_model(source, config, recipe.dtype, recipe.allow_pickle, causal_lm=arch.decoder)
+    student = load_moe(folder)
+    clock.lap("load")
+    calibration_texts, held_out_texts, separate = split_texts(data.load_texts(recipe.calib), recipe.seed)
+    held_out = list(batches(tokenizer, held_out_texts, recipe.seq_len, recipe.batch_size))
+    probe = evaluate.record(teacher, held_out, causal_lm=arch.decoder)
+    history = distill_model(student, teacher, tokenizer, settings, arch, calibration_texts, held_out_texts, workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed)
+    clock.lap("distill")
+    del teacher
+    report = evaluate.compare(student, probe, ffn_size, num_layers)
+    clock.lap("evaluate")
+    stats = ActivationStats(tokens=figures.get("calibration", {}).get("tokens", 0), sequences=figures.get("calibration", {}).get("sequences", 0))
+    result = Conversion(recipe, source, student, tokenizer, report, stats, clock.seconds, history=history)
+    export.write(
+        out,
+        True if out == folder else overwrite,
+        student,
+        recipe_yaml=recipe.to_yaml(),
+        card=card.render(result, held_out_separate=separate, arch=arch),
+        figures={**result.figures(), "seconds": {**figures.get("seconds", {}), "distill": round(clock.seconds["distill"], 2)}},
+        source_folder=source.path,  # the tokenizer comes from the dense model, as at conversion
+        gguf_file=source.gguf_file,
+        extras=_loss_figure(history),
+    )
+    result.out = out
+    return result
+
+
+def _loss_figure(history) -> Callable[[Path], None] | None:
+    if history is None:
+        return None
+    from .report import FIGURE_LOSS, loss_figure
+
+    return lambda folder: loss_figure(history.as_dict(), folder / FIGURE_LOSS)
+
+
+def checkpoint_folder(out: Path) -> Path:
+    """Where distillation keeps its checkpoints for an output folder ``out``."""
+    return out.with_name(out.name + ".checkpoints")
+
+
+def split_layer(
+    ffn: DenseFFN, stats: LayerStats, recipe: Recipe, activation: str, settings: RouterSettings, generator: torch.Generator
+) -> surgery.LayerSplit:
+    """Shared expert out, the rest partitioned into experts (pruned if asked), and the router trained."""
+    sample = stats.inputs
+    shared = None
+    if recipe.shared_experts:
+        shared_idx, routed_idx = surgery.shared_neurons(ffn, sample, recipe.shared_experts * ffn.size // recipe.parts)
+        shared, ffn, stats = ffn.subset(shared_idx, with_bias=False), ffn.subset(routed_idx), stats.subset(routed_idx)
+    labels = PARTITIONS[recipe.partition](ffn, stats, recipe.experts, generator)
+    if recipe.prune:
+        keep = max(1, round(ffn.size // recipe.experts * (1 - recipe.prune)))
+        labels = surgery.prune_experts(labels, ffn.importance(sample), recipe.experts, keep)
+    router = ROUTERS[recipe.router](ffn, stats, labels, recipe.experts, settings, generator)
+    return surgery.LayerSplit(ffn, labels, router, recipe.experts, activation, sample if recipe.compensate else None, shared)
+
+
+def plan_layers(
+    recipe: Recipe,
+    splits: dict[int, surgery.LayerSplit],
+    model: nn.Module,
+    arch: archs.Arch,
+    probe: evaluate.Probe,
+    ffn_size: int,
+    num_layers: int,
+    show_progress: bool,
+) -> dict[int, int | None]:
+    """Each converted layer's top-k (None: keep it dense): ``recipe.top_k`` everywhere, or the
+    ``recipe.budget`` registry entry's choice under ``recipe.ffn_budget``."""
+    if recipe.ffn_budget is None:
+        return {i: recipe.top_k for i in splits}
+    first = next(iter(splits.values())).build(1)
+    options = budget.levels(recipe.experts, first.expert_size, first.shared_size, ffn_size)
+    sensitivity = None
+    if recipe.budget in budget.NEEDS_SENSITIVITY:
+        sensitivity = measure_sensitivity(splits, options, model, arch, probe, show_progress)
+    try:
+        chosen = budget.BUDGETS[recipe.budget](list(splits), options, recipe.ffn_budget, num_layers, sensitivity)
+    except ValueError as e:
+        raise UsageError(f"--ffn-budget {recipe.ffn_budget}: {e}") from None
+    return {i: level.top_k for i, level in chosen.items()}
+
+
+def measure_sensitivity(splits, options, model, arch, probe, show_progress: bool, batches_used: int = 1) -> budget.Sensitivity:
+    """Quality lost with one layer at each level and every other layer dense, on held-out text."""
+    blocks = moe_layers(model, {"layers": arch.layers})
+    small = evaluate.Probe(*(field[:batches_used] for field in (probe.batches, probe.hidden, probe.predictions, probe.nll)))
+    table = {}
+    with progress(show_progress) as bar:
+        task = bar.add_task("layer sensitivity", total=len(splits) * (len(options) - 1))
+        for i, split in splits.items():
+            table[i] = []
+            for level in options:
+                if level.dense:
+                    table[i].append(0.0)
+                    continue
+                with surgery.swapped(blocks[i], arch, split.build(level.top_k)):
+                    table[i].append(evaluate.damage(model, small))
+                bar.advance(task)
+    return table
 
 
 class _Clock:

@@ -16,7 +16,51 @@ from .errors import UsageError
 
 Partition = Literal["coactivation", "parameters", "random"]
 RouterKind = Literal["mlp", "centroid"]
+Budget = Literal["sensitivity", "uniform"]
 DType = Literal["float32", "bfloat16", "float16"]
+Trainable = Literal["moe", "all"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+
+
+class Distill(BaseModel):
+    """How to recover quality by distilling the MoE model from its dense original (``distill:``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str | None = Field(None, description="unlabelled training text (as calib); None: the calibration text")
+    steps: int | None = Field(300, gt=0, description="optimisation steps; None: until minutes run out")
+    minutes: float | None = Field(None, gt=0, description="wall-clock budget; training stops at whichever comes first")
+    batch_size: int = Field(16, gt=0, description="texts per step (per process under accelerate launch)")
+    seq_len: int = Field(128, ge=8, description="tokens per text, longer ones are cut")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW, warm-up then cosine decay)")
+    warmup: int = Field(20, ge=0, description="warm-up steps")
+    weight_decay: float = Field(0.0, ge=0)
+    hidden_loss: float = Field(1.0, ge=0, description="weight of the per-layer hidden-state loss (normalised MSE)")
+    logits_loss: float = Field(1.0, ge=0, description="weight of KL(dense || MoE) on logits, where the model has a head or an LM")
+    pooled_loss: float = Field(1.0, ge=0, description="weight of 1 - cosine of mean-pooled outputs (models without a head)")
+    balance_loss: float = Field(0.01, ge=0, description="weight of the Switch load-balancing loss")
+    router_loss: float = Field(0.1, ge=0, description="weight of the router's cross-entropy to each expert's measured output share")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the logit KL")
+    expert_dropout: float = Field(0.0, ge=0, lt=1, description="probability of dropping each selected expert per token while training")
+    train: Trainable = Field("moe", description="moe: only experts, routers and corrections learn; all: every weight")
+    mixed_precision: MixedPrecision = Field("no", description="accelerate's mixed precision (bf16 on recent GPUs and CPUs)")
+    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (for --resume)")
+    log_every: int = Field(10, gt=0, description="steps between points of the loss curve")
+    eval_texts: int = Field(32, ge=0, description="held-out texts scored on the loss curve (0: none)")
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> Distill:
+        if self.steps is None and self.minutes is None:
+            raise ValueError("distillation needs steps, minutes or both")
+        return self
+
+    @classmethod
+    def build(cls, **settings) -> Distill:
+        """A :class:`Distill` from keyword settings, with errors as one readable :class:`UsageError`."""
+        try:
+            return cls(**settings)
+        except ValidationError as e:
+            raise UsageError(_describe(e, "distill")) from None
 
 
 class Recipe(BaseModel):
@@ -26,7 +70,11 @@ class Recipe(BaseModel):
 
     model: str = Field(description="local folder, Hub id, or alias such as bert-base")
     experts: int = Field(8, gt=0, description="experts per FFN layer; they split its neurons equally")
-    top_k: int = Field(2, gt=0, description="experts each token uses")
+    top_k: int = Field(2, gt=0, description="experts each token uses (with ffn_budget: chosen per layer)")
+    shared_experts: int = Field(0, ge=0, description="always-on experts (the most important neurons); the FFN splits into experts + shared_experts equal parts")
+    ffn_budget: float | None = Field(None, gt=0, le=1, description="average share of FFN neurons a token uses, over all layers; each layer's top-k (or dense) is then chosen by budget")
+    budget: Budget = Field("sensitivity", description="how ffn_budget is shared out: sensitivity (measured per layer) or uniform")
+    prune: float = Field(0.0, ge=0, lt=1, description="share of each expert's neurons removed by activation x weight importance")
     partition: Partition = Field("coactivation", description="how neurons are grouped into experts")
     router: RouterKind = Field("mlp", description="how each token's experts are chosen")
     calib: str | None = Field(None, description="calibration text; None means the embedded Wikipedia sample")
@@ -41,12 +89,20 @@ class Recipe(BaseModel):
     seed: int = 0
     dtype: DType = "float32"
     allow_pickle: bool = Field(False, description="accept a checkpoint stored only as pickle (.bin)")
+    distill: Distill | None = Field(None, description="recover quality by distillation from the dense model; None: training-free")
 
     @model_validator(mode="after")
-    def _top_k_fits(self) -> Recipe:
+    def _consistent(self) -> Recipe:
         if self.top_k > self.experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed experts ({self.experts})")
+        if self.ffn_budget is not None and "top_k" in self.model_fields_set:
+            raise ValueError("give top_k or ffn_budget, not both: with ffn_budget each layer's top-k is chosen")
         return self
+
+    @property
+    def parts(self) -> int:
+        """Equal parts each FFN splits into: routed experts plus shared ones."""
+        return self.experts + self.shared_experts
 
     @classmethod
     def build(cls, **settings) -> Recipe:
@@ -65,16 +121,29 @@ class Recipe(BaseModel):
             raise UsageError(f"cannot read recipe {path}: {e}") from None
         if not isinstance(data, dict):
             raise UsageError(f"recipe {path} must be a mapping of settings")
-        return cls.build(**{**data, **overrides})
+        return cls.build(**merge(data, overrides))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """Every setting, so the file reproduces the conversion (top_k is left out under a budget)."""
+        exclude = {"top_k"} if self.ffn_budget is not None else set()
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
 
-def _describe(error: ValidationError) -> str:
+def merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` on top; nested mappings (``distill:``) merge key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError, prefix: str = "") -> str:
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"])
+        where = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
         message = item["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "invalid settings: " + "; ".join(parts)
@@ -82,14 +151,29 @@ def _describe(error: ValidationError) -> str:
 
 def check_against_model(recipe: Recipe, ffn_size: int, num_layers: int) -> None:
     """Checks that need the model's shapes; run on the config, before the weights are loaded."""
-    if recipe.experts > ffn_size:
+    parts = recipe.parts
+    if parts > ffn_size:
         raise UsageError(f"--experts {recipe.experts} exceeds the FFN's {ffn_size} neurons")
-    if ffn_size % recipe.experts:
+    if ffn_size % parts:
         divisors = [d for d in (2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if ffn_size % d == 0]
+        shared = f" (with {recipe.shared_experts} shared)" if recipe.shared_experts else ""
+        choices = ", ".join(str(d - recipe.shared_experts) for d in divisors if d > recipe.shared_experts)
         raise UsageError(
-            f"the FFN's {ffn_size} neurons do not split into {recipe.experts} equal experts; "
-            f"choose one of {', '.join(map(str, divisors))}"
+            f"the FFN's {ffn_size} neurons do not split into {recipe.experts} equal experts{shared}; "
+            f"choose one of {choices}"
         )
+    size = ffn_size // parts
+    if round(size * (1 - recipe.prune)) < 1:
+        raise UsageError(f"--prune {recipe.prune} leaves no neuron in experts of {size}")
+    if recipe.ffn_budget is not None:  # the cheapest plan: top-1 in every converted layer
+        converted = len(set(recipe.layers)) if recipe.layers else num_layers
+        top_1 = (recipe.shared_experts * size + max(1, round(size * (1 - recipe.prune)))) / ffn_size
+        least = (converted * top_1 + num_layers - converted) / num_layers
+        if recipe.ffn_budget < least - 1e-9:
+            raise UsageError(
+                f"--ffn-budget {recipe.ffn_budget} is below the least this structure can use ({least:.3f}: top-1 "
+                "everywhere); use more experts, fewer shared ones or a larger budget"
+            )
     for index in recipe.layers or []:
         if not 0 <= index < num_layers:
             raise UsageError(f"layer {index} does not exist: the model has layers 0..{num_layers - 1}")

@@ -13,6 +13,9 @@
   ``imbalance`` (max share x experts, 1 = even) and ``entropy`` (normalised, 1 = even)
 - ``metrics``: the headline figures as (name, type, value, dataset), for the Hub's model-index
 - ``peak_rss_mb``: the evaluating process's peak resident memory
+- ``recovery`` (only for a distilled folder): the distillation history that convert or distill
+  recorded: ``step``, ``elapsed`` seconds, ``tokens``, the training ``loss`` curve (``steps``,
+  ``seconds``, ``loss`` and its ``parts``), ``held_out`` points and the ``settings``
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 FIGURE_ROUTING = "expert_load.png"
 FIGURE_TRADEOFF = "quality_vs_speed.png"
+FIGURE_LOSS = "loss_curve.png"
 
 
 def primary_quality(report: dict) -> tuple[str, str] | None:
@@ -107,8 +111,64 @@ def markdown(report: dict, figures: list[str]) -> str:
     for e in report["sweep"]:
         errors = ", ".join(f"{x:.3f}" for x in e["fidelity"]["layer_rel_error"])
         md.append(f"\nRelative hidden-state error per layer at top-{e['top_k']}: {errors}")
+    recovery = report.get("recovery")
+    if recovery:
+        md += ["", "## Recovery", "", recovery_summary(recovery)]
     md += ["", *[f"![{name}]({name})" for name in figures], ""]
     return "\n".join(md)
+
+
+def recovery_summary(history: dict) -> str:
+    """One paragraph on a distillation run: budget used and the held-out loss before and after."""
+    s = history["settings"]
+    text = (
+        f"Distilled from the dense model for {history['step']} steps ({history['elapsed'] / 60:.1f} min of training, "
+        f"{history['tokens']:,} tokens; batch {s['batch_size']} x {s['seq_len']}, lr {s['lr']}, "
+        f"expert dropout {s['expert_dropout']}, trained: {s['train']})."
+    )
+    held = history.get("held_out") or []
+    if len(held) >= 2:
+        first, last = held[0], held[-1]
+        text += f" Held-out distillation loss {first['loss']:.4f} -> {last['loss']:.4f}"
+        if "perplexity" in first:
+            text += f", held-out perplexity {first['perplexity']:.2f} -> {last['perplexity']:.2f}"
+        text += "."
+    return text
+
+
+def loss_figure(history: dict, path: Path) -> bool:
+    """The distillation curve: training loss and held-out points against minutes; False if empty."""
+    if not history.get("steps"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    minutes = [t / 60 for t in history["seconds"]]
+    ax.plot(minutes, history["loss"], color="tab:blue", label="training loss (total)")
+    for name, values in history.get("parts", {}).items():
+        if name in ("hidden", "logits", "pooled"):
+            ax.plot(minutes, values, lw=0.8, alpha=0.7, label=name)
+    held = history.get("held_out") or []
+    if held:
+        ax.plot([p["seconds"] / 60 for p in held], [p["loss"] for p in held], "o-", color="black", label="held-out loss")
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("distillation loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if held and "perplexity" in held[0]:
+        twin = ax.twinx()
+        twin.plot([p["seconds"] / 60 for p in held], [p["perplexity"] for p in held], "s--", color="tab:red", label="held-out perplexity")
+        twin.set_ylabel("held-out perplexity", color="tab:red")
+        twin.set_yscale("log")
+    ax.set_title(f"Distillation: {history['step']} steps, {history['tokens']:,} tokens")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def _figures(report: dict, folder: Path) -> list[str]:
@@ -153,4 +213,6 @@ def _figures(report: dict, folder: Path) -> list[str]:
         fig.savefig(folder / FIGURE_TRADEOFF, dpi=120)
         plt.close(fig)
         written.append(FIGURE_TRADEOFF)
+    if report.get("recovery") and loss_figure(report["recovery"], folder / FIGURE_LOSS):
+        written.append(FIGURE_LOSS)
     return written

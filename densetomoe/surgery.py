@@ -5,10 +5,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 from . import moe
 from .archs import Arch
 from .stages.calibrate import DenseFFN
 from .stages.partition import expert_members
+
+
+@dataclass
+class LayerSplit:
+    """One FFN layer cut into experts, ready to become an MoE feed-forward at any top-k."""
+
+    routed: DenseFFN  # the neurons that are routed (all of them without a shared expert)
+    labels: torch.Tensor  # (routed.size,): expert of each routed neuron, -1 if pruned
+    router: moe.Router
+    experts: int
+    activation: str
+    sample: torch.Tensor | None  # calibration FFN inputs for the unselected-expert correction
+    shared: DenseFFN | None = None  # the always-on expert's neurons
+
+    def build(self, top_k: int) -> moe.MoEFeedForward:
+        return moe_from_dense(
+            self.routed, self.labels, self.router, self.experts, top_k, self.activation, self.sample, self.shared
+        )
+
+
+@contextmanager
+def swapped(block: nn.Module, arch: Arch, module: nn.Module) -> Iterator[None]:
+    """``block`` with ``module`` as its FFN for the duration of the ``with``, then restored."""
+    names = [arch.moe_at, *arch.identity]
+    saved = {name: block.get_submodule(name) for name in names}
+    param = next(block.parameters())
+    moe.replace_ffn(block, {"moe_at": arch.moe_at, "identity": list(arch.identity)}, module.to(param.device, param.dtype))
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            block.set_submodule(name, original)
 
 
 def skip_means(
@@ -26,6 +62,27 @@ def skip_means(
         return (skipped.unsqueeze(-1) * y).sum(0) / skipped.sum(0).clamp_min(1).unsqueeze(-1)
 
 
+def shared_neurons(ffn: DenseFFN, sample: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shared, routed)`` neuron indices: the ``size`` neurons with the largest mean contribution on
+    the calibration ``sample`` (:meth:`DenseFFN.importance`) form the always-on shared expert."""
+    order = ffn.importance(sample).argsort(descending=True)
+    return order[:size].sort().values, order[size:].sort().values
+
+
+def prune_experts(labels: torch.Tensor, importance: torch.Tensor, experts: int, keep: int) -> torch.Tensor:
+    """Keep each expert's ``keep`` most important neurons; the others get label -1 (removed).
+
+    MoEBERT-style importance pruning inside experts: ``importance`` ``(d_ff,)`` is activation x weight
+    (:meth:`DenseFFN.importance`), so every expert loses its least useful neurons and stays equal-sized.
+    """
+    pruned = torch.full_like(labels, -1)
+    for e in range(experts):
+        members = (labels == e).nonzero().squeeze(1)
+        best = members[importance[members].argsort(descending=True)[:keep]]
+        pruned[best] = e
+    return pruned
+
+
 def moe_from_dense(
     ffn: DenseFFN,
     labels: torch.Tensor,
@@ -34,9 +91,12 @@ def moe_from_dense(
     top_k: int,
     activation: str,
     sample: torch.Tensor | None = None,
+    shared: DenseFFN | None = None,
 ) -> moe.MoEFeedForward:
-    """An MoE feed-forward holding exactly ``ffn``'s weights, its neurons grouped by ``labels``;
-    with a calibration ``sample`` ``(tokens, hidden)``, unselected experts are compensated by their mean."""
+    """An MoE feed-forward holding exactly ``ffn``'s weights, its neurons grouped by ``labels``
+    (label -1: a pruned neuron, left out); with a calibration ``sample`` ``(tokens, hidden)``,
+    unselected experts are compensated by their mean. ``shared`` holds the always-on expert's neurons
+    (taken out of ``ffn`` beforehand, without the down bias, which ``ffn`` keeps)."""
     members = expert_members(labels, experts)  # (experts, expert_size)
     hidden = ffn.w_up.shape[1]
     module = moe.MoEFeedForward(
@@ -48,8 +108,18 @@ def moe_from_dense(
         gated=ffn.w_gate is not None,
         bias=ffn.b_up is not None,
         router_hidden=_router_hidden(router),
+        shared_size=0 if shared is None else shared.size,
     )
     with torch.no_grad():
+        if shared is not None:
+            module.shared_up.copy_(shared.w_up)
+            module.shared_down.copy_(shared.w_down.T)
+            if shared.w_gate is not None:
+                module.shared_gate.copy_(shared.w_gate)
+            if module.shared_b_up is not None:
+                module.shared_b_up.copy_(shared.b_up)
+                if module.shared_b_gate is not None:
+                    module.shared_b_gate.copy_(shared.b_gate)
         module.w_up.copy_(ffn.w_up[members])  # (experts, expert_size, hidden)
         module.w_down.copy_(ffn.w_down.T[members])  # (experts, expert_size, hidden)
         if ffn.w_gate is not None:
@@ -83,15 +153,18 @@ def structure(arch: Arch, module: moe.MoEFeedForward, layers: list[int]) -> dict
         "gated": module.gated,
         "bias": module.b_up is not None,
         "router_hidden": _router_hidden(module.router),
+        "shared_size": module.shared_size,
     }
 
 
 def swap_in(model: nn.Module, arch: Arch, modules: dict[int, moe.MoEFeedForward], top_k: int) -> None:
     """Replace the FFNs of ``model`` by ``modules`` (block index -> module) and record the structure
-    in ``model.config``, which keeps the dense class until export."""
+    in ``model.config``, which keeps the dense class until export. ``top_k`` is the model's nominal
+    top-k; modules with another one are recorded in ``layer_top_k``."""
     blocks = moe.moe_layers(model, {"layers": arch.layers})
     first = next(iter(modules.values()))
     layout = structure(arch, first, list(modules))
+    layout["layer_top_k"] = {str(i): m.top_k for i, m in sorted(modules.items()) if m.top_k != top_k}
     param = next(model.parameters())
     for index, module in modules.items():
         moe.replace_ffn(blocks[index], layout, module.to(device=param.device, dtype=param.dtype))

@@ -41,6 +41,24 @@ class DenseFFN:
             return self.activation(h)
         return self.activation(nn.functional.linear(x, self.w_gate, self.b_gate)) * h
 
+    def subset(self, neurons: torch.Tensor, with_bias: bool = True) -> DenseFFN:
+        """The FFN restricted to ``neurons`` (indices); the down bias stays only ``with_bias``."""
+        pick = lambda t: None if t is None else t[neurons]  # noqa: E731
+        return DenseFFN(
+            w_up=self.w_up[neurons],
+            b_up=pick(self.b_up),
+            w_down=self.w_down[:, neurons],
+            b_down=self.b_down if with_bias else None,
+            activation=self.activation,
+            w_gate=pick(self.w_gate),
+            b_gate=pick(self.b_gate),
+        )
+
+    def importance(self, x: torch.Tensor) -> torch.Tensor:
+        """Each neuron's mean contribution to the output on inputs ``x``: mean |a_j| x ||W_down[:, j]||
+        (activation x weight importance, as MoEBERT uses to rank neurons), ``(d_ff,)``."""
+        return self.neurons(x).abs().mean(0) * self.w_down.norm(dim=0)
+
     def contributions(self, x: torch.Tensor, labels: torch.Tensor, experts: int) -> torch.Tensor:
         """Each expert's output ``(tokens, experts, hidden)`` under neuron->expert ``labels``."""
         a = self.neurons(x)  # (tokens, d_ff)
@@ -106,6 +124,9 @@ class LayerStats:
     tokens: int  # tokens seen
     mean_abs: torch.Tensor  # (d_ff,): mean |activation| per neuron
     fire_rate: torch.Tensor  # (d_ff,): share of tokens with activation > 0
+
+    def subset(self, neurons: torch.Tensor) -> LayerStats:
+        return LayerStats(self.inputs, self.tokens, self.mean_abs[neurons], self.fire_rate[neurons])
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..efficiency import moe_ffn_flops
+from ..efficiency import active_neurons, moe_ffn_flops
 from ..moe import MoEFeedForward
 
 
@@ -89,6 +89,31 @@ def ffn_flops(model: nn.Module, dense_ffn_size: int, num_layers: int) -> tuple[f
 
 
 @torch.no_grad()
+def damage(model: nn.Module, probe: Probe) -> float:
+    """How far ``model`` has moved from the dense outputs recorded in ``probe``: the mean next-token
+    NLL increase (nats) for causal LMs, else the squared relative error of the final hidden states."""
+    num = den = 0.0
+    for batch, dense_h, dense_nll in zip(probe.batches, probe.hidden, probe.nll):
+        h, logits = _outputs(model, batch)
+        mask = batch["attention_mask"].bool()
+        if dense_nll is not None:
+            targets = mask[:, 1:]
+            num += (next_token_nll(logits, batch["input_ids"]) - dense_nll)[targets].sum().item()
+            den += int(targets.sum())
+        else:
+            num += (h - dense_h)[mask].pow(2).sum().item()
+            den += dense_h[mask].pow(2).sum().item()
+    return max(num / max(den, 1e-30), 0.0)
+
+
+def active_ffn_share(converted: list[MoEFeedForward], dense_ffn_size: int, num_layers: int) -> float:
+    """Mean over all ``num_layers`` FFNs of the share of the dense FFN's neurons a token computes
+    (layers left dense count as 1)."""
+    used = sum(active_neurons(m) / dense_ffn_size for m in converted)
+    return (used + num_layers - len(converted)) / max(num_layers, 1)
+
+
+@torch.no_grad()
 def compare(model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int) -> QuickReport:
     cosines, err_num, err_den, agree, total, tokens = [], 0.0, 0.0, 0, 0, 0
     nll_dense, nll_moe, scored = 0.0, 0.0, 0
@@ -114,7 +139,7 @@ def compare(model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int
             scored += int(targets.sum())
     dense, moe = ffn_flops(model, dense_ffn_size, num_layers)
     converted = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    share = sum(min(m.top_k, m.num_experts) / m.num_experts for m in converted) / max(len(converted), 1)
+    share = active_ffn_share(converted, dense_ffn_size, num_layers)
     return QuickReport(
         texts=sum(len(b["input_ids"]) for b in probe.batches),
         tokens=tokens,

