@@ -168,8 +168,8 @@ def distill_model(
 ) -> History:
     """Train ``student`` in place to match ``teacher``; returns the loss history.
 
-    ``default_texts`` are used when ``settings.data`` is None; ``held_out_texts`` (never trained on)
-    give the held-out points of the curve. With ``workdir``, checkpoints are written there every
+    ``default_texts`` are used when ``settings.data`` is None; ``held_out_texts`` give the held-out
+    points of the curve and are removed from the training text. With ``workdir``, checkpoints are written there every
     ``settings.checkpoint_every`` steps and removed once training has finished.
     """
     from accelerate import Accelerator
@@ -178,6 +178,8 @@ def distill_model(
     from . import data
 
     texts = data.load_texts(settings.data) if settings.data else list(default_texts)
+    unseen = set(held_out_texts)
+    texts = [t for t in texts if t not in unseen]  # the held-out points must stay held out
     if not texts:
         raise UsageError("distillation has no training text")
     accelerator = Accelerator(mixed_precision=settings.mixed_precision)
@@ -246,7 +248,7 @@ def distill_model(
         evaluate_held_out()
     set_mode(True)
     window: dict[str, list[float]] = {}
-    with progress(show_progress) as bar:
+    with progress(show_progress and accelerator.is_local_main_process) as bar:
         total_units = settings.steps if settings.steps is not None else int(settings.minutes * 60)
         task = bar.add_task("distilling", total=total_units)
         while not _finished(history, settings):

@@ -71,7 +71,8 @@ class MoEFeedForward(nn.Module):
     * ``expert_dropout`` drops each selected expert of a token with that probability (it then counts
       as unselected and contributes its ``skip_mean``);
     * ``aux`` holds a Switch-style load-balancing loss and a router loss: cross-entropy between the
-      router's softmax and each expert's measured share of the output norm on these tokens.
+      router's softmax and each expert's measured share of the output norm on these tokens (the
+      target the router was trained on at conversion).
     """
 
     def __init__(

@@ -159,7 +159,10 @@ def convert(
     if recipe.distill is not None:
         from .distill import distill_model
 
-        history = distill_model(model, teacher, tokenizer, recipe.distill, arch, calibration_texts, held_out_texts, workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed)
+        history = distill_model(
+            model, teacher, tokenizer, recipe.distill, arch, calibration_texts, held_out_texts,
+            workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,
+        )  # fmt: skip
         del teacher
         clock.lap("distill")
 
@@ -168,7 +171,7 @@ def convert(
     clock.lap("evaluate")
 
     result = Conversion(recipe, source, model, tokenizer, report, stats, clock.seconds, history=history)
-    if out is not None:
+    if out is not None and is_main_process():  # under `accelerate launch`, one process writes
         text = card.render(result, held_out_separate=separate, arch=arch)
         export.write(
             out,
@@ -236,13 +239,18 @@ def distill(
     calibration_texts, held_out_texts, separate = split_texts(data.load_texts(recipe.calib), recipe.seed)
     held_out = list(batches(tokenizer, held_out_texts, recipe.seq_len, recipe.batch_size))
     probe = evaluate.record(teacher, held_out, causal_lm=arch.decoder)
-    history = distill_model(student, teacher, tokenizer, settings, arch, calibration_texts, held_out_texts, workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed)
+    history = distill_model(
+        student, teacher, tokenizer, settings, arch, calibration_texts, held_out_texts,
+        workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,
+    )  # fmt: skip
     clock.lap("distill")
     del teacher
     report = evaluate.compare(student, probe, ffn_size, num_layers)
     clock.lap("evaluate")
     stats = ActivationStats(tokens=figures.get("calibration", {}).get("tokens", 0), sequences=figures.get("calibration", {}).get("sequences", 0))
     result = Conversion(recipe, source, student, tokenizer, report, stats, clock.seconds, history=history)
+    if not is_main_process():  # under `accelerate launch`, one process writes
+        return result
     export.write(
         out,
         True if out == folder else overwrite,
@@ -264,6 +272,13 @@ def _loss_figure(history) -> Callable[[Path], None] | None:
     from .report import FIGURE_LOSS, loss_figure
 
     return lambda folder: loss_figure(history.as_dict(), folder / FIGURE_LOSS)
+
+
+def is_main_process() -> bool:
+    """False in the secondary processes of an ``accelerate launch`` run (True otherwise)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def checkpoint_folder(out: Path) -> Path:

@@ -87,3 +87,9 @@ def test_gguf_with_all_experts_active_is_the_dense_model(converted, smollm):
         densetomoe.set_top_k(moe, 4)
         assert not torch.allclose(moe(**inputs).logits, expected, rtol=1e-3, atol=1e-3)
     assert isinstance(dense, transformers.LlamaForCausalLM) and dense.hf_quantizer is None
+
+
+def test_alias_resolves_to_the_packaged_gguf(smollm):
+    source = load.resolve("smollm2-135m-instruct")
+    assert source.gguf_file == smollm.name and source.path == smollm.parent.resolve()
+    assert source.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the card names the Hub model

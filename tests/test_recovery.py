@@ -176,6 +176,17 @@ class Interrupting:
         return self.tokenizer(*args, **kwargs)
 
 
+class Recording:
+    """A tokenizer that remembers every text it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, []
+
+    def __call__(self, texts, *args, **kwargs):
+        self.seen.append(list(texts))
+        return self.tokenizer(texts, *args, **kwargs)
+
+
 def _pair(folder, texts_file, **settings):
     """(student conversion, dense teacher) for a tiny model."""
     conversion = densetomoe.convert(quick_recipe(folder, texts_file, **settings), show_progress=False)
@@ -193,6 +204,17 @@ def test_distillation_lowers_the_held_out_loss(tiny_models, texts_file):
     assert history.held_out[-1]["loss"] < 0.7 * history.held_out[0]["loss"]
     assert not any(p.requires_grad for p in conversion.model.parameters())
     assert not conversion.model.training
+
+
+def test_held_out_texts_are_never_trained_on(tiny_models, texts_file):
+    conversion, teacher = _pair(tiny_models["BertModel"], texts_file)
+    texts = texts_file.read_text().splitlines()
+    recording = Recording(conversion.tokenizer)
+    settings = Distill(steps=12, batch_size=4, seq_len=32, eval_texts=4)
+    distill_model(conversion.model, teacher, recording, settings, None, texts, texts[:4], show_progress=False)
+    held_out, *training = recording.seen  # the first call tokenizes the held-out texts
+    assert held_out == texts[:4]
+    assert not {t for batch in training for t in batch} & set(texts[:4])
 
 
 def test_interrupted_distillation_resumes_from_its_checkpoint(tiny_models, texts_file, tmp_path):

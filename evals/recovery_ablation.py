@@ -1,0 +1,92 @@
+"""What each recovery option does to the MiniLM sentiment classifier: accuracy and size.
+
+Starts from recipes/minilm-sentiment.yaml (8 experts, top-2, calibrated on the unlabelled Rotten
+Tomatoes train snippets) and changes one thing per row: pruning inside experts, expert dropout during
+distillation, a shared expert, finer experts. Each row converts, distils for ``--minutes`` (0: the
+training-free conversion only) and scores the held-out suite ``rotten-tomatoes-sentiment`` against
+the dense classifier in the same process.
+
+    python evals/data/rt_train_text.py && python evals/finetune_classifier.py --out runs/minilm-rt-classifier
+    python evals/recovery_ablation.py --minutes 3
+    python evals/recovery_ablation.py --minutes 0 --rows base e16 e32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import densetomoe
+from densetomoe.efficiency import cost
+from densetomoe.stages.calibrate import batches
+from densetomoe.suites import load_suite
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "minilm-sentiment.yaml"
+
+# name -> recipe overrides (distillation settings go under "distill")
+ROWS = {
+    "base": {},
+    "prune25": {"prune": 0.25},
+    "dropout10": {"distill": {"expert_dropout": 0.1}},
+    "shared": {"experts": 7, "shared_experts": 1, "top_k": 1},
+    "e16": {"experts": 16, "top_k": 4},
+    "e32": {"experts": 32, "top_k": 8},
+}
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, texts, labels) -> float:
+    predictions = [model(**b).logits.argmax(-1) for b in batches(tokenizer, texts, 128, 64)]
+    return float((torch.cat(predictions) == torch.tensor(labels)).float().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=3.0, help="distillation per row (0: training-free)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+
+    texts, labels = load_suite("rotten-tomatoes-sentiment").examples()
+    base = densetomoe.Recipe.from_yaml(RECIPE)
+    dense = transformers.AutoModelForSequenceClassification.from_pretrained(ROOT / base.model).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ROOT / base.model)
+    dense_accuracy = accuracy(dense, tokenizer, texts, labels)
+    print(json.dumps({"row": "dense", "accuracy": dense_accuracy, "params": sum(p.numel() for p in dense.parameters())}), flush=True)
+    for name in args.rows:
+        overrides = json.loads(json.dumps(ROWS[name]))
+        distill = {**(base.distill.model_dump() if base.distill else {}), **overrides.pop("distill", {})}
+        distill.update(minutes=args.minutes, steps=None)
+        settings = {**base.model_dump(), **overrides, "distill": distill if args.minutes > 0 else None}
+        settings["model"], settings["calib"] = str(ROOT / base.model), str(ROOT / base.calib)
+        distill_data = settings["distill"] and settings["distill"]["data"]
+        if distill_data:
+            settings["distill"]["data"] = str(ROOT / distill_data)
+        start = time.perf_counter()
+        conversion = densetomoe.convert(densetomoe.Recipe.build(**settings), show_progress=False)
+        c = cost(conversion.model, 128)
+        row = {
+            "row": name,
+            "overrides": ROWS[name],
+            "minutes": args.minutes,
+            "accuracy": accuracy(conversion.model, conversion.tokenizer, texts, labels),
+            "dense_accuracy": dense_accuracy,
+            "active_ffn_share": round(conversion.report.active_ffn_share, 4),
+            "params_total": c.params_total,
+            "params_active": c.params_active,
+            "ffn_flops_per_token": c.ffn_flops,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The recipes shipped in recipes/: every one validates, and the MiniLM one runs end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import densetomoe
+from densetomoe.recipe import check_against_model
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+# (FFN neurons, layers) of each recipe's model, to check the structure fits without loading it
+SHAPES = {"minilm": (1536, 6), "minilm-sentiment": (1536, 6), "bert-base": (3072, 12), "smollm2": (1536, 30), "llama-7b": (11008, 32)}
+
+
+def test_the_four_model_families_have_recipes():
+    assert {"minilm", "bert-base", "smollm2", "llama-7b"} <= {path.stem for path in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_is_valid_and_fits_its_model(path):
+    recipe = densetomoe.Recipe.from_yaml(path)
+    check_against_model(recipe, *SHAPES[path.stem])
+    assert recipe.distill is not None  # every shipped recipe recovers quality
+    again = densetomoe.Recipe.from_yaml(path, distill={"steps": 7})
+    assert again.distill.steps == 7 and again.distill.lr == recipe.distill.lr
+
+
+def test_minilm_recipe_runs_end_to_end(minilm, tmp_path):
+    out = tmp_path / "minilm-recovered"
+    recipe = RECIPES[[p.stem for p in RECIPES].index("minilm")]
+    run = subprocess.run(
+        [sys.executable, "-m", "densetomoe.cli", "convert", "all-minilm-l6-v2", "--recipe", str(recipe),
+         "--calib-tokens", "2048", "--distill-steps", "3", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads((out / "densetomoe_conversion.json").read_text())
+    assert figures["distillation"]["step"] == 3
+    assert densetomoe.Recipe.from_yaml(out / "densetomoe_recipe.yaml").distill.minutes == 10
