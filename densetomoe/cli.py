@@ -77,7 +77,7 @@ def convert(
     distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="Recover quality by distilling from the dense model (settings: --distill-* flags or the recipe's distill: section).", show_default=False)] = None,
     distill_steps: Annotated[Optional[int], typer.Option(help="Distillation steps (implies --distill).")] = None,
     distill_minutes: Annotated[Optional[float], typer.Option(help="Distillation wall-clock budget in minutes (implies --distill).")] = None,
-    distill_data: Annotated[Optional[str], typer.Option(help="Unlabelled text to distil on, as --calib (implies --distill). Default: the calibration text.")] = None,
+    distill_data: Annotated[Optional[str], typer.Option(help="Unlabelled text to distill on, as --calib (implies --distill). Default: the calibration text.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted distillation from its checkpoints in OUT.checkpoints.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for shuffling, clustering and router training.")] = 0,
     dtype: Annotated[DType, typer.Option(help="Load the model in float32, bfloat16 or float16.")] = "float32",
@@ -239,7 +239,7 @@ def distill_command(
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoints in OUT.checkpoints.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Recover quality: distil a converted folder from its dense model (runs under `accelerate launch` too)."""
+    """Recover quality: distill a converted folder from its dense model (runs under `accelerate launch` too)."""
 
     def action():
         from .errors import UsageError

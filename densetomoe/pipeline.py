@@ -199,7 +199,7 @@ def distill(
     show_progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> Conversion:
-    """Distil an already converted ``folder`` from its dense base model and write the result to
+    """Distill an already converted ``folder`` from its dense base model and write the result to
     ``out`` (default: ``folder`` itself, replaced atomically once training has finished).
 
     The training text defaults to the calibration text recorded in the folder's recipe, and the

@@ -2,13 +2,14 @@
 
 Starts from recipes/minilm-sentiment.yaml (8 experts, top-2, calibrated on the unlabelled Rotten
 Tomatoes train snippets) and changes one thing per row: pruning inside experts, expert dropout during
-distillation, a shared expert, finer experts. Each row converts, distils for ``--minutes`` (0: the
-training-free conversion only) and scores the held-out suite ``rotten-tomatoes-sentiment`` against
-the dense classifier in the same process.
+distillation, a shared expert, finer experts. Each row converts, distills for ``--steps`` (a fixed
+number of steps, so rows compare fairly on a busy machine; 0: the training-free conversion only)
+and scores the held-out suite ``rotten-tomatoes-sentiment`` against the dense classifier in the
+same process.
 
     python evals/data/rt_train_text.py && python evals/finetune_classifier.py --out runs/minilm-rt-classifier
-    python evals/recovery_ablation.py --minutes 3
-    python evals/recovery_ablation.py --minutes 0 --rows base e16 e32
+    python evals/recovery_ablation.py --steps 200
+    python evals/recovery_ablation.py --steps 0 --rows base e16 e32
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def accuracy(model, tokenizer, texts, labels) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=3.0, help="distillation per row (0: training-free)")
+    parser.add_argument("--steps", type=int, default=200, help="distillation steps per row (0: training-free)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -64,8 +65,8 @@ def main() -> None:
     for name in args.rows:
         overrides = json.loads(json.dumps(ROWS[name]))
         distill = {**(base.distill.model_dump() if base.distill else {}), **overrides.pop("distill", {})}
-        distill.update(minutes=args.minutes, steps=None)
-        settings = {**base.model_dump(), **overrides, "distill": distill if args.minutes > 0 else None}
+        distill.update(minutes=None, steps=args.steps)
+        settings = {**base.model_dump(), **overrides, "distill": distill if args.steps > 0 else None}
         settings["model"], settings["calib"] = str(ROOT / base.model), str(ROOT / base.calib)
         distill_data = settings["distill"] and settings["distill"]["data"]
         if distill_data:
@@ -76,7 +77,7 @@ def main() -> None:
         row = {
             "row": name,
             "overrides": ROWS[name],
-            "minutes": args.minutes,
+            "steps": args.steps,
             "accuracy": accuracy(conversion.model, conversion.tokenizer, texts, labels),
             "dense_accuracy": dense_accuracy,
             "active_ffn_share": round(conversion.report.active_ffn_share, 4),

@@ -1,6 +1,6 @@
 """Write the Rotten Tomatoes *train* snippets as plain text, one per line, without labels.
 
-The sentiment recipe (recipes/minilm-sentiment.yaml) calibrates and distils on this unlabelled
+The sentiment recipe (recipes/minilm-sentiment.yaml) calibrates and distills on this unlabelled
 in-domain text; the suite ``rotten-tomatoes-sentiment`` scores the held-out fifth that neither this
 file nor ``evals/finetune_classifier.py`` ever contains (the split is by a hash of the text).
 
