@@ -14,7 +14,7 @@ from .errors import UsageError
 def load(folder: str | Path, top_k: int | None = None, **kwargs):
     """The converted model in ``folder``, as the head class it was saved with.
 
-    ``top_k`` changes the number of experts each token uses; other keyword arguments go to
+    ``top_k`` changes the number of experts each token uses, in every layer; other keyword arguments go to
     ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
     folder = Path(folder)
@@ -28,9 +28,9 @@ def load(folder: str | Path, top_k: int | None = None, **kwargs):
     dense = getattr(transformers, name, None)
     if dense is None:
         raise UsageError(f"{folder} needs transformers' {name}, which this transformers version lacks")
-    if top_k is not None:
-        if not 1 <= top_k <= config["num_experts"]:
-            raise UsageError(f"top_k must be between 1 and {config['num_experts']}, got {top_k}")
-        kwargs["num_experts_per_tok"] = top_k
+    if top_k is not None and not 1 <= top_k <= config["num_experts"]:
+        raise UsageError(f"top_k must be between 1 and {config['num_experts']}, got {top_k}")
     model = moe.moe_model_class(dense).from_pretrained(folder, **kwargs)
+    if top_k is not None:  # every layer, replacing any per-layer top-k a budget chose
+        moe.set_top_k(model, top_k)
     return model.eval()

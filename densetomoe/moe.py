@@ -19,7 +19,8 @@ How a converted checkpoint is described
        "hidden_size": 384, "expert_size": 192, "activation": "gelu",
        "gated": false, "bias": true, "router_hidden": 128,
        "shared_size": 0,                 # neurons of an always-on shared expert (0: none)
-       "layer_top_k": {"0": 4}}          # optional per-layer top-k, overriding num_experts_per_tok
+       "top_k": 2,                       # num_experts_per_tok as saved
+       "layer_top_k": {"0": 4}}          # optional per-layer top-k (see layer_top_k())
 
 Classes are made on demand from the dense class they extend: ``MoEBertModel`` is ``BertModel`` whose
 ``__init__`` ends by installing the MoE feed-forwards, and ``MoEBertConfig`` is ``BertConfig`` with its
@@ -237,8 +238,15 @@ def replace_ffn(block: nn.Module, structure: dict, moe: nn.Module) -> None:
 
 
 def layer_top_k(config, index: int) -> int:
-    """Layer ``index``'s top-k: its own entry in ``layer_top_k`` if any, else ``num_experts_per_tok``."""
-    per_layer = getattr(config, CONFIG_KEY).get("layer_top_k") or {}
+    """Layer ``index``'s top-k: its own entry in ``layer_top_k`` if any, else ``num_experts_per_tok``.
+
+    A ``num_experts_per_tok`` other than the one saved (``top_k`` in the structure), for example one
+    passed to ``from_pretrained``, applies to every layer and overrides the per-layer entries.
+    """
+    structure = getattr(config, CONFIG_KEY)
+    if config.num_experts_per_tok != structure.get("top_k", config.num_experts_per_tok):
+        return config.num_experts_per_tok
+    per_layer = structure.get("layer_top_k") or {}
     return int(per_layer.get(str(index), config.num_experts_per_tok))
 
 
@@ -279,8 +287,8 @@ def set_top_k(model: nn.Module, top_k: int) -> None:
     if hasattr(model, "config"):
         model.config.num_experts_per_tok = top_k
         structure = getattr(model.config, CONFIG_KEY, None)
-        if structure and structure.get("layer_top_k"):
-            setattr(model.config, CONFIG_KEY, {**structure, "layer_top_k": {}})
+        if structure:
+            setattr(model.config, CONFIG_KEY, {**structure, "top_k": top_k, "layer_top_k": {}})
 
 
 # -- classes made on demand from the dense ones -----------------------------------------------------

@@ -164,6 +164,7 @@ def swap_in(model: nn.Module, arch: Arch, modules: dict[int, moe.MoEFeedForward]
     blocks = moe.moe_layers(model, {"layers": arch.layers})
     first = next(iter(modules.values()))
     layout = structure(arch, first, list(modules))
+    layout["top_k"] = top_k
     layout["layer_top_k"] = {str(i): m.top_k for i, m in sorted(modules.items()) if m.top_k != top_k}
     param = next(model.parameters())
     for index, module in modules.items():

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from test_moe import build, dense_output, random_ffn
 
 import densetomoe
@@ -277,6 +278,15 @@ print("ok")
 """
     check = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and "ok" in check.stdout, check.stderr[-3000:]
+
+    # the budget's per-layer top-k survive a reload; an explicit top-k applies to every layer
+    per_layer = {int(i): k for i, k in structure["layer_top_k"].items()}
+    assert per_layer and set(per_layer.values()) != {config["num_experts_per_tok"]}
+    layers = densetomoe.load(out).bert.encoder.layer
+    assert [layer.intermediate.top_k for layer in layers] == [per_layer.get(i, config["num_experts_per_tok"]) for i in range(2)]
+    uniform = transformers.AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True, num_experts_per_tok=3)
+    assert [layer.intermediate.top_k for layer in uniform.bert.encoder.layer] == [3, 3]
+    assert [layer.intermediate.top_k for layer in densetomoe.load(out, top_k=3).bert.encoder.layer] == [3, 3]
 
 
 def test_distill_command_updates_a_folder_in_place_and_eval_reports_the_curve(tiny_models, texts_file, tmp_path):
