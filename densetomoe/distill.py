@@ -58,6 +58,7 @@ class History:
     loss: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=dict)
     held_out: list[dict] = field(default_factory=list)  # {step, seconds, loss[, perplexity]}
+    dense_perplexity: float | None = None  # causal LM: the teacher's on the same held-out texts
     step: int = 0
     elapsed: float = 0.0  # training seconds, over all resumed runs
     tokens: int = 0  # real tokens trained on
@@ -224,7 +225,7 @@ def distill_model(
             return
         set_mode(False)
         point = {"step": history.step, "seconds": round(history.elapsed, 1)}
-        loss_sum = nll_sum = count = 0.0
+        loss_sum, nll_sum, dense_nll_sum, count = 0.0, 0.0, 0.0, 0
         with torch.no_grad(), accelerator.autocast():
             for batch in held_out:
                 t_out = teacher(**batch, output_hidden_states=True)
@@ -233,14 +234,13 @@ def distill_model(
                 loss_sum += float(total(parts, settings))
                 if arch is not None and arch.decoder:
                     targets = batch["attention_mask"][:, 1:].bool()
-                    nll = nn.functional.cross_entropy(
-                        s_out.logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none"
-                    )
-                    nll_sum += float(nll[targets].sum())
+                    nll_sum += float(_next_token_nll(s_out.logits, batch["input_ids"])[targets].sum())
+                    dense_nll_sum += float(_next_token_nll(t_out.logits, batch["input_ids"])[targets].sum())
                     count += int(targets.sum())
         point["loss"] = loss_sum / len(held_out)
         if count:
             point["perplexity"] = math.exp(nll_sum / count)
+            history.dense_perplexity = math.exp(dense_nll_sum / count)
         history.held_out.append(point)
         set_mode(True)
 
@@ -300,6 +300,10 @@ def distill_model(
         else f"distilled {history.step} steps in {history.elapsed / 60:.1f} min"
     )
     return history
+
+
+def _next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
 
 
 def _log_point(history: History, window: dict[str, list[float]]) -> None:

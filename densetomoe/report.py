@@ -132,6 +132,8 @@ def recovery_summary(history: dict) -> str:
         text += f" Held-out distillation loss {first['loss']:.4f} -> {last['loss']:.4f}"
         if "perplexity" in first:
             text += f", held-out perplexity {first['perplexity']:.2f} -> {last['perplexity']:.2f}"
+            if history.get("dense_perplexity"):
+                text += f" (dense: {history['dense_perplexity']:.2f})"
         text += "."
     return text
 
@@ -161,6 +163,8 @@ def loss_figure(history: dict, path: Path) -> bool:
     if held and "perplexity" in held[0]:
         twin = ax.twinx()
         twin.plot([p["seconds"] / 60 for p in held], [p["perplexity"] for p in held], "s--", color="tab:red", label="held-out perplexity")
+        if history.get("dense_perplexity"):
+            twin.axhline(history["dense_perplexity"], color="tab:red", lw=0.8, ls=":", label="dense perplexity")
         twin.set_ylabel("held-out perplexity", color="tab:red")
         twin.set_yscale("log")
     ax.set_title(f"Distillation: {history['step']} steps, {history['tokens']:,} tokens")

@@ -14,7 +14,7 @@ from test_moe import build, dense_output, random_ffn
 
 import densetomoe
 from conftest import quick_recipe, sample_inputs
-from densetomoe import surgery
+from densetomoe import archs, surgery
 from densetomoe.distill import History, distill_model, latest_checkpoint, lr_factor
 from densetomoe.moe import MoEFeedForward, Router
 from densetomoe.recipe import Distill
@@ -205,6 +205,19 @@ def test_distillation_lowers_the_held_out_loss(tiny_models, texts_file):
     assert history.held_out[-1]["loss"] < 0.7 * history.held_out[0]["loss"]
     assert not any(p.requires_grad for p in conversion.model.parameters())
     assert not conversion.model.training
+
+
+def test_decoder_distillation_tracks_held_out_perplexity_against_dense(tiny_decoders, texts_file):
+    folder = tiny_decoders["llama"]
+    conversion = densetomoe.convert(quick_recipe(folder, texts_file), show_progress=False)
+    teacher = type(conversion.model).from_pretrained(folder).eval()
+    texts = texts_file.read_text().splitlines()
+    settings = Distill(steps=20, batch_size=8, seq_len=32, lr=3e-3, warmup=2, eval_texts=8)
+    arch = archs.arch_for(teacher.config)
+    history = distill_model(conversion.model, teacher, conversion.tokenizer, settings, arch, texts[8:], texts[:8], show_progress=False)
+    first, last = history.held_out[0], history.held_out[-1]
+    assert history.dense_perplexity < first["perplexity"]  # the split model starts worse than dense
+    assert last["perplexity"] < first["perplexity"]  # and distillation brings it closer
 
 
 def test_held_out_texts_are_never_trained_on(tiny_models, texts_file):
