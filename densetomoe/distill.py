@@ -51,7 +51,7 @@ KEEP_CHECKPOINTS = 2
 
 @dataclass
 class History:
-    """The loss curve: one point every ``log_every`` steps, and held-out points at checkpoints."""
+    """The loss curve: one point every ``log_every`` steps, a held-out point every ``eval_every``."""
 
     steps: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -277,8 +277,9 @@ def distill_model(
                     _log_point(history, window)
                 done = history.step if settings.steps is not None else int(history.elapsed)
                 bar.update(task, completed=min(done, total_units), description=f"distilling loss {loss.item():.4f}")
-                if workdir is not None and history.step % settings.checkpoint_every == 0:
+                if history.step % settings.eval_every == 0:
                     evaluate_held_out()
+                if workdir is not None and history.step % settings.checkpoint_every == 0:
                     _save(accelerator, workdir, history)
                 if _finished(history, settings):
                     break

@@ -46,6 +46,7 @@ class Distill(BaseModel):
     mixed_precision: MixedPrecision = Field("no", description="accelerate's mixed precision (bf16 on recent GPUs and CPUs)")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (for --resume)")
     log_every: int = Field(10, gt=0, description="steps between points of the loss curve")
+    eval_every: int = Field(50, gt=0, description="steps between held-out points of the loss curve")
     eval_texts: int = Field(32, ge=0, description="held-out texts scored on the loss curve (0: none)")
 
     @model_validator(mode="after")
