@@ -43,7 +43,8 @@ from .console import progress
 from .errors import UsageError
 from .moe import MoEFeedForward
 from .recipe import Distill
-from .stages.evaluate import mean_pool
+from .stages.calibrate import encode
+from .stages.evaluate import mean_pool, next_token_nll
 
 STATE_FILE = "densetomoe_distill_state.json"
 KEEP_CHECKPOINTS = 2
@@ -141,14 +142,17 @@ def trainable(model: nn.Module, settings: Distill) -> list[nn.Parameter]:
 
 
 def _tokenize(tokenizer, seq_len: int):
-    def collate(texts: list[str]) -> dict:
-        return dict(tokenizer(texts, truncation=True, max_length=seq_len, padding=True, padding_side="right", return_tensors="pt"))
+    """A DataLoader collate function: the batches that calibration and evaluation use."""
+    return lambda texts: dict(encode(tokenizer, texts, seq_len))
 
-    return collate
+
+def _checkpoints(workdir: Path) -> list[Path]:
+    """The checkpoints in ``workdir``, oldest first."""
+    return sorted(workdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def latest_checkpoint(workdir: Path) -> Path | None:
-    found = sorted(workdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    found = _checkpoints(workdir)
     return found[-1] if found else None
 
 
@@ -234,8 +238,8 @@ def distill_model(
                 loss_sum += float(total(parts, settings))
                 if arch is not None and arch.decoder:
                     targets = batch["attention_mask"][:, 1:].bool()
-                    nll_sum += float(_next_token_nll(s_out.logits, batch["input_ids"])[targets].sum())
-                    dense_nll_sum += float(_next_token_nll(t_out.logits, batch["input_ids"])[targets].sum())
+                    nll_sum += float(next_token_nll(s_out.logits, batch["input_ids"])[targets].sum())
+                    dense_nll_sum += float(next_token_nll(t_out.logits, batch["input_ids"])[targets].sum())
                     count += int(targets.sum())
         point["loss"] = loss_sum / len(held_out)
         if count:
@@ -303,10 +307,6 @@ def distill_model(
     return history
 
 
-def _next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
-
-
 def _log_point(history: History, window: dict[str, list[float]]) -> None:
     if not window.get("loss"):
         return
@@ -325,6 +325,5 @@ def _save(accelerator, workdir: Path, history: History) -> None:
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         (folder / STATE_FILE).write_text(json.dumps(history.as_dict()))
-        old = sorted(workdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-KEEP_CHECKPOINTS]
-        for path in old:
+        for path in _checkpoints(workdir)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(path, ignore_errors=True)

@@ -8,7 +8,6 @@ quality/speed trade-off without reconverting.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import resource
@@ -27,6 +26,7 @@ from .errors import UsageError
 from .loading import load
 from .metrics import perplexity
 from .moe import MoEFeedForward, moe_layers, set_top_k
+from .stages import export
 from .stages import load as dense_loading
 from .stages.calibrate import batches
 from .stages.evaluate import active_ffn_share, mean_pool
@@ -197,7 +197,7 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         if not 1 <= k <= model.config.num_experts:
             raise UsageError(f"--top-k {k} is outside 1..{model.config.num_experts}")
 
-    base = settings.base or _recorded_base(moe_dir)
+    base = settings.base or export.recorded_base(moe_dir)
     source = dense_loading.resolve(base)
     dense_config = dense_loading.load_config(source)
     arch = archs.arch_for(dense_config)
@@ -256,7 +256,7 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
             report["sweep"].append(entry)
             bar.advance(task)
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    recovery = _figures(moe_dir).get("distillation")
+    recovery = export.recorded_figures(moe_dir).get("distillation")
     if recovery:
         report["recovery"] = recovery
     report["metrics"] = _hub_metrics(report)
@@ -291,23 +291,6 @@ def _speed(dense: nn.Module, model: nn.Module, settings: Settings) -> dict:
             "speedup": t["dense"].median_s / t["moe"].median_s,
         }
     return result
-
-
-def _figures(moe_dir: Path) -> dict:
-    """What convert (and distill) recorded in the folder; empty if nothing readable."""
-    try:
-        return json.loads((moe_dir / "densetomoe_conversion.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _recorded_base(moe_dir: Path) -> str:
-    """The dense model a folder was converted from: its local path if still there, else its name."""
-    figures = _figures(moe_dir)
-    if "base_model" not in figures:
-        raise UsageError(f"{moe_dir} does not record its base model; pass --base DENSE")
-    path = figures.get("base_path")
-    return path if path and Path(path).exists() else figures["base_model"]
 
 
 def _hub_metrics(report: dict) -> list[dict]:

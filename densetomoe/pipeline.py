@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 from collections import Counter
@@ -215,14 +214,14 @@ def distill(
         raise UsageError(f"{folder} is not a model folder (no config.json in it)")
     if out != folder:
         export.check_destination(out, overwrite)
+    figures = export.recorded_figures(folder)
+    if not (folder / export.RECIPE_FILE).is_file() or not figures:
+        raise UsageError(f"{folder} was not written by densetomoe convert (no {export.RECIPE_FILE} or {export.FIGURES_FILE})")
     try:
         recorded = Recipe.from_yaml(folder / export.RECIPE_FILE)
-        figures = json.loads((folder / export.FIGURES_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{folder} was not written by densetomoe convert: {e}") from None
     except UsageError as e:
         raise UsageError(f"{folder}: {e}") from None
-    base = base or (figures["base_path"] if Path(figures.get("base_path", "")).exists() else figures["base_model"])
+    base = base or export.recorded_base(folder)
     recipe = recorded.model_copy(update={"distill": settings})
     workdir = checkpoint_folder(out)
     if resume and not workdir.is_dir():
@@ -317,7 +316,7 @@ def plan_layers(
     ``recipe.budget`` registry entry's choice under ``recipe.ffn_budget``."""
     if recipe.ffn_budget is None:
         return {i: recipe.top_k for i in splits}
-    first = next(iter(splits.values())).build(1)
+    first = next(iter(splits.values()))
     options = budget.levels(recipe.experts, first.expert_size, first.shared_size, ffn_size)
     sensitivity = None
     if recipe.budget in budget.NEEDS_SENSITIVITY:

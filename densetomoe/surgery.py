@@ -27,6 +27,14 @@ class LayerSplit:
     sample: torch.Tensor | None  # calibration FFN inputs for the unselected-expert correction
     shared: DenseFFN | None = None  # the always-on expert's neurons
 
+    @property
+    def expert_size(self) -> int:
+        return int((self.labels == 0).sum())
+
+    @property
+    def shared_size(self) -> int:
+        return 0 if self.shared is None else self.shared.size
+
     def build(self, top_k: int) -> moe.MoEFeedForward:
         return moe_from_dense(
             self.routed, self.labels, self.router, self.experts, top_k, self.activation, self.sample, self.shared

@@ -144,10 +144,12 @@ def batches(tokenizer, texts: list[str], seq_len: int, batch_size: int):
     tokenizer adds one) are the tokenizer's defaults.
     """
     for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        yield tokenizer(
-            chunk, truncation=True, max_length=seq_len, padding=True, padding_side="right", return_tensors="pt"
-        )
+        yield encode(tokenizer, texts[start : start + batch_size], seq_len)
+
+
+def encode(tokenizer, texts: list[str], seq_len: int):
+    """One batch as :func:`batches` makes it: cut to ``seq_len`` tokens, padded on the right."""
+    return tokenizer(texts, truncation=True, max_length=seq_len, padding=True, padding_side="right", return_tensors="pt")
 
 
 @torch.no_grad()

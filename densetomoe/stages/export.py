@@ -125,6 +125,23 @@ def write(
     return out
 
 
+def recorded_figures(folder: Path) -> dict:
+    """What convert (and distill) recorded in ``folder``; empty if nothing readable."""
+    try:
+        return json.loads((Path(folder) / FIGURES_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def recorded_base(folder: Path) -> str:
+    """The dense model ``folder`` was converted from: its local path if still there, else its name."""
+    figures = recorded_figures(folder)
+    if "base_model" not in figures:
+        raise UsageError(f"{folder} does not record its base model; pass --base DENSE")
+    path = figures.get("base_path")
+    return path if path and Path(path).exists() else figures["base_model"]
+
+
 def _copy_sentence_transformers(source: Path, staging: Path) -> None:
     for name in SENTENCE_TRANSFORMERS_FILES:
         if (source / name).is_file():
