@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 
 from .console import stderr
-from .recipe import Budget, DType, MixedPrecision, Partition, RouterKind, Trainable
+from .recipe import Budget, DType, Format, MixedPrecision, Partition, RouterKind, Trainable
 
 app = typer.Typer(
     help="Turn a dense transformer checkpoint into a sparse mixture-of-experts checkpoint.",
@@ -66,7 +66,7 @@ def convert(
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per FFN layer; they split its neurons equally.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts each token uses (changeable at load time).")] = 2,
     partition: Annotated[Partition, typer.Option(help="coactivation: neurons that fire together share an expert. parameters: cluster input weights. random: baseline.")] = "coactivation",
-    router: Annotated[RouterKind, typer.Option(help="mlp: small trained router per layer. centroid: training-free, from the experts' weight centroids.")] = "mlp",
+    router: Annotated[RouterKind, typer.Option(help="mlp: small trained router per layer (default). linear: one trained linear map (default with --format native). centroid: training-free, from the experts' weight centroids.", show_default=False)] = "mlp",
     calib: Annotated[Optional[str], typer.Option(help="Calibration text: .txt (a document per line), .jsonl, .csv, or a datasets name NAME\\[:CONFIG]\\[@SPLIT]. Default: embedded Wikipedia sample.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to run through the dense model.")] = 32768,
     compensate: Annotated[bool, typer.Option(help="Add each unselected expert's mean output (training-free correction).")] = True,
@@ -81,6 +81,7 @@ def convert(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted distillation from its checkpoints in OUT.checkpoints.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for shuffling, clustering and router training.")] = 0,
     dtype: Annotated[DType, typer.Option(help="Load the model in float32, bfloat16 or float16.")] = "float32",
+    format: Annotated[Format, typer.Option("--format", help="remote-code: densetomoe's MoE module, loaded with trust_remote_code (every family, per-layer top-k). native: a LLaMA/Mistral/Qwen2/Qwen3 decoder as a standard qwen2_moe/qwen3_moe checkpoint that transformers, vLLM and llama.cpp run without remote code.")] = "remote-code",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: ./<model>-moe-<experts>x<top-k>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML; flags given on the command line win over its keys.")] = None,
@@ -103,7 +104,7 @@ def convert(
             "model": model, "experts": experts, "top_k": top_k, "partition": partition, "router": router,
             "calib": calib, "calib_tokens": calib_tokens, "compensate": compensate, "seed": seed,
             "dtype": dtype, "allow_pickle": allow_pickle, "shared_experts": shared_experts,
-            "ffn_budget": ffn_budget, "budget": budget, "prune": prune,
+            "ffn_budget": ffn_budget, "budget": budget, "prune": prune, "format": format,
         }  # fmt: skip
         given = {k: v for k, v in settings.items() if _given(ctx, k) or k == "model"}
         flags = {"steps": distill_steps, "minutes": distill_minutes, "data": distill_data}

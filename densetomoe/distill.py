@@ -94,7 +94,7 @@ def losses(
         s_pool = mean_pool(student_out.hidden_states[-1].float(), mask)
         t_pool = mean_pool(teacher_out.hidden_states[-1].float(), mask)
         parts["pooled"] = (1 - nn.functional.cosine_similarity(s_pool, t_pool, dim=-1)).mean()
-    aux = [m.aux for m in moe_modules if m.aux]
+    aux = [m.aux for m in moe_modules if getattr(m, "aux", None)]
     if aux:
         parts["balance"] = torch.stack([a["balance"] for a in aux]).mean()
         parts["router"] = torch.stack([a["router"] for a in aux]).mean()
@@ -130,14 +130,31 @@ def _finished(history: History, settings: Distill) -> bool:
     return settings.minutes is not None and history.elapsed >= settings.minutes * 60
 
 
+def moe_blocks(model: nn.Module) -> list[nn.Module]:
+    """The MoE feed-forwards of ``model``: densetomoe's own, or a native model's sparse MoE blocks."""
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward) or _native_block(m)]
+
+
+def _native_block(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("SparseMoeBlock") and hasattr(module, "experts") and hasattr(module, "gate")
+
+
 def trainable(model: nn.Module, settings: Distill) -> list[nn.Parameter]:
-    """The parameters that learn: the MoE layers' (``train: moe``) or all of them (``train: all``)."""
+    """The parameters that learn: the MoE layers' (``train: moe``) or all of them (``train: all``).
+
+    In a native MoE block the experts (and shared expert) learn and the gates stay frozen: their
+    weights are scaled down so that the softmax is uniform (see :mod:`.stages.native`), and an
+    optimizer step sized for ordinary weights would undo that.
+    """
     for p in model.parameters():
         p.requires_grad_(settings.train == "all")
-    if settings.train == "moe":
-        for m in model.modules():
-            if isinstance(m, MoEFeedForward):
-                m.requires_grad_(True)
+    for m in moe_blocks(model):
+        if settings.train == "moe":
+            m.requires_grad_(True)
+        if _native_block(m):
+            m.gate.requires_grad_(False)
+            if hasattr(m, "shared_expert_gate"):
+                m.shared_expert_gate.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -191,7 +208,7 @@ def distill_model(
     set_seed(seed)
     home = next(student.parameters()).device
     params = trainable(student, settings)
-    moe_modules = [m for m in student.modules() if isinstance(m, MoEFeedForward)]
+    moe_modules = moe_blocks(student)
     if not moe_modules:
         raise UsageError("the model has no MoE layers to distill")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
