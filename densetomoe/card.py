@@ -54,7 +54,7 @@ def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
     if r.ffn_budget is not None:
         listing = ", ".join(f"{i}: {k}" for i, k in per_layer.items()) or "none"
         rows.append(f"| per-layer budget | `{r.budget}` for an average of {r.ffn_budget:.0%} of FFN neurons; top-{top_k} except layers {listing}; dense layers: {', '.join(map(str, kept_dense)) or 'none'} |")
-    shared = result.native.shared_size if result.native is not None else structure.get("shared_size")
+    shared = result.native.shared_expert_size if result.native is not None else structure.get("shared_size")
     if shared:
         rows.append(f"| shared expert | {shared} neurons with the largest mean contribution, always on |")
     if r.prune:
@@ -68,11 +68,11 @@ def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
     else:
         combination = "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output (no training of the experts)"
     if result.native is not None:
-        n = result.native.as_dict()
+        n = result.native
         combination = (
-            f"native `{n['target']}`: router logits scaled so the selected experts' weights are uniform, down projections "
+            f"native `{n.target}`: router logits scaled so the selected experts' weights are uniform, down projections "
             f"scaled to match and refit by least squares to the dense FFN output on calibration tokens (relative error "
-            f"{n['refit_error_before']:.3f} -> {n['refit_error_after']:.3f})" + ("; experts then distilled" if result.history else "")
+            f"{n.refit_error_before:.3f} -> {n.refit_error_after:.3f})" + ("; experts then distilled" if result.history else "")
         )
     extra = "\n".join(rows) + ("\n" if rows else "")
     return f"""---

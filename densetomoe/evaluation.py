@@ -191,6 +191,12 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         torch.set_num_threads(settings.threads)
     suites = [load_suite(s) for s in settings.suites]  # fail fast on bad suites
     model = load(moe_dir)
+    if not any(isinstance(m, MoEFeedForward) for m in model.modules()):
+        raise UsageError(
+            f"{moe_dir} is a native {model.config.model_type} folder: densetomoe eval measures remote-code folders "
+            "(its routing statistics and top-k sweep read densetomoe's MoE module); evals/serving.py measures "
+            "native folders (perplexity, transformers and llama.cpp decode speed)"
+        )
     own_k = model.config.num_experts_per_tok
     top_ks = settings.top_ks or [own_k]
     for k in top_ks:

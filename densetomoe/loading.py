@@ -22,8 +22,9 @@ def load(folder: str | Path, top_k: int | None = None, **kwargs):
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"{folder} is not a model folder: {e}") from None
-    if moe.CONFIG_KEY not in config and config.get("num_experts") and (folder / "densetomoe_conversion.json").is_file():
-        return _load_native(folder, top_k, config["num_experts"], **kwargs)  # --format native: a plain transformers MoE
+    experts = config.get("num_experts") or config.get("num_local_experts")  # qwen3_moe saves the latter
+    if moe.CONFIG_KEY not in config and experts and (folder / "densetomoe_conversion.json").is_file():
+        return _load_native(folder, top_k, experts, **kwargs)  # --format native: a plain transformers MoE
     if moe.CONFIG_KEY not in config:
         raise UsageError(f"{folder} was not written by densetomoe (its config has no {moe.CONFIG_KEY!r} entry)")
     name = config["architectures"][0].removeprefix(moe.CLASS_PREFIX)

@@ -263,9 +263,14 @@ def distill(
     clock.lap("distill")
     del teacher
     report = evaluate.compare(student, probe, ffn_size, num_layers)
+    if "native" in figures:  # no densetomoe modules to count: distillation kept the structure, and its costs
+        recorded = figures.get("quick_eval", {})
+        report.ffn_flops_ratio = recorded.get("ffn_flops_ratio", report.ffn_flops_ratio)
+        report.active_ffn_share = recorded.get("active_ffn_share", report.active_ffn_share)
     clock.lap("evaluate")
     stats = ActivationStats(tokens=figures.get("calibration", {}).get("tokens", 0), sequences=figures.get("calibration", {}).get("sequences", 0))
-    result = Conversion(recipe, source, student, tokenizer, report, stats, clock.seconds, history=history)
+    recorded_native = native.NativeReport.from_dict(figures["native"]) if "native" in figures else None
+    result = Conversion(recipe, source, student, tokenizer, report, stats, clock.seconds, history=history, native=recorded_native)
     if not is_main_process():  # under `accelerate launch`, one process writes
         return result
     export.write(
@@ -278,6 +283,7 @@ def distill(
         source_folder=source.path,  # the tokenizer comes from the dense model, as at conversion
         gguf_file=source.gguf_file,
         extras=_loss_figure(history),
+        format=result.format,
     )
     result.out = out
     return result

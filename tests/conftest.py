@@ -178,3 +178,15 @@ def sample_inputs(folder: Path) -> dict:
             return_tensors="pt",
         )
     )
+
+
+def run_without_densetomoe(script: str, timeout: int = 300) -> str:
+    """Run ``script`` in a fresh Python process in which ``import densetomoe`` fails (as it does for a
+    user of an exported folder who never installed it); returns its stdout, fails the test on an error."""
+    import subprocess
+    import sys
+
+    prelude = "import sys\nsys.modules['densetomoe'] = None\n"
+    run = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout

@@ -93,3 +93,33 @@ def test_alias_resolves_to_the_packaged_gguf(smollm):
     source = load.resolve("smollm2-135m-instruct")
     assert source.gguf_file == smollm.name and source.path == smollm.parent.resolve()
     assert source.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the card names the Hub model
+
+
+def test_native_smollm2_with_every_expert_active_is_dense_without_densetomoe(smollm, tmp_path):
+    """--format native on the real model, all 30 layers: a plain qwen2_moe folder equal to dense. With
+    every expert active the split does not matter, so the fast random partition keeps this short."""
+    from conftest import run_without_densetomoe
+
+    (tmp_path / "calib.txt").write_text("\n".join(data.default_corpus()[:40]))
+    out = tmp_path / "native"
+    result = CliRunner().invoke(app, [
+        "convert", str(smollm), "--experts", "8", "--top-k", "8", "--format", "native", "--calib", str(tmp_path / "calib.txt"),
+        "--calib-tokens", "512", "--partition", "random", "--out", str(out), "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
+    source = load.resolve(str(smollm))
+    dense, tokenizer = load.load_model(source, load.load_config(source), causal_lm=True)
+    inputs = dict(tokenizer([PROMPT, "The river floods every spring."], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        torch.save({"inputs": inputs, "logits": dense(**inputs).logits}, tmp_path / "dense.pt")
+    stdout = run_without_densetomoe(f"""
+import torch, transformers
+case = torch.load({str(tmp_path / "dense.pt")!r})
+model = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+with torch.no_grad():
+    got = model(**case["inputs"]).logits
+print(type(model).__name__, float((got - case["logits"]).norm() / case["logits"].norm()))
+""")
+    name, error = stdout.split()
+    assert name == "Qwen2MoeForCausalLM" and float(error) < 1e-3

@@ -22,6 +22,8 @@ the two agree where they can:
 * **The compensation** (unselected experts' mean output) has no place in a bias-free native block,
   so instead the down projections are refit by least squares to the dense FFN output on the
   calibration tokens, under the exact routing and weights above (:mod:`.refit`).
+* **Tied embeddings** are written as two matrices for qwen2_moe, whose llama.cpp loader requires a
+  separate output matrix (the model computes the same; the file grows by one embedding matrix).
 * **Per-layer structure**: layers that stay dense become ``mlp_only_layers``. Every MoE layer must use
   the same top-k (the config has one ``num_experts_per_tok``).
 """
@@ -29,7 +31,7 @@ the two agree where they can:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -56,6 +58,7 @@ class Target:
     shared_expert: bool  # an always-on shared expert with a sigmoid gate (required by llama.cpp)
     renormalises: bool  # the engines renormalise the top-k weights to sum 1 (norm_topk_prob)
     engines: str  # who runs it, for the model card and messages
+    untied_head: bool = False  # llama.cpp needs its own output matrix: tied embeddings are written twice
 
 
 TARGETS: tuple[Target, ...] = (
@@ -65,6 +68,7 @@ TARGETS: tuple[Target, ...] = (
         shared_expert=True,
         renormalises=False,  # llama.cpp's qwen2moe never renormalises, whatever norm_topk_prob says
         engines="transformers, vLLM, SGLang; llama.cpp when every layer is MoE",
+        untied_head=True,  # llama.cpp's qwen2moe requires output.weight, with no fallback to the embeddings
     ),
     Target("qwen3_moe", ("qwen3",), shared_expert=False, renormalises=True, engines="transformers, vLLM, SGLang, llama.cpp"),
 )
@@ -116,7 +120,7 @@ def check_plan(plan: dict[int, int | None], experts: int) -> int:
 
 @dataclass
 class LayerFit:
-    """What the native conversion did to one MoE layer (for the figures file)."""
+    """What the native conversion did to one MoE layer."""
 
     router_scale: float  # alpha
     error_before: float  # relative FFN output error on calibration tokens, native weights before refit
@@ -125,27 +129,30 @@ class LayerFit:
 
 @dataclass
 class NativeReport:
+    """What the native conversion did, as ``densetomoe_conversion.json`` records it (``native``)."""
+
     target: str
     mlp_only_layers: list[int]
-    shared_size: int
-    layers: dict[int, LayerFit] = field(default_factory=dict)
+    shared_expert_size: int  # 0: none asked for (qwen2_moe then has an all-zero one)
+    refit_error_before: float = 0.0  # mean over MoE layers
+    refit_error_after: float = 0.0
 
     @property
     def llama_cpp(self) -> bool:
         """llama.cpp's qwen2moe builds every layer as MoE: dense layers are not supported there."""
         return not (self.target == "qwen2_moe" and self.mlp_only_layers)
 
+    @classmethod
+    def from_fits(cls, target: str, mlp_only_layers: list[int], shared: int, fits: list[LayerFit]) -> NativeReport:
+        mean = lambda xs: round(sum(xs) / max(len(xs), 1), 4)  # noqa: E731
+        return cls(target, mlp_only_layers, shared, mean([f.error_before for f in fits]), mean([f.error_after for f in fits]))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NativeReport:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
     def as_dict(self) -> dict:
-        fits = self.layers.values()
-        mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-        return {
-            "target": self.target,
-            "mlp_only_layers": self.mlp_only_layers,
-            "shared_expert_size": self.shared_size,
-            "llama_cpp": self.llama_cpp,
-            "refit_error_before": round(mean([f.error_before for f in fits]), 4),
-            "refit_error_after": round(mean([f.error_after for f in fits]), 4),
-        }
+        return {**asdict(self), "llama_cpp": self.llama_cpp}
 
 
 def router_scale(logits: torch.Tensor) -> float:
@@ -273,6 +280,9 @@ def to_native(
     mlp_only = [i for i in range(num_layers) if i not in modules]
     first = next(iter(modules.values()))
     config = native_config(dense.config, target, ffn_size, first, top_k, mlp_only)
+    untie = target.untied_head and config.tie_word_embeddings
+    if untie:
+        config.tie_word_embeddings = False
     state = {}
     prefix = f"model.{layers_attr}."
     for name, tensor in dense.state_dict().items():
@@ -286,14 +296,17 @@ def to_native(
             for proj in ("q_proj", "k_proj", "v_proj"):
                 weight = state[f"{prefix}{i}.self_attn.{proj}.weight"]
                 state.setdefault(f"{prefix}{i}.self_attn.{proj}.bias", weight.new_zeros(weight.shape[0]))
-    report = NativeReport(target.model_type, mlp_only, first.shared_size)
+    fits = []
     with progress(show_progress) as bar:
         task = bar.add_task("native experts", total=len(modules))
         for i, module in sorted(modules.items()):
-            tensors, report.layers[i] = native_layer(module, ffns[i], samples[i], target)
+            tensors, fit = native_layer(module, ffns[i], samples[i], target)
+            fits.append(fit)
             dtype = dense.dtype
             state.update({f"{prefix}{i}.{name}": t.to(dtype) for name, t in tensors.items()})
             bar.advance(task)
+    if untie:
+        state["lm_head.weight"] = dense.get_input_embeddings().weight.detach().clone()
     model = AutoModelForCausalLM.from_config(config, dtype=dense.dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
@@ -302,4 +315,4 @@ def to_native(
     if config.tie_word_embeddings:
         model.tie_weights()
     model.generation_config = dense.generation_config
-    return model.eval(), report
+    return model.eval(), NativeReport.from_fits(target.model_type, mlp_only, first.shared_size, fits)

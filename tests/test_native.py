@@ -1,0 +1,161 @@
+"""--format native: decoders written as standard transformers MoE checkpoints (qwen2_moe, qwen3_moe)
+that load without remote code, equal the dense model with every expert active, and refuse what the
+target cannot hold with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+import densetomoe
+from conftest import DECODERS, quick_recipe, run_without_densetomoe
+from densetomoe.cli import app
+from densetomoe.stages import native
+from densetomoe.stages.refit import relative_error, ridge_down
+
+NATIVE = {"llama": "qwen2_moe", "mistral": "qwen2_moe", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+PROMPTS = ["The river floods every spring because", "Markets fell sharply on Monday after"]
+
+
+def lm_inputs(folder) -> dict:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return dict(tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt"))
+
+
+def dense_logits(folder, family, inputs) -> torch.Tensor:
+    dense = getattr(transformers, DECODERS[family][2]).from_pretrained(folder).eval()
+    with torch.no_grad():
+        return dense(**inputs).logits
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("family", list(NATIVE))
+def test_native_folder_equals_dense_with_every_expert_active(tiny_decoders, texts_file, tmp_path, family):
+    folder, out = tiny_decoders[family], tmp_path / "native"
+    inputs = lm_inputs(folder)
+    torch.save({"inputs": inputs, "logits": dense_logits(folder, family, inputs)}, tmp_path / "case.pt")
+    densetomoe.convert(quick_recipe(folder, texts_file, top_k=4, format="native"), out=out, show_progress=False)
+
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert config.model_type == NATIVE[family]
+    assert config.num_experts == 4 and config.num_experts_per_tok == 4 and config.mlp_only_layers == []
+    assert not list(out.glob("*.py"))
+    figures = json.loads((out / "densetomoe_conversion.json").read_text())
+    assert figures["format"] == "native" and figures["native"]["target"] == NATIVE[family]
+
+    stdout = run_without_densetomoe(f"""
+import torch, transformers
+case = torch.load({str(tmp_path / "case.pt")!r})
+model = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()  # no trust_remote_code
+with torch.no_grad():
+    got = model(**case["inputs"]).logits
+    tokens = model.generate(**case["inputs"], max_new_tokens=4, do_sample=False, pad_token_id=2)
+print(type(model).__name__, float((got - case["logits"]).norm() / case["logits"].norm()))
+""")
+    name, error = stdout.split()
+    assert name == {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[NATIVE[family]]
+    assert float(error) < 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_native_top_2_differs_from_dense_and_refit_lowers_the_error(tiny_decoders, texts_file, tmp_path, family):
+    folder = tiny_decoders[family]
+    conversion = densetomoe.convert(quick_recipe(folder, texts_file, top_k=2, format="native"), out=tmp_path / "o", show_progress=False)
+    inputs = lm_inputs(folder)
+    with torch.no_grad():
+        got = conversion.model(**inputs).logits
+    assert rel(got, dense_logits(folder, family, inputs)) > 1e-2  # the equality above can fail
+    assert conversion.native.refit_error_after < conversion.native.refit_error_before
+    assert conversion.model.config.num_experts_per_tok == 2
+    assert densetomoe.load(tmp_path / "o", top_k=3).config.num_experts_per_tok == 3
+
+
+def test_native_keeps_dense_layers_as_mlp_only_and_shared_experts(tiny_decoders, texts_file, tmp_path):
+    folder, out = tiny_decoders["llama"], tmp_path / "native"
+    recipe = quick_recipe(folder, texts_file, experts=3, shared_experts=1, top_k=3, layers=[1], format="native")
+    conversion = densetomoe.convert(recipe, out=out, show_progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlp_only_layers"] == [0] and config["shared_expert_intermediate_size"] == 16
+    assert not conversion.native.llama_cpp  # llama.cpp's qwen2moe makes every layer MoE
+    assert "llama.cpp cannot run this folder" in (out / "README.md").read_text()
+    inputs = lm_inputs(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert rel(model(**inputs).logits, dense_logits(folder, "llama", inputs)) < 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma", "phi3"])
+def test_native_refuses_families_without_a_native_target(tiny_decoders, tmp_path, family):
+    result = CliRunner().invoke(
+        app, ["convert", str(tiny_decoders[family]), "--format", "native", "--out", str(tmp_path / "o"), "--no-progress"]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "no native MoE model type" in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()
+
+
+def test_native_refuses_an_encoder(tiny_models, tmp_path):
+    result = CliRunner().invoke(
+        app, ["convert", str(tiny_models["BertModel"]), "--format", "native", "--out", str(tmp_path / "o"), "--no-progress"]
+    )
+    assert result.exit_code == 2 and "no native MoE model type" in " ".join(result.output.split())
+
+
+def test_native_refuses_an_mlp_router_and_mixed_top_k():
+    with pytest.raises(densetomoe.UsageError, match="linear router"):
+        densetomoe.Recipe.build(model="m", format="native", router="mlp")
+    assert densetomoe.Recipe.build(model="m", format="native").router == "linear"
+    assert densetomoe.Recipe.build(model="m").router == "mlp"
+    assert native.check_plan({0: None, 1: 2, 2: 2}, 8) == 2
+    with pytest.raises(densetomoe.UsageError, match="one top-k"):
+        native.check_plan({0: 2, 1: 4}, 8)
+
+
+def test_ridge_down_solves_an_exact_system_and_pulls_towards_the_initial_weights():
+    torch.manual_seed(0)
+    z, w = torch.randn(512, 24), torch.randn(6, 24)
+    y = z @ w.T
+    assert relative_error(z @ ridge_down(z, y, torch.zeros_like(w), ridge=1e-9).T, y) < 1e-6
+    # with a huge ridge the answer is the initial weights
+    initial = torch.randn(6, 24)
+    assert torch.allclose(ridge_down(z, y, initial, ridge=1e9), initial, atol=1e-4)
+
+
+def test_router_scale_keeps_the_ranking_and_flattens_the_softmax():
+    logits = torch.randn(64, 8) * 5
+    alpha = native.router_scale(logits)
+    assert alpha > 0 and torch.equal((alpha * logits).topk(2).indices, logits.topk(2).indices)
+    weights = native.routing_weights(alpha * logits, 8, renormalise=False)
+    assert torch.allclose(weights, torch.full_like(weights, 1 / 8), rtol=1e-3)
+
+
+def test_distilling_a_native_folder_trains_its_experts_and_keeps_it_native(tiny_decoders, texts_file, tmp_path):
+    folder, out = tiny_decoders["llama"], tmp_path / "native"
+    densetomoe.convert(quick_recipe(folder, texts_file, top_k=2, format="native"), out=out, show_progress=False)
+    before = transformers.AutoModelForCausalLM.from_pretrained(out)
+    result = CliRunner().invoke(app, ["distill", str(out), "--steps", "3", "--batch-size", "4", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    after = transformers.AutoModelForCausalLM.from_pretrained(out)  # still a plain qwen2_moe folder
+    assert type(after).__name__ == "Qwen2MoeForCausalLM" and not list(out.glob("*.py"))
+    block, trained = before.model.layers[0].mlp, after.model.layers[0].mlp
+    assert not torch.equal(block.experts.down_proj, trained.experts.down_proj)  # the experts learned
+    assert torch.equal(block.gate.weight, trained.gate.weight)  # the scaled router stays as it was
+    figures = json.loads((out / "densetomoe_conversion.json").read_text())
+    assert figures["format"] == "native" and figures["distillation"]["step"] == 3
+    assert figures["quick_eval"]["active_ffn_share"] == pytest.approx(0.5)
+
+
+def test_eval_on_a_native_folder_says_what_measures_it(tiny_decoders, texts_file, tmp_path):
+    out = tmp_path / "native"
+    densetomoe.convert(quick_recipe(tiny_decoders["qwen2"], texts_file, top_k=2, format="native"), out=out, show_progress=False)
+    result = CliRunner().invoke(app, ["eval", str(out), "--no-speed", "--no-progress"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "native qwen2_moe folder" in " ".join(result.output.split())
