@@ -235,6 +235,7 @@ def distill_command(
     mixed_precision: Annotated[MixedPrecision, typer.Option(help="accelerate mixed precision: no, bf16 or fp16.")] = "no",
     recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML whose distill: section sets the defaults; flags win.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Dense teacher. Default: the base model recorded in the folder.")] = None,
+    format: Annotated[Optional[Format], typer.Option("--format", help="native: write (and train) a remote-code LLaMA/Mistral/Qwen2/Qwen3 folder as a native qwen2_moe/qwen3_moe model; its router must be linear or centroid. Default: the folder's own format.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: MOE_DIR, replaced when training has finished.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoints in OUT.checkpoints.")] = False,
@@ -260,7 +261,9 @@ def distill_command(
         else:
             settings = Distill.build(**flags)
         _quiet_transformers()
-        result = run_distillation(moe_dir, settings, out, overwrite, base, resume, show_progress=progress, log=lambda m: stderr.print(m))
+        result = run_distillation(
+            moe_dir, settings, out, overwrite, base, resume, show_progress=progress, log=lambda m: stderr.print(m), format=format
+        )
         _print_summary(result)
 
     _run(action)

@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from . import archs, card, data, surgery
 from .console import progress
 from .errors import UsageError
-from .moe import moe_layers
+from .moe import MoEFeedForward, moe_layers
 from .recipe import Distill, Recipe, check_against_model
 from .stages import budget, evaluate, export, load, native
 from .stages.calibrate import ActivationStats, DenseFFN, LayerStats, batches, calibrate, dense_ffn
@@ -215,12 +215,15 @@ def distill(
     resume: bool = False,
     show_progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    format: str | None = None,
 ) -> Conversion:
     """Distill an already converted ``folder`` from its dense base model and write the result to
     ``out`` (default: ``folder`` itself, replaced atomically once training has finished).
 
     The training text defaults to the calibration text recorded in the folder's recipe, and the
-    held-out documents are the same ones conversion kept aside.
+    held-out documents are the same ones conversion kept aside. ``format="native"`` on a remote-code
+    folder first turns it into the native model (calibrating the teacher again for the refit) and
+    then trains that native model.
     """
     from .distill import distill_model
     from .loading import load as load_moe
@@ -240,7 +243,11 @@ def distill(
     except UsageError as e:
         raise UsageError(f"{folder}: {e}") from None
     base = base or export.recorded_base(folder)
-    recipe = recorded.model_copy(update={"distill": settings})
+    was = figures.get("format", "remote-code")
+    format = format or was
+    if was == "native" and format != "native":
+        raise UsageError(f"{folder} is a native folder and cannot become remote code again; convert the dense model with --format {format}")
+    recipe = recorded.model_copy(update={"distill": settings, "format": format})
     workdir = checkpoint_folder(out)
     if resume and not workdir.is_dir():
         raise UsageError(f"--resume: no checkpoints to resume from in {workdir}")
@@ -256,21 +263,25 @@ def distill(
     calibration_texts, held_out_texts, separate = split_texts(data.load_texts(recipe.calib), recipe.seed)
     held_out = list(batches(tokenizer, held_out_texts, recipe.seq_len, recipe.batch_size))
     probe = evaluate.record(teacher, held_out, causal_lm=arch.decoder)
+    converted = [m for m in student.modules() if isinstance(m, MoEFeedForward)]  # their shapes give the costs
+    native_report = native.NativeReport.from_dict(figures["native"]) if was == "native" else None
+    if format == "native" and was != "native":
+        student, native_report = _native_from_folder(student, teacher, tokenizer, recipe, arch, calibration_texts, show_progress)
+        clock.lap("native")
     history = distill_model(
         student, teacher, tokenizer, settings, arch, calibration_texts, held_out_texts,
         workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,
     )  # fmt: skip
     clock.lap("distill")
     del teacher
-    report = evaluate.compare(student, probe, ffn_size, num_layers)
-    if "native" in figures:  # no densetomoe modules to count: distillation kept the structure, and its costs
-        recorded = figures.get("quick_eval", {})
-        report.ffn_flops_ratio = recorded.get("ffn_flops_ratio", report.ffn_flops_ratio)
-        report.active_ffn_share = recorded.get("active_ffn_share", report.active_ffn_share)
+    report = evaluate.compare(student, probe, ffn_size, num_layers, converted=converted or None)
+    if not converted:  # a native folder: distillation kept the structure, so its recorded costs hold
+        costs = figures.get("quick_eval", {})
+        report.ffn_flops_ratio = costs.get("ffn_flops_ratio", report.ffn_flops_ratio)
+        report.active_ffn_share = costs.get("active_ffn_share", report.active_ffn_share)
     clock.lap("evaluate")
     stats = ActivationStats(tokens=figures.get("calibration", {}).get("tokens", 0), sequences=figures.get("calibration", {}).get("sequences", 0))
-    recorded_native = native.NativeReport.from_dict(figures["native"]) if "native" in figures else None
-    result = Conversion(recipe, source, student, tokenizer, report, stats, clock.seconds, history=history, native=recorded_native)
+    result = Conversion(recipe, source, student, tokenizer, report, stats, clock.seconds, history=history, native=native_report)
     if not is_main_process():  # under `accelerate launch`, one process writes
         return result
     export.write(
@@ -287,6 +298,26 @@ def distill(
     )
     result.out = out
     return result
+
+
+def _native_from_folder(student, teacher, tokenizer, recipe: Recipe, arch, texts: list[str], show_progress: bool):
+    """A remote-code ``student`` as the native model: the teacher is calibrated again for the refit."""
+    target = native.check_source(teacher.config, recipe.shared_experts)
+    structure = getattr(student.config, "densetomoe")
+    blocks = moe_layers(student, structure)
+    modules = {i: blocks[i].get_submodule(structure["moe_at"]) for i in structure["moe_layers"]}
+    num_layers = archs.num_layers(teacher.config, arch)
+    native.check_plan({i: modules[i].top_k if i in modules else None for i in range(num_layers)}, recipe.experts)
+    activation = ACT2FN[archs.activation(teacher.config, arch)]
+    dense_blocks = moe_layers(teacher, {"layers": arch.layers})
+    ffns = {i: dense_ffn(dense_blocks[i], arch, activation) for i in modules}
+    stats = calibrate(
+        teacher, tokenizer, texts, arch, ffns, tokens=recipe.calib_tokens, seq_len=recipe.seq_len,
+        batch_size=recipe.batch_size, sample_tokens=recipe.sample_tokens, seed=recipe.seed, show_progress=show_progress,
+    )  # fmt: skip
+    _, ffn_size = archs.ffn_sizes(teacher.config, arch)
+    samples = {i: stats.layers[i].inputs for i in modules}
+    return native.to_native(teacher, target, arch.layers, modules, ffns, samples, ffn_size, show_progress)
 
 
 def _loss_figure(history) -> Callable[[Path], None] | None:

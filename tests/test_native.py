@@ -159,3 +159,16 @@ def test_eval_on_a_native_folder_says_what_measures_it(tiny_decoders, texts_file
     result = CliRunner().invoke(app, ["eval", str(out), "--no-speed", "--no-progress"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "native qwen2_moe folder" in " ".join(result.output.split())
+
+
+def test_distill_with_format_native_turns_a_remote_code_folder_native(tiny_decoders, texts_file, tmp_path):
+    folder, remote, out = tiny_decoders["qwen2"], tmp_path / "remote", tmp_path / "native"
+    densetomoe.convert(quick_recipe(folder, texts_file, top_k=2, router="linear"), out=remote, show_progress=False)
+    args = ["distill", str(remote), "--format", "native", "--steps", "2", "--batch-size", "4", "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert transformers.AutoConfig.from_pretrained(out).model_type == "qwen2_moe" and not list(out.glob("*.py"))
+    assert json.loads((out / "densetomoe_conversion.json").read_text())["native"]["target"] == "qwen2_moe"
+    # and back is refused with one line
+    back = CliRunner().invoke(app, ["distill", str(out), "--format", "remote-code", "--steps", "1", "--no-progress"])
+    assert back.exit_code == 2 and "cannot become remote code" in " ".join(back.output.split())
