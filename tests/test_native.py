@@ -172,3 +172,23 @@ def test_distill_with_format_native_turns_a_remote_code_folder_native(tiny_decod
     # and back is refused with one line
     back = CliRunner().invoke(app, ["distill", str(out), "--format", "remote-code", "--steps", "1", "--no-progress"])
     assert back.exit_code == 2 and "cannot become remote code" in " ".join(back.output.split())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_transformers_native_block_computes_the_weighting_the_refit_assumed(tiny_decoders, texts_file, tmp_path, family):
+    """The refit is solved for native.routing_weights (renormalised or not, per target); the block
+    transformers builds from the folder must weight its experts the same way."""
+    folder = tiny_decoders[family]
+    model = densetomoe.convert(quick_recipe(folder, texts_file, top_k=2, format="native"), show_progress=False).model
+    target = native.target_for(transformers.AutoConfig.from_pretrained(folder))
+    block = model.model.layers[0].mlp
+    x = torch.randn(16, model.config.hidden_size)
+    with torch.no_grad():
+        coef = native.routing_weights(x @ block.gate.weight.T, 2, target.renormalises)  # (tokens, experts)
+        expected = torch.zeros_like(x)
+        for e in range(model.config.num_experts):
+            gate, up = (x @ block.experts.gate_up_proj[e].T).chunk(2, dim=-1)
+            expected += coef[:, e : e + 1] * ((torch.nn.functional.silu(gate) * up) @ block.experts.down_proj[e].T)
+        if target.shared_expert:
+            expected += torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        torch.testing.assert_close(block(x.unsqueeze(0)).squeeze(0), expected, rtol=1e-4, atol=1e-5)
