@@ -101,10 +101,11 @@ def test_native_smollm2_with_every_expert_active_is_dense_without_densetomoe(smo
     from conftest import run_without_densetomoe
 
     (tmp_path / "calib.txt").write_text("\n".join(data.default_corpus()[:40]))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(dict(calib_tokens=512, sample_tokens=256, router_steps=10)))
     out = tmp_path / "native"
     result = CliRunner().invoke(app, [
         "convert", str(smollm), "--experts", "8", "--top-k", "8", "--format", "native", "--calib", str(tmp_path / "calib.txt"),
-        "--calib-tokens", "512", "--partition", "random", "--out", str(out), "--no-progress",
+        "--recipe", str(tmp_path / "recipe.yaml"), "--partition", "random", "--out", str(out), "--no-progress",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
