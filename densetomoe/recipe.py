@@ -112,6 +112,8 @@ class Recipe(BaseModel):
             raise ValueError(f"top_k ({self.top_k}) cannot exceed experts ({self.experts})")
         if self.ffn_budget is not None and "top_k" in self.model_fields_set:
             raise ValueError("give top_k or ffn_budget, not both: with ffn_budget each layer's top-k is chosen")
+        if self.format == "native" and self.dtype == "float16":
+            raise ValueError("format native needs dtype float32 or bfloat16: its scaled router weights (~1e-7) underflow in float16")
         if self.format == "native" and self.router == "mlp":
             raise ValueError("format native needs a linear router (a native MoE's gate is one linear map): use router linear or centroid")
         return self

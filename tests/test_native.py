@@ -114,6 +114,8 @@ def test_native_refuses_an_mlp_router_and_mixed_top_k():
         densetomoe.Recipe.build(model="m", format="native", router="mlp")
     assert densetomoe.Recipe.build(model="m", format="native").router == "linear"
     assert densetomoe.Recipe.build(model="m").router == "mlp"
+    with pytest.raises(densetomoe.UsageError, match="float16"):
+        densetomoe.Recipe.build(model="m", format="native", dtype="float16")
     assert native.check_plan({0: None, 1: 2, 2: 2}, 8) == 2
     with pytest.raises(densetomoe.UsageError, match="one top-k"):
         native.check_plan({0: 2, 1: 4}, 8)
