@@ -166,6 +166,9 @@ def convert(
             model, target, arch.layers, modules, {i: ffns[i] for i in modules}, samples, ffn_size, show_progress
         )
         clock.lap("native")
+        if not native_report.llama_cpp:
+            log(f"note: layers {', '.join(map(str, native_report.mlp_only_layers))} stay dense (mlp_only_layers): "
+                "transformers and vLLM run this folder, llama.cpp (every layer MoE) does not")  # fmt: skip
     else:  # swap in place; keep the dense model as the teacher when distilling
         teacher = copy.deepcopy(model) if recipe.distill is not None else None
         top_k = recipe.top_k if recipe.ffn_budget is None else Counter(m.top_k for m in modules.values()).most_common(1)[0][0]
