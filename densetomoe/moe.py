@@ -115,6 +115,7 @@ class MoEFeedForward(nn.Module):
             self.shared_b_up = nn.Parameter(torch.zeros(shared_size)) if bias else None
             self.shared_b_gate = nn.Parameter(torch.zeros(shared_size)) if bias and gated else None
         self.expert_dropout = 0.0  # training only; set by distillation
+        self.decode_slots = 16  # up to this many tokens * top_k, inference takes the decode path
         self.aux: dict[str, torch.Tensor] = {}  # training only: the last forward's aux losses
 
     def extra_repr(self) -> str:
@@ -142,14 +143,16 @@ class MoEFeedForward(nn.Module):
             b_gate = None if self.b_gate is None else self.b_gate.reshape(-1)
         return self.act(nn.functional.linear(x, w_gate, b_gate)) * h
 
-    def _shared(self, x: torch.Tensor) -> torch.Tensor:
-        """The always-on shared expert's output ``(tokens, hidden)``."""
+    def _shared_neurons(self, x: torch.Tensor) -> torch.Tensor:
+        """The always-on shared expert's activations ``(tokens, shared_size)``."""
         h = nn.functional.linear(x, self.shared_up, self.shared_b_up)
         if self.gated:
-            h = self.act(nn.functional.linear(x, self.shared_gate, self.shared_b_gate)) * h
-        else:
-            h = self.act(h)
-        return h @ self.shared_down
+            return self.act(nn.functional.linear(x, self.shared_gate, self.shared_b_gate)) * h
+        return self.act(h)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The always-on shared expert's output ``(tokens, hidden)``."""
+        return self._shared_neurons(x) @ self.shared_down
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """Indices of each token's ``top_k`` experts, ``(tokens, top_k)``."""
@@ -160,20 +163,39 @@ class MoEFeedForward(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)  # (tokens, hidden)
         if self.training and torch.is_grad_enabled():
             out = self._train_forward(x)
-        elif self.top_k >= self.num_experts:
+        elif self.top_k < self.num_experts:
+            return self._sparse_forward(x).reshape(shape)  # bias and shared expert included
+        else:  # every expert: the dense FFN with permuted neurons
             out = self._neurons(x, slice(None)) @ self.w_down.reshape(-1, self.hidden_size)
-        else:
-            chosen = self.select(x)  # (tokens, top_k)
-            out = self._dispatch(x, chosen)
-            # unselected experts add their mean output: all of them, minus the selected ones
-            selected = torch.zeros(len(x), self.num_experts, dtype=out.dtype, device=out.device)
-            selected.scatter_(1, chosen, 1.0)  # (tokens, experts)
-            out = out.addmm_(selected, self.skip_mean.to(out.dtype), alpha=-1.0).add_(self.skip_mean.sum(0).to(out.dtype))
         if self.shared_size:
             out = out.add_(self._shared(x).to(out.dtype))
         if self.b_down is not None:
             out = out.add_(self.b_down.to(out.dtype))
         return out.reshape(shape)
+
+    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference at ``top_k < num_experts``: only the selected experts are computed.
+
+        The output starts as what does not depend on the experts' computation, the down bias plus the
+        mean output of each token's unselected experts (one ``addmm``), then the shared expert and the
+        selected experts add into it in place (``addmm_`` fuses each down projection with the sum).
+        A few tokens (decode) go expert by expert on Python lists of the selection; more go through
+        :meth:`_dispatch`.
+        """
+        chosen = self.select(x)  # (tokens, top_k)
+        unselected = torch.ones(len(x), self.num_experts, dtype=x.dtype, device=x.device).scatter_(1, chosen, 0.0)
+        skip_mean = self.skip_mean.to(x.dtype)
+        if self.b_down is None:
+            out = unselected @ skip_mean  # (tokens, hidden)
+        else:
+            out = torch.addmm(self.b_down.to(x.dtype), unselected, skip_mean)
+        if self.shared_size:
+            out.addmm_(self._shared_neurons(x), self.shared_down.to(x.dtype))
+        if len(x) * self.top_k <= self.decode_slots:
+            self._decode(x, chosen.tolist(), out)
+        else:
+            self._dispatch(x, chosen, out)
+        return out
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert computed, unselected ones masked out: differentiable, same value as inference."""
@@ -203,8 +225,29 @@ class MoEFeedForward(nn.Module):
         }
         return out
 
-    def _dispatch(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Sum of each token's chosen experts; tokens are grouped so each expert runs once.
+    def _decode(self, x: torch.Tensor, chosen: list[list[int]], out: torch.Tensor) -> None:
+        """Add each token's chosen experts to ``out``, for a few tokens (``chosen``: their indices).
+
+        Each selected expert runs once on the tokens that chose it, on views of its weights
+        (``w_up[e]`` is contiguous: no copy) and with no sort, count or scatter of the selection:
+        at one token the work is the router, ``top_k`` experts and a handful of small ops.
+        """
+        tokens_of: dict[int, list[int]] = {}
+        for token, experts in enumerate(chosen):
+            for expert in experts:
+                tokens_of.setdefault(expert, []).append(token)
+        for expert, tokens in sorted(tokens_of.items()):
+            if len(tokens) == len(x):  # every token (always so at one token)
+                out.addmm_(self._neurons(x, expert), self.w_down[expert])
+            elif len(tokens) == 1:  # one token: a view of its row
+                t = tokens[0]
+                out[t : t + 1].addmm_(self._neurons(x[t : t + 1], expert), self.w_down[expert])
+            else:
+                index = torch.tensor(tokens, device=x.device)
+                out.index_add_(0, index, self._neurons(x.index_select(0, index), expert) @ self.w_down[expert])
+
+    def _dispatch(self, x: torch.Tensor, chosen: torch.Tensor, out: torch.Tensor) -> None:
+        """Add each token's chosen experts to ``out``; tokens are grouped so each expert runs once.
 
         Each expert gathers its own tokens just before its matrix products, so the gathered rows are
         still in cache when used (one gather of all ``tokens * k`` rows up front was up to 1.6x
@@ -215,7 +258,6 @@ class MoEFeedForward(nn.Module):
         order = flat.argsort(stable=True)
         token_of = order // k  # token of each slot, slots grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        out = torch.zeros_like(x)
         start = 0
         for expert, n in enumerate(counts):
             if n == 0:
@@ -224,7 +266,6 @@ class MoEFeedForward(nn.Module):
             y = self._neurons(x.index_select(0, tokens), expert) @ self.w_down[expert]  # (n, hidden)
             out.index_add_(0, tokens, y.to(out.dtype))
             start += n
-        return out
 
 
 # -- installing MoE feed-forwards into a model -------------------------------------------------------

