@@ -18,6 +18,7 @@ Two measurements, each an interleaved comparison (dense, MoE, dense, MoE, ...) r
     python evals/decode.py --part ffn --configs 8:2 8:4 32:8 --tokens 1 4
     python evals/decode.py --part ffn --router mlp
     python evals/decode.py --part generate --models llama-1b smollm2 --repeats 3
+    python evals/decode.py --part generate --models smollm2 --smollm-split random --dispatch
 """
 
 from __future__ import annotations
@@ -186,15 +187,24 @@ def generate_rows(args, show=lambda row: None) -> list[dict]:
             pad_token_id=0,
         )
         outputs = {}
+        moes = [m for m in moe.modules() if hasattr(m, "decode_slots")]
+        default = moes[0].decode_slots if moes else None
 
-        def run(model, key):
+        def run(model, key, decode_slots=None):
             def call():
+                for m in moes:
+                    m.decode_slots = default if decode_slots is None else decode_slots
                 outputs[key] = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
 
             return call
 
-        t = interleaved({"dense": run(dense, "dense"), "moe": run(moe, "moe")}, args.repeats, 1)
+        runs = {"dense": run(dense, "dense"), "moe": run(moe, "moe")}
+        if args.dispatch and moes:  # the same model with the decode path off
+            runs["dispatch"] = run(moe, "dispatch", 0)
+        t = interleaved(runs, args.repeats, 1)
         new = {key: out.shape[1] - args.prompt for key, out in outputs.items()}
+        if "dispatch" in outputs and not torch.equal(outputs["dispatch"], outputs["moe"]):
+            how += " (decode and dispatch paths generated different tokens)"
         rows.append(
             {
                 "model": label,
@@ -203,6 +213,7 @@ def generate_rows(args, show=lambda row: None) -> list[dict]:
                 "dense_tok_s": round(new["dense"] / t["dense"], 2),
                 "moe_tok_s": round(new["moe"] / t["moe"], 2),
                 "speedup": round(t["dense"] / t["moe"], 2),
+                **({"dispatch_tok_s": round(new["dispatch"] / t["dispatch"], 2)} if "dispatch" in t else {}),
                 "setup_s": round(setup_s, 1),
             }
         )
@@ -237,6 +248,7 @@ def main() -> None:
     gen.add_argument("--prompt", type=int, default=8, help="prompt tokens")
     gen.add_argument("--new-tokens", type=int, default=64)
     gen.add_argument("--repeats", type=int, default=3)
+    gen.add_argument("--dispatch", action="store_true", help="also time the MoE with its decode path off")
     gen.add_argument("--smollm-split", choices=["convert", "random"], default="convert")
     gen.add_argument("--calib-tokens", type=int, default=16384)
     args = parser.parse_args()
