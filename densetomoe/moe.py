@@ -143,16 +143,14 @@ class MoEFeedForward(nn.Module):
             b_gate = None if self.b_gate is None else self.b_gate.reshape(-1)
         return self.act(nn.functional.linear(x, w_gate, b_gate)) * h
 
-    def _shared_neurons(self, x: torch.Tensor) -> torch.Tensor:
-        """The always-on shared expert's activations ``(tokens, shared_size)``."""
-        h = nn.functional.linear(x, self.shared_up, self.shared_b_up)
-        if self.gated:
-            return self.act(nn.functional.linear(x, self.shared_gate, self.shared_b_gate)) * h
-        return self.act(h)
-
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         """The always-on shared expert's output ``(tokens, hidden)``."""
-        return self._shared_neurons(x) @ self.shared_down
+        h = nn.functional.linear(x, self.shared_up, self.shared_b_up)
+        if self.gated:
+            h = self.act(nn.functional.linear(x, self.shared_gate, self.shared_b_gate)) * h
+        else:
+            h = self.act(h)
+        return h @ self.shared_down
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """Indices of each token's ``top_k`` experts, ``(tokens, top_k)``."""
@@ -176,21 +174,21 @@ class MoEFeedForward(nn.Module):
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference at ``top_k < num_experts``: only the selected experts are computed.
 
-        The output starts as what does not depend on the experts' computation, the down bias plus the
-        mean output of each token's unselected experts (one ``addmm``), then the shared expert and the
-        selected experts add into it in place (``addmm_`` fuses each down projection with the sum).
-        A few tokens (decode) go expert by expert on Python lists of the selection; more go through
-        :meth:`_dispatch`.
+        The output, in the input's dtype, starts as what does not depend on the experts' computation:
+        the down bias plus the mean output of each token's unselected experts; the shared expert and
+        the selected experts add into it in place. A few tokens (decode) go expert by expert on Python
+        lists of the selection; more go through :meth:`_dispatch`. (In-place ops, which autocast
+        leaves alone, keep this sum in the input's dtype under autocast too.)
         """
         chosen = self.select(x)  # (tokens, top_k)
         unselected = torch.ones(len(x), self.num_experts, dtype=x.dtype, device=x.device).scatter_(1, chosen, 0.0)
-        skip_mean = self.skip_mean.to(x.dtype)
         if self.b_down is None:
-            out = unselected @ skip_mean  # (tokens, hidden)
+            out = x.new_zeros(len(x), self.hidden_size)
         else:
-            out = torch.addmm(self.b_down.to(x.dtype), unselected, skip_mean)
+            out = self.b_down.to(x.dtype).repeat(len(x), 1)  # (tokens, hidden)
+        out.addmm_(unselected, self.skip_mean.to(x.dtype))
         if self.shared_size:
-            out.addmm_(self._shared_neurons(x), self.shared_down.to(x.dtype))
+            out.add_(self._shared(x).to(out.dtype))
         if len(x) * self.top_k <= self.decode_slots:
             self._decode(x, chosen.tolist(), out)
         else:
@@ -240,10 +238,10 @@ class MoEFeedForward(nn.Module):
                 tokens_of.setdefault(expert, []).append(token)
         for expert, tokens in sorted(tokens_of.items()):
             if len(tokens) == len(x):  # every token (always so at one token)
-                out.addmm_(self._neurons(x, expert), self.w_down[expert])
+                out.addmm_(self._neurons(x, expert).to(out.dtype), self.w_down[expert])
             elif len(tokens) == 1:  # one token: a view of its row
                 t = tokens[0]
-                out[t : t + 1].addmm_(self._neurons(x[t : t + 1], expert), self.w_down[expert])
+                out[t : t + 1].addmm_(self._neurons(x[t : t + 1], expert).to(out.dtype), self.w_down[expert])
             else:  # gathered, then added row by row (see above on index_add_)
                 index = torch.tensor(tokens, device=x.device)
                 y = self._neurons(x.index_select(0, index), expert) @ self.w_down[expert]  # (n, hidden)

@@ -195,3 +195,18 @@ def test_greedy_generate_is_the_same_on_the_decode_and_dispatch_paths():
     for m in moes:
         m.decode_slots = 10**6  # the prompt too
     assert torch.equal(model.generate(prompt, **settings), before)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # decode path, decode path, dispatch
+@torch.no_grad()
+def test_inference_under_autocast_keeps_the_input_dtype(shared, tokens, monkeypatch):
+    """Distillation's held-out evaluation runs the inference paths under autocast (bf16)."""
+    moe, expected = build_full(gated=True, bias=True, shared=shared)
+    x = torch.randn(tokens, 16)
+    chosen = moe.select(x)
+    monkeypatch.setattr(moe, "select", lambda x: chosen)  # bf16 router scores may rank otherwise
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected(x), rtol=0.05, atol=0.1)
