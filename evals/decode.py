@@ -164,7 +164,6 @@ def smollm_pair(args) -> tuple[nn.Module, nn.Module, str]:
     return dense, conversion.model.eval(), f"densetomoe.convert (default recipe, {args.calib_tokens} calibration tokens)"
 
 
-@torch.inference_mode()
 def generate_rows(args, show=lambda row: None) -> list[dict]:
     rows = []
     for name in args.models:
@@ -201,7 +200,8 @@ def generate_rows(args, show=lambda row: None) -> list[dict]:
         runs = {"dense": run(dense, "dense"), "moe": run(moe, "moe")}
         if args.dispatch and moes:  # the same model with the decode path off
             runs["dispatch"] = run(moe, "dispatch", 0)
-        t = interleaved(runs, args.repeats, 1)
+        with torch.inference_mode():  # not around the conversion: it trains routers
+            t = interleaved(runs, args.repeats, 1)
         new = {key: out.shape[1] - args.prompt for key, out in outputs.items()}
         if "dispatch" in outputs and not torch.equal(outputs["dispatch"], outputs["moe"]):
             how += " (decode and dispatch paths generated different tokens)"
