@@ -91,3 +91,122 @@ def test_gradients_reach_selected_experts_and_router_inputs():
     moe(x).sum().backward()
     assert x.grad is not None and moe.w_up.grad is not None
     assert moe.w_up.grad.abs().sum() > 0
+
+
+def build_full(gated, bias, shared, experts=4, top_k=2, seed=0):
+    """An MoE feed-forward with every part in use: nonzero skip means, optionally a shared expert;
+    returns it with a function computing the expected output by masking every expert's contribution."""
+    ffn = random_ffn(hidden=16, d_ff=56 if shared else 48, gated=gated, bias=bias, seed=seed)
+    shared_ffn = None
+    if shared:
+        shared_ffn, ffn = ffn.subset(torch.arange(8), with_bias=False), ffn.subset(torch.arange(8, 56))
+    labels = at_random(ffn, None, experts, torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    router = Router(16, experts, hidden=8)
+    sample = torch.randn(64, 16)
+    moe = surgery.moe_from_dense(ffn, labels, router, experts, top_k, "silu" if gated else "gelu", sample, shared_ffn)
+    moe.eval()
+
+    def expected(x):
+        mask = torch.zeros(len(x), experts).scatter_(1, moe.select(x), 1.0)  # (tokens, experts)
+        out = (ffn.contributions(x, labels, experts) * mask.unsqueeze(-1)).sum(1)
+        out += (1 - mask) @ moe.skip_mean.detach()
+        if shared_ffn is not None:
+            out += shared_ffn.neurons(x) @ shared_ffn.w_down.T
+        return out + ffn.b_down if ffn.b_down is not None else out
+
+    return moe, expected
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+@torch.no_grad()
+def test_decode_path_equals_dispatch_and_masked_dense(gated, bias, shared, tokens):
+    moe, expected = build_full(gated, bias, shared)
+    assert moe.skip_mean.abs().sum() > 0
+    x = torch.randn(1, tokens, 16)
+    moe.decode_slots = 10**6  # every call takes the decode path
+    decoded = moe(x)
+    moe.decode_slots = 0  # every call takes the dispatch path
+    dispatched = moe(x)
+    assert decoded.shape == x.shape
+    torch.testing.assert_close(decoded, dispatched, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(decoded[0], expected(x[0]), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_decode_covers_experts_of_every_token_of_some_and_of_one(monkeypatch):
+    moe, expected = build_full(gated=True, bias=True, shared=True)
+    # expert 0: every token; expert 1: tokens 0 and 2; experts 2 and 3: one token each
+    chosen = torch.tensor([[0, 1], [2, 0], [0, 1], [3, 0]])
+    monkeypatch.setattr(moe, "select", lambda x: chosen)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(moe(x), expected(x), rtol=1e-5, atol=1e-5)
+    moe.decode_slots = 0
+    torch.testing.assert_close(moe(x), expected(x), rtol=1e-5, atol=1e-5)
+
+
+def test_few_tokens_take_the_decode_path(monkeypatch):
+    moe, _ = build_full(gated=True, bias=True, shared=False)
+    calls = []
+    monkeypatch.setattr(moe, "_decode", lambda *a: calls.append("decode"))
+    monkeypatch.setattr(moe, "_dispatch", lambda *a: calls.append("dispatch"))
+    with torch.no_grad():
+        moe(torch.randn(1, 16))
+        moe(torch.randn(moe.decode_slots // moe.top_k + 1, 16))
+    assert calls == ["decode", "dispatch"]
+
+
+@torch.no_grad()
+def test_greedy_generate_is_the_same_on_the_decode_and_dispatch_paths():
+    import transformers
+
+    from densetomoe import archs
+    from densetomoe.stages.calibrate import dense_ffn
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    arch = archs.arch_for(config)
+    modules = {}
+    for i, block in enumerate(model.model.layers):
+        ffn = dense_ffn(block, arch, nn.SiLU())
+        labels = at_random(ffn, None, 4, torch.Generator().manual_seed(i))
+        router = Router(32, 4, hidden=8)
+        modules[i] = surgery.moe_from_dense(ffn, labels, router, 4, 2, "silu", torch.randn(64, 32))
+    surgery.swap_in(model, arch, modules, top_k=2)
+    moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    prompt = torch.randint(256, (2, 6), generator=torch.Generator().manual_seed(0))
+    settings = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0)
+
+    for m in moes:
+        m.decode_slots = 0
+    before = model.generate(prompt, **settings)
+    for m in moes:
+        m.decode_slots = 16  # the 2 x 6 prompt is dispatched, each step of 2 tokens decoded
+    after = model.generate(prompt, **settings)
+    assert torch.equal(after, before)
+    assert torch.equal(model.generate(prompt, use_cache=False, **settings), before)
+    for m in moes:
+        m.decode_slots = 10**6  # the prompt too
+    assert torch.equal(model.generate(prompt, **settings), before)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # decode path, decode path, dispatch
+@torch.no_grad()
+def test_inference_under_autocast_keeps_the_input_dtype(shared, tokens, monkeypatch):
+    """Distillation's held-out evaluation runs the inference paths under autocast (bf16)."""
+    moe, expected = build_full(gated=True, bias=True, shared=shared)
+    x = torch.randn(tokens, 16)
+    chosen = moe.select(x)
+    monkeypatch.setattr(moe, "select", lambda x: chosen)  # bf16 router scores may rank otherwise
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected(x), rtol=0.05, atol=0.1)
