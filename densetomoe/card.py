@@ -19,6 +19,7 @@ PARTITION_TEXT = {
 }
 ROUTER_TEXT = {
     "mlp": "a small MLP per layer, trained on calibration tokens to predict each expert's share of the FFN output",
+    "linear": "one linear map per layer (no bias), trained on calibration tokens to predict each expert's share of the FFN output",
     "centroid": "training-free: each expert scores a token by its neurons' mean pre-activation",
 }
 
@@ -45,13 +46,17 @@ def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
     structure = getattr(result.model.config, "densetomoe", {})
     per_layer = structure.get("layer_top_k") or {}
     top_k = result.model.config.num_experts_per_tok
-    kept_dense = sorted(set(range(_num_layers(result.model))) - set(structure.get("moe_layers", [])))
+    if result.native is not None:
+        kept_dense = result.native.mlp_only_layers
+    else:
+        kept_dense = sorted(set(range(_num_layers(result.model))) - set(structure.get("moe_layers", [])))
     rows = []
     if r.ffn_budget is not None:
         listing = ", ".join(f"{i}: {k}" for i, k in per_layer.items()) or "none"
         rows.append(f"| per-layer budget | `{r.budget}` for an average of {r.ffn_budget:.0%} of FFN neurons; top-{top_k} except layers {listing}; dense layers: {', '.join(map(str, kept_dense)) or 'none'} |")
-    if structure.get("shared_size"):
-        rows.append(f"| shared expert | {structure['shared_size']} neurons with the largest mean contribution, always on |")
+    shared = result.native.shared_size if result.native is not None else structure.get("shared_size")
+    if shared:
+        rows.append(f"| shared expert | {shared} neurons with the largest mean contribution, always on |")
     if r.prune:
         rows.append(f"| pruning | {r.prune:.0%} of each expert's neurons removed (activation x weight importance) |")
     if result.history is not None:
@@ -62,6 +67,13 @@ def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
         combination = "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output; experts and routers distilled"
     else:
         combination = "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output (no training of the experts)"
+    if result.native is not None:
+        n = result.native.as_dict()
+        combination = (
+            f"native `{n['target']}`: router logits scaled so the selected experts' weights are uniform, down projections "
+            f"scaled to match and refit by least squares to the dense FFN output on calibration tokens (relative error "
+            f"{n['refit_error_before']:.3f} -> {n['refit_error_after']:.3f})" + ("; experts then distilled" if result.history else "")
+        )
     extra = "\n".join(rows) + ("\n" if rows else "")
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False).strip()}
@@ -103,7 +115,30 @@ On {q.texts} {where} ({q.tokens:,} tokens), dense vs. this model:
 This is a quick fidelity check, not a task benchmark: how much quality a sparse model keeps depends
 on the task. Measure on yours (`densetomoe eval`).
 
-## Use
+{_use(result, auto)}"""
+
+
+def _use(result: Conversion, auto: str) -> str:
+    if result.native is not None:
+        from .stages.native import TARGETS
+
+        engines = next(t.engines for t in TARGETS if t.model_type == result.native.target)
+        llama = "" if result.native.llama_cpp else (
+            "\nllama.cpp cannot run this folder: its qwen2moe makes every layer MoE, and layers "
+            f"{', '.join(map(str, result.native.mlp_only_layers))} stay dense here.\n"
+        )
+        return f"""## Use
+
+A standard transformers `{result.native.target}` checkpoint: no remote code. Runs in {engines}.
+
+```python
+from transformers import {auto}
+model = {auto}.from_pretrained("path/to/this/folder")
+```
+{llama}
+For llama.cpp: `python convert_hf_to_gguf.py path/to/this/folder --outtype f16` (the script that ships with llama.cpp).
+"""
+    return f"""## Use
 
 ```python
 from transformers import {auto}

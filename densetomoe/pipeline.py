@@ -22,7 +22,7 @@ from .console import progress
 from .errors import UsageError
 from .moe import moe_layers
 from .recipe import Distill, Recipe, check_against_model
-from .stages import budget, evaluate, export, load
+from .stages import budget, evaluate, export, load, native
 from .stages.calibrate import ActivationStats, DenseFFN, LayerStats, batches, calibrate, dense_ffn
 from .stages.partition import PARTITIONS
 from .stages.router import ROUTERS, RouterSettings
@@ -43,6 +43,11 @@ class Conversion:
     seconds: dict[str, float] = field(default_factory=dict)
     history: object | None = None  # distill.History when distilled
     out: Path | None = None
+    native: native.NativeReport | None = None  # format native: what the native export did
+
+    @property
+    def format(self) -> str:
+        return "native" if self.native is not None else "remote-code"
 
     def figures(self) -> dict:
         return {
@@ -51,6 +56,8 @@ class Conversion:
             "calibration": {"tokens": self.stats.tokens, "sequences": self.stats.sequences},
             "quick_eval": self.report.as_dict(),
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+            "format": self.format,
+            **({"native": self.native.as_dict()} if self.native is not None else {}),
             **({"distillation": self.history.as_dict()} if self.history is not None else {}),
         }
 
@@ -97,6 +104,7 @@ def convert(
     hidden, ffn_size = archs.ffn_sizes(config, arch)
     num_layers = archs.num_layers(config, arch)
     check_against_model(recipe, ffn_size, num_layers)
+    target = native.check_source(config, recipe.shared_experts) if recipe.format == "native" else None
     if not source.gguf_file:
         load.check_weights(source.path, recipe.allow_pickle)
     calibration_texts, held_out_texts, separate = split_texts(data.load_texts(recipe.calib), recipe.seed)
@@ -149,10 +157,19 @@ def convert(
         clock.lap("budget")
         log("per-layer top-k: " + ", ".join(f"{i}:{'dense' if k is None else k}" for i, k in plan.items()))
 
-    # swap in place; keep the dense model as the teacher when distilling
-    teacher = copy.deepcopy(model) if recipe.distill is not None else None
-    top_k = recipe.top_k if recipe.ffn_budget is None else Counter(m.top_k for m in modules.values()).most_common(1)[0][0]
-    surgery.swap_in(model, arch, modules, top_k)
+    native_report = None
+    if target is not None:  # a new native model; the dense one stays as it is (the teacher, if distilling)
+        native.check_plan(plan, recipe.experts)
+        samples = {i: stats.layers[i].inputs for i in modules}
+        teacher = model
+        model, native_report = native.to_native(
+            model, target, arch.layers, modules, {i: ffns[i] for i in modules}, samples, ffn_size, show_progress
+        )
+        clock.lap("native")
+    else:  # swap in place; keep the dense model as the teacher when distilling
+        teacher = copy.deepcopy(model) if recipe.distill is not None else None
+        top_k = recipe.top_k if recipe.ffn_budget is None else Counter(m.top_k for m in modules.values()).most_common(1)[0][0]
+        surgery.swap_in(model, arch, modules, top_k)
 
     history = None
     if recipe.distill is not None:
@@ -162,14 +179,14 @@ def convert(
             model, teacher, tokenizer, recipe.distill, arch, calibration_texts, held_out_texts,
             workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,
         )  # fmt: skip
-        del teacher
         clock.lap("distill")
 
     # measure against the dense outputs recorded before
-    report = evaluate.compare(model, probe, ffn_size, num_layers)
+    del teacher
+    report = evaluate.compare(model, probe, ffn_size, num_layers, converted=list(modules.values()))
     clock.lap("evaluate")
 
-    result = Conversion(recipe, source, model, tokenizer, report, stats, clock.seconds, history=history)
+    result = Conversion(recipe, source, model, tokenizer, report, stats, clock.seconds, history=history, native=native_report)
     if out is not None and is_main_process():  # under `accelerate launch`, one process writes
         text = card.render(result, held_out_separate=separate, arch=arch)
         export.write(
@@ -182,6 +199,7 @@ def convert(
             source_folder=source.path,
             gguf_file=source.gguf_file,
             extras=_loss_figure(history),
+            format=result.format,
         )
         clock.lap("export")
         result.out = out

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UsageError
 
 Partition = Literal["coactivation", "parameters", "random"]
-RouterKind = Literal["mlp", "centroid"]
+RouterKind = Literal["mlp", "linear", "centroid"]
+Format = Literal["remote-code", "native"]
 Budget = Literal["sensitivity", "uniform"]
 DType = Literal["float32", "bfloat16", "float16"]
 Trainable = Literal["moe", "all"]
@@ -77,7 +78,7 @@ class Recipe(BaseModel):
     budget: Budget = Field("sensitivity", description="how ffn_budget is shared out: sensitivity (measured per layer) or uniform")
     prune: float = Field(0.0, ge=0, lt=1, description="share of each expert's neurons removed by activation x weight importance")
     partition: Partition = Field("coactivation", description="how neurons are grouped into experts")
-    router: RouterKind = Field("mlp", description="how each token's experts are chosen")
+    router: RouterKind = Field("mlp", description="how each token's experts are chosen (format native: linear by default)")
     calib: str | None = Field(None, description="calibration text; None means the embedded Wikipedia sample")
     calib_tokens: int = Field(32768, gt=0, description="calibration tokens run through the dense model")
     seq_len: int = Field(128, ge=8, description="tokens per calibration sequence")
@@ -91,6 +92,19 @@ class Recipe(BaseModel):
     dtype: DType = "float32"
     allow_pickle: bool = Field(False, description="accept a checkpoint stored only as pickle (.bin)")
     distill: Distill | None = Field(None, description="recover quality by distillation from the dense model; None: training-free")
+    format: Format = Field(
+        "remote-code",
+        description="remote-code: densetomoe's own MoE module, loaded with trust_remote_code; native: a decoder as a "
+        "standard transformers MoE model (qwen2_moe / qwen3_moe) that serving engines run",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _native_router(cls, data):
+        """A native MoE's router is one linear map: ``format: native`` defaults the router to ``linear``."""
+        if isinstance(data, dict) and data.get("format") == "native" and data.get("router") is None:
+            data = {**data, "router": "linear"}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -98,6 +112,8 @@ class Recipe(BaseModel):
             raise ValueError(f"top_k ({self.top_k}) cannot exceed experts ({self.experts})")
         if self.ffn_budget is not None and "top_k" in self.model_fields_set:
             raise ValueError("give top_k or ffn_budget, not both: with ffn_budget each layer's top-k is chosen")
+        if self.format == "native" and self.router == "mlp":
+            raise ValueError("format native needs a linear router (a native MoE's gate is one linear map): use router linear or centroid")
         return self
 
     @property

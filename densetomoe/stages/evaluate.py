@@ -73,10 +73,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-def ffn_flops(model: nn.Module, dense_ffn_size: int, num_layers: int) -> tuple[float, float]:
-    """``(dense, moe)`` multiply-adds x 2 per token summed over all FFN layers (router included)."""
+def ffn_flops(modules: list[MoEFeedForward], dense_ffn_size: int, num_layers: int) -> tuple[float, float]:
+    """``(dense, moe)`` multiply-adds x 2 per token summed over all FFN layers (router included), for a
+    model whose converted layers are ``modules``."""
     dense = moe = 0.0
-    modules = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
     for m in modules:
         projections = 3 if m.gated else 2
         per_neuron = 2 * m.hidden_size * projections
@@ -114,7 +114,11 @@ def active_ffn_share(converted: list[MoEFeedForward], dense_ffn_size: int, num_l
 
 
 @torch.no_grad()
-def compare(model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int) -> QuickReport:
+def compare(
+    model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int, converted: list[MoEFeedForward] | None = None
+) -> QuickReport:
+    """Fidelity of ``model`` to the dense outputs in ``probe``; FLOPs and FFN share from its converted
+    layers (``converted``: the MoE modules a native model was made from; default: ``model``'s own)."""
     cosines, err_num, err_den, agree, total, tokens = [], 0.0, 0.0, 0, 0, 0
     nll_dense, nll_moe, scored = 0.0, 0.0, 0
     for batch, dense_h, dense_pred, dense_nll in zip(probe.batches, probe.hidden, probe.predictions, probe.nll):
@@ -137,8 +141,9 @@ def compare(model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int
             nll_dense += dense_nll[targets].sum().item()
             nll_moe += next_token_nll(logits, batch["input_ids"])[targets].sum().item()
             scored += int(targets.sum())
-    dense, moe = ffn_flops(model, dense_ffn_size, num_layers)
-    converted = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    if converted is None:
+        converted = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    dense, moe = ffn_flops(converted, dense_ffn_size, num_layers)
     share = active_ffn_share(converted, dense_ffn_size, num_layers)
     return QuickReport(
         texts=sum(len(b["input_ids"]) for b in probe.batches),

@@ -80,6 +80,22 @@ def moe_config(model: nn.Module):
     return config
 
 
+def _write_remote_code(model: nn.Module, staging: Path) -> None:
+    """Weights, the ``MoE<Config>`` config whose ``auto_map`` names ``modeling_densetomoe.py``, and that file."""
+    model.save_pretrained(staging)  # with generation_config.json for a model that can generate
+    moe_config(model).save_pretrained(staging)  # replaces the dense config written above
+    shutil.copyfile(Path(moe.__file__), staging / MODELING_FILE)
+
+
+def _write_native(model: nn.Module, staging: Path) -> None:
+    """A native transformers MoE model (qwen2_moe, ...): what ``save_pretrained`` writes, nothing else."""
+    model.save_pretrained(staging)
+
+
+# How the model itself is written, by the recipe's ``format``.
+FORMATS: dict[str, Callable[[nn.Module, Path], None]] = {"remote-code": _write_remote_code, "native": _write_native}
+
+
 def write(
     out: Path,
     overwrite: bool,
@@ -92,10 +108,11 @@ def write(
     gguf_file: str | None = None,
     on_file: Callable[[str], None] = lambda name: None,
     extras: Callable[[Path], None] | None = None,
+    format: str = "remote-code",
 ) -> Path:
     """Write everything to a temporary sibling of ``out`` and move it into place when complete.
 
-    The tokenizer is read again from ``source_folder`` (from ``gguf_file`` in it, for a GGUF source);
+    ``format`` is a :data:`FORMATS` entry: how the model itself is written. The tokenizer is read again from ``source_folder`` (from ``gguf_file`` in it, for a GGUF source);
     ``extras`` may add files (figures) to the staging folder before it is moved."""
     out = Path(out)
     check_destination(out, overwrite)
@@ -103,10 +120,8 @@ def write(
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging)  # with generation_config.json for a model that can generate
+        FORMATS[format](model, staging)
         on_file("weights")
-        moe_config(model).save_pretrained(staging)  # replaces the dense config written above
-        shutil.copyfile(Path(moe.__file__), staging / MODELING_FILE)
         # a fresh copy: calls with truncation settings change a tokenizer's saved state
         files = {"gguf_file": gguf_file} if gguf_file else {}
         AutoTokenizer.from_pretrained(source_folder, **files).save_pretrained(staging)

@@ -93,6 +93,38 @@ def mlp_router(ffn, stats, labels, experts, settings, generator) -> Router:
     return router
 
 
+@register("linear")
+def linear_router(ffn, stats, labels, experts, settings, generator) -> Router:
+    """One linear map without bias, trained like :func:`mlp_router` (soft-target cross-entropy to each
+    expert's share of the output). It is the router a native MoE checkpoint has (``gate.weight``,
+    ``(experts, hidden)``, no bias), so ``--format native`` uses it by default.
+    """
+    x = stats.inputs  # (samples, hidden)
+    target = expert_shares(ffn, x, labels, experts)  # (samples, experts)
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    router = Router(x.shape[1], experts, hidden=0)
+    linear = router.layers[0]
+    scale = x.pow(2).mean(0).sqrt().clamp_min(1e-6)  # per-feature RMS: scaling folds in, a shift would need a bias
+    with torch.no_grad():
+        linear.bias.zero_()
+    linear.bias.requires_grad_(False)
+    optimizer = torch.optim.AdamW([linear.weight], lr=settings.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
+    with torch.enable_grad():
+        for _ in range(settings.steps):
+            pick = torch.randint(len(x), (min(settings.batch, len(x)),), generator=generator)
+            logits = router(x[pick] / scale)
+            loss = -(target[pick] * logits.log_softmax(-1)).sum(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    linear.bias.requires_grad_(True)
+    with torch.no_grad():
+        linear.weight.div_(scale)
+    return router
+
+
 def _fold_normalisation(router: Router, mean: torch.Tensor, std: torch.Tensor) -> None:
     """Absorb the input standardisation ``(x - mean) / std`` into the first linear layer."""
     first = router.layers[0]

@@ -1,0 +1,305 @@
+"""Turn a converted decoder into a *native* transformers MoE model: no remote code, and a model type
+that serving engines (llama.cpp, vLLM, SGLang, ...) already run.
+
+Targets are data (:data:`TARGETS`): LLaMA, Mistral and Qwen2 blocks become ``qwen2_moe`` blocks (the
+attention is LLaMA's plus q/k/v biases, written as zeros), Qwen3 blocks become ``qwen3_moe`` blocks
+(the same attention with QK-norm, copied as it is).
+
+A native MoE block computes ``sum_{e in top-k} p_e(x) E_e(x)`` (+ ``sigmoid(g.x) S(x)`` for qwen2_moe's
+shared expert), with ``p`` the router's softmax, while densetomoe's own module sums the selected
+experts unweighted and adds the unselected experts' mean output. The native weights are set so that
+the two agree where they can:
+
+* **weights ~ 1.** The router's logits are scaled by a power of two ``alpha`` (ranking unchanged) so
+  that every token's logit spread is below :data:`ROUTER_SPREAD`: the softmax is then uniform to
+  ~1e-4, and each expert's down projection is multiplied by ``E`` (by ``k`` where the engines
+  renormalise the top-k weights, as qwen3_moe does). At ``top_k == experts`` the native model is the
+  dense model.
+* **The shared expert's gate** is a tiny constant weight, so ``sigmoid(g.x) = 1/2`` to ~1e-5 and its
+  down projection is doubled. It is never exactly zero: llama.cpp computes this sigmoid as
+  ``silu(z) / z``, which is NaN at ``z = 0``. llama.cpp needs a shared expert in every qwen2_moe layer;
+  without ``--shared-experts`` the block gets an all-zero one of :data:`EMPTY_SHARED` neurons.
+* **The compensation** (unselected experts' mean output) has no place in a bias-free native block,
+  so instead the down projections are refit by least squares to the dense FFN output on the
+  calibration tokens, under the exact routing and weights above (:mod:`.refit`).
+* **Per-layer structure**: layers that stay dense become ``mlp_only_layers``. Every MoE layer must use
+  the same top-k (the config has one ``num_experts_per_tok``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from ..errors import UsageError
+from ..moe import MoEFeedForward
+from .calibrate import DenseFFN
+from .refit import relative_error, ridge_down
+
+ROUTER_SPREAD = 2.0**-14  # largest logit spread of a token after scaling: softmax uniform to ~1e-4
+SHARED_GATE = 2.0**-20  # the shared expert's gate weight (every entry): sigmoid(g.x) = 1/2 + O(1e-5)
+EMPTY_SHARED = 32  # neurons of the all-zero shared expert a qwen2_moe block gets without --shared-experts
+RIDGE = 1e-2  # ridge of the down-projection refit, relative to the Gram matrix's mean diagonal
+
+
+@dataclass(frozen=True)
+class Target:
+    """A native transformers MoE model type that converted decoders of ``sources`` become."""
+
+    model_type: str
+    sources: tuple[str, ...]  # dense model types
+    shared_expert: bool  # an always-on shared expert with a sigmoid gate (required by llama.cpp)
+    renormalises: bool  # the engines renormalise the top-k weights to sum 1 (norm_topk_prob)
+    engines: str  # who runs it, for the model card and messages
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(
+        "qwen2_moe",
+        ("llama", "mistral", "qwen2"),
+        shared_expert=True,
+        renormalises=False,  # llama.cpp's qwen2moe never renormalises, whatever norm_topk_prob says
+        engines="transformers, vLLM, SGLang; llama.cpp when every layer is MoE",
+    ),
+    Target("qwen3_moe", ("qwen3",), shared_expert=False, renormalises=True, engines="transformers, vLLM, SGLang, llama.cpp"),
+)
+
+
+def supported() -> str:
+    return ", ".join(f"{'/'.join(t.sources)} -> {t.model_type}" for t in TARGETS)
+
+
+def target_for(config) -> Target:
+    """The native target of a dense config, or one line saying which models have one."""
+    for target in TARGETS:
+        if config.model_type in target.sources:
+            return target
+    raise UsageError(
+        f"--format native: {config.model_type!r} models have no native MoE model type in transformers "
+        f"(supported: {supported()}); use --format remote-code"
+    )
+
+
+def check_source(config, shared_experts: int) -> Target:
+    """Everything about the dense config that the target must match, before weights are read."""
+    target = target_for(config)
+    act = getattr(config, "hidden_act", None)
+    if act != "silu":
+        raise UsageError(f"--format native: the engines' {target.model_type} uses SiLU, this model's FFN uses {act!r}")
+    if getattr(config, "mlp_bias", False):
+        raise UsageError(f"--format native: {target.model_type} has no FFN biases, this model has them")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if target.model_type == "qwen2_moe" and head_dim * config.num_attention_heads != config.hidden_size:
+        raise UsageError("--format native: qwen2_moe needs head_dim x heads == hidden size")
+    if shared_experts and not target.shared_expert:
+        raise UsageError(f"--format native: {target.model_type} has no shared expert; drop --shared-experts")
+    return target
+
+
+def check_plan(plan: dict[int, int | None], experts: int) -> int:
+    """The one top-k every MoE layer of a native model shares (dense layers: ``None`` in ``plan``)."""
+    used = sorted({k for k in plan.values() if k is not None})
+    if len(used) > 1:
+        layers = {k: [i for i, v in plan.items() if v == k] for k in used}
+        listing = "; ".join(f"top-{k}: layers {', '.join(map(str, ls))}" for k, ls in layers.items())
+        raise UsageError(
+            f"--format native: a native MoE config has one top-k for all MoE layers, this plan mixes them ({listing}); "
+            "use --top-k, or --format remote-code for per-layer top-k"
+        )
+    return used[0] if used else experts
+
+
+@dataclass
+class LayerFit:
+    """What the native conversion did to one MoE layer (for the figures file)."""
+
+    router_scale: float  # alpha
+    error_before: float  # relative FFN output error on calibration tokens, native weights before refit
+    error_after: float  # ... and after the refit
+
+
+@dataclass
+class NativeReport:
+    target: str
+    mlp_only_layers: list[int]
+    shared_size: int
+    layers: dict[int, LayerFit] = field(default_factory=dict)
+
+    @property
+    def llama_cpp(self) -> bool:
+        """llama.cpp's qwen2moe builds every layer as MoE: dense layers are not supported there."""
+        return not (self.target == "qwen2_moe" and self.mlp_only_layers)
+
+    def as_dict(self) -> dict:
+        fits = self.layers.values()
+        mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+        return {
+            "target": self.target,
+            "mlp_only_layers": self.mlp_only_layers,
+            "shared_expert_size": self.shared_size,
+            "llama_cpp": self.llama_cpp,
+            "refit_error_before": round(mean([f.error_before for f in fits]), 4),
+            "refit_error_after": round(mean([f.error_after for f in fits]), 4),
+        }
+
+
+def router_scale(logits: torch.Tensor) -> float:
+    """The power of two that brings every token's logit spread (max - min) below :data:`ROUTER_SPREAD`."""
+    spread = float((logits.max(-1).values - logits.min(-1).values).max().clamp_min(1e-30))
+    return 2.0 ** math.floor(math.log2(ROUTER_SPREAD / spread))
+
+
+def routing_weights(logits: torch.Tensor, top_k: int, renormalise: bool) -> torch.Tensor:
+    """``(tokens, experts)``: each selected expert's weight as the engines compute it (fp32 softmax of
+    the logits, top-k, optionally renormalised); zero for unselected experts."""
+    probs = logits.float().softmax(-1)
+    values, chosen = probs.topk(top_k, dim=-1)
+    if renormalise:
+        values = values / values.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(1, chosen, values)
+
+
+def native_layer(
+    module: MoEFeedForward, dense: DenseFFN, sample: torch.Tensor, target: Target
+) -> tuple[dict[str, torch.Tensor], LayerFit]:
+    """One MoE layer's native tensors (block-relative names, float32) and what the refit achieved."""
+    if module.b_up is not None or not module.gated:
+        raise UsageError(f"--format native: {target.model_type} experts are gated and bias-free")
+    router = module.router.layers
+    if len(router) != 1 or float(router[0].bias.detach().abs().max()) > 0:
+        raise UsageError("--format native: the router must be one linear map without bias (--router linear or centroid)")
+    experts, size, k = module.num_experts, module.expert_size, module.top_k
+    x = sample.float()  # (tokens, hidden)
+    weight = router[0].weight.detach().float()  # (experts, hidden)
+    alpha = router_scale(x @ weight.T)
+    gate = alpha * weight
+    coef = routing_weights(x @ gate.T, k, target.renormalises)  # (tokens, experts)
+    scale = k if target.renormalises else experts  # 1 / the (uniform) weight of a selected expert
+    with torch.no_grad():
+        acts = module._neurons(x, slice(None)).float().reshape(len(x), experts, size)  # (tokens, experts, size)
+        features = [(acts * coef.unsqueeze(-1)).reshape(len(x), -1)]
+        down = [scale * module.w_down.detach().float().reshape(-1, module.hidden_size).T]  # (hidden, experts*size)
+        tensors = {
+            "mlp.gate.weight": gate,
+            "mlp.experts.gate_up_proj": torch.cat([module.w_gate, module.w_up], dim=1).detach().float(),
+        }
+        if target.shared_expert:
+            shared_gate = torch.full((1, module.hidden_size), SHARED_GATE)
+            tensors["mlp.shared_expert_gate.weight"] = shared_gate
+            if module.shared_size:
+                up, gate_w = module.shared_up.detach().float(), module.shared_gate.detach().float()
+                sigmoid = torch.sigmoid(x @ shared_gate.T)  # (tokens, 1)
+                features.append(sigmoid * module.act(x @ gate_w.T) * (x @ up.T))
+                down.append(2.0 * module.shared_down.detach().float().T)  # (hidden, shared)
+                tensors["mlp.shared_expert.gate_proj.weight"] = gate_w
+                tensors["mlp.shared_expert.up_proj.weight"] = up
+            else:
+                empty = torch.zeros(EMPTY_SHARED, module.hidden_size)
+                tensors["mlp.shared_expert.gate_proj.weight"] = empty
+                tensors["mlp.shared_expert.up_proj.weight"] = empty.clone()
+                tensors["mlp.shared_expert.down_proj.weight"] = empty.T.clone()
+        z = torch.cat(features, dim=1)  # (tokens, routed + shared neurons)
+        initial = torch.cat(down, dim=1)  # (hidden, routed + shared neurons)
+        y = dense.neurons(x) @ dense.w_down.T  # (tokens, hidden): what the dense FFN outputs
+        before = relative_error(z @ initial.T, y)
+        refit = ridge_down(z, y, initial, RIDGE) if k < experts else initial
+        after = relative_error(z @ refit.T, y)
+        routed = experts * size
+        tensors["mlp.experts.down_proj"] = refit[:, :routed].reshape(module.hidden_size, experts, size).permute(1, 0, 2).contiguous()
+        if target.shared_expert and module.shared_size:
+            tensors["mlp.shared_expert.down_proj.weight"] = refit[:, routed:].contiguous()
+    return tensors, LayerFit(alpha, before, after)
+
+
+def native_config(dense_config, target: Target, ffn_size: int, module: MoEFeedForward, top_k: int, mlp_only: list[int]):
+    """The native MoE config: the dense config's attention, norms, rope and vocabulary, plus the experts."""
+    c = dense_config
+    settings = dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=ffn_size,  # the layers that stay dense
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings,
+        initializer_range=getattr(c, "initializer_range", 0.02),
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=getattr(c, "tie_word_embeddings", False),
+        rope_parameters=getattr(c, "rope_parameters", None),
+        attention_dropout=0.0,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=getattr(c, "pad_token_id", None),
+        num_experts=module.num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=module.expert_size,
+        norm_topk_prob=target.renormalises,
+        decoder_sparse_step=1,
+        mlp_only_layers=mlp_only,
+    )
+    if target.model_type == "qwen2_moe":
+        settings.update(shared_expert_intermediate_size=module.shared_size or EMPTY_SHARED, qkv_bias=True)
+    else:  # qwen3_moe: Qwen3's attention as it is
+        settings.update(head_dim=c.head_dim, attention_bias=getattr(c, "attention_bias", False))
+    window = getattr(c, "sliding_window", None)
+    if window and (c.model_type == "mistral" or getattr(c, "use_sliding_window", False)):
+        settings.update(use_sliding_window=True, sliding_window=window, max_window_layers=c.num_hidden_layers)
+        settings["layer_types"] = getattr(c, "layer_types", None) or ["sliding_attention"] * c.num_hidden_layers
+    return CONFIG_MAPPING[target.model_type](**settings)
+
+
+def to_native(
+    dense: nn.Module,
+    target: Target,
+    layers_attr: str,
+    modules: dict[int, MoEFeedForward],
+    ffns: dict[int, DenseFFN],
+    samples: dict[int, torch.Tensor],
+    ffn_size: int,
+    show_progress: bool = True,
+) -> tuple[nn.Module, NativeReport]:
+    """The native MoE model for ``dense`` (left unchanged) with ``modules`` at their block indices;
+    ``ffns`` and ``samples`` are the converted layers' dense FFNs and calibration FFN inputs."""
+    from ..console import progress
+
+    top_k = next(iter(modules.values())).top_k
+    num_layers = dense.config.num_hidden_layers
+    mlp_only = [i for i in range(num_layers) if i not in modules]
+    first = next(iter(modules.values()))
+    config = native_config(dense.config, target, ffn_size, first, top_k, mlp_only)
+    state = {}
+    prefix = f"model.{layers_attr}."
+    for name, tensor in dense.state_dict().items():
+        if name.startswith(prefix) and int(name[len(prefix) :].split(".")[0]) in modules and ".mlp." in name:
+            continue  # replaced below
+        if name.endswith("self_attn.o_proj.bias"):
+            raise UsageError(f"--format native: {target.model_type} has no output-projection bias, this model has one")
+        state[name] = tensor
+    if target.model_type == "qwen2_moe":  # LLaMA/Mistral attention without q/k/v biases: zeros are exact
+        for i in range(num_layers):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                weight = state[f"{prefix}{i}.self_attn.{proj}.weight"]
+                state.setdefault(f"{prefix}{i}.self_attn.{proj}.bias", weight.new_zeros(weight.shape[0]))
+    report = NativeReport(target.model_type, mlp_only, first.shared_size)
+    with progress(show_progress) as bar:
+        task = bar.add_task("native experts", total=len(modules))
+        for i, module in sorted(modules.items()):
+            tensors, report.layers[i] = native_layer(module, ffns[i], samples[i], target)
+            dtype = dense.dtype
+            state.update({f"{prefix}{i}.{name}": t.to(dtype) for name, t in tensors.items()})
+            bar.advance(task)
+    model = AutoModelForCausalLM.from_config(config, dtype=dense.dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:  # a mapping bug, not bad input
+        raise RuntimeError(f"native weights do not match {target.model_type}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.generation_config = dense.generation_config
+    return model.eval(), report
