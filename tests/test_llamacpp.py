@@ -1,0 +1,93 @@
+"""llama.cpp serves what densetomoe writes: a dense LLaMA-family folder (the real SmolLM2-135M-Instruct)
+and a ``--format native`` qwen2_moe folder, converted to GGUF by llama.cpp's own converter and run by
+llama-cpp-python, agree with transformers on the same folder.
+
+Needs ``make llamacpp`` (``make test`` runs it first); skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import quick_recipe
+
+import densetomoe
+from densetomoe import llamacpp
+from densetomoe.stages import load
+
+pytestmark = pytest.mark.skipif(llamacpp.missing() is not None, reason=f"llama.cpp: {llamacpp.missing()}")
+
+CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+TEXT = "The history of the Roman Empire"
+AGREE = 16  # greedy tokens that llama.cpp and transformers must agree on
+
+
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def smollm_folder(smollm, tmp_path_factory):
+    """SmolLM2-135M-Instruct as a plain float32 Hugging Face folder (the Q4_1 GGUF, dequantized)."""
+    folder = tmp_path_factory.mktemp("smollm_dense")
+    source = load.resolve(str(smollm))
+    model, tokenizer = load.load_model(source, load.load_config(source), causal_lm=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_dense_smollm_answers_and_agrees_with_transformers(smollm_folder, tmp_path):
+    gguf = llamacpp.to_gguf(smollm_folder, tmp_path / "dense.gguf", "f32")
+    llm = llamacpp.load(gguf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm_folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm_folder).eval()
+
+    chat = tokenizer(CHAT)["input_ids"]
+    # the converter recognised the tokenizer's pre-tokenizer (SmolLM's): both tokenize the same way
+    assert llm.tokenize(CHAT.encode(), add_bos=False, special=True) == chat
+    answer = llamacpp.generate(llm, chat, 16, stop={tokenizer.eos_token_id})
+    assert "Paris" in tokenizer.decode(answer)
+    assert answer == greedy(model, chat, 16)[: len(answer)]
+
+    text = tokenizer(TEXT)["input_ids"]
+    assert llamacpp.generate(llm, text, AGREE) == greedy(model, text, AGREE)
+
+    timing = llamacpp.time_decode(llm, chat, new_tokens=8)
+    assert timing.new_tokens == 8 and timing.tokens_per_s > 0 and 0 < timing.engine_decode_s <= timing.decode_s
+
+
+@pytest.mark.parametrize("top_k", [2, 4])
+def test_native_moe_agrees_with_transformers(tiny_decoders, texts_file, tmp_path, top_k):
+    """A tiny LLaMA (tied embeddings: llama.cpp's qwen2moe needs an output.weight of its own) converted
+    with ``--format native`` to 4 experts; at top-4 of 4 it is still the dense model."""
+    recipe = quick_recipe(tiny_decoders["llama"], texts_file, top_k=top_k, format="native")
+    densetomoe.convert(recipe, out=tmp_path / "moe", show_progress=False)
+    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert type(moe).__name__ == "Qwen2MoeForCausalLM"
+    llm = llamacpp.load(llamacpp.to_gguf(tmp_path / "moe", tmp_path / "moe.gguf", "f32"), n_ctx=256, logits_all=True)
+
+    ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "moe")(TEXT)["input_ids"]
+    assert llamacpp.generate(llm, ids, AGREE) == greedy(moe, ids, AGREE)
+    llm.reset()
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = moe(torch.tensor([ids])).logits[0].numpy()  # (tokens, vocab)
+    np.testing.assert_allclose(llm.scores[: len(ids)], expected, atol=0.02 * np.abs(expected).max())
+    if top_k == recipe.experts:
+        dense = transformers.AutoModelForCausalLM.from_pretrained(tiny_decoders["llama"]).eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(expected, dense(torch.tensor([ids])).logits[0].numpy(), atol=1e-3)
+
+
+def test_to_gguf_names_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv(llamacpp.CONVERTER_ENV, str(tmp_path))
+    with pytest.raises(densetomoe.UsageError, match="convert_hf_to_gguf.py is not in"):
+        llamacpp.to_gguf(tmp_path, tmp_path / "x.gguf")
+    with pytest.raises(densetomoe.UsageError, match="outtype"):
+        llamacpp.to_gguf(tmp_path, tmp_path / "x.gguf", "q4_k")
