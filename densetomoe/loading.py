@@ -23,25 +23,23 @@ def load(folder: str | Path, top_k: int | None = None, **kwargs):
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"{folder} is not a model folder: {e}") from None
     experts = config.get("num_experts") or config.get("num_local_experts")  # qwen3_moe saves the latter
+    if top_k is not None and experts and not 1 <= top_k <= experts:
+        raise UsageError(f"top_k must be between 1 and {experts}, got {top_k}")
     if moe.CONFIG_KEY not in config and experts and (folder / "densetomoe_conversion.json").is_file():
-        return _load_native(folder, top_k, experts, **kwargs)  # --format native: a plain transformers MoE
+        return _load_native(folder, top_k, **kwargs)  # --format native: a plain transformers MoE
     if moe.CONFIG_KEY not in config:
         raise UsageError(f"{folder} was not written by densetomoe (its config has no {moe.CONFIG_KEY!r} entry)")
     name = config["architectures"][0].removeprefix(moe.CLASS_PREFIX)
     dense = getattr(transformers, name, None)
     if dense is None:
         raise UsageError(f"{folder} needs transformers' {name}, which this transformers version lacks")
-    if top_k is not None and not 1 <= top_k <= config["num_experts"]:
-        raise UsageError(f"top_k must be between 1 and {config['num_experts']}, got {top_k}")
     model = moe.moe_model_class(dense).from_pretrained(folder, **kwargs)
     if top_k is not None:  # every layer, replacing any per-layer top-k a budget chose
         moe.set_top_k(model, top_k)
     return model.eval()
 
 
-def _load_native(folder: Path, top_k: int | None, experts: int, **kwargs):
-    if top_k is not None and not 1 <= top_k <= experts:
-        raise UsageError(f"top_k must be between 1 and {experts}, got {top_k}")
+def _load_native(folder: Path, top_k: int | None, **kwargs):
     if top_k is not None:
         kwargs["num_experts_per_tok"] = top_k
     return transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()

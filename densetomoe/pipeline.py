@@ -1,6 +1,6 @@
 """``convert()``: one conversion, its stages in order.
 
-    load -> calibrate -> partition -> route -> budget -> swap -> [distill] -> evaluate -> export
+    load -> calibrate -> partition -> route -> budget -> swap (or native) -> [distill] -> evaluate -> export
 """
 
 from __future__ import annotations
@@ -113,26 +113,12 @@ def convert(
     clock.lap("load")
 
     layers = sorted(set(recipe.layers)) if recipe.layers else list(range(num_layers))
-    blocks = moe_layers(model, {"layers": arch.layers})
     activation = archs.activation(config, arch)
-    ffns = {i: dense_ffn(blocks[i], arch, ACT2FN[activation]) for i in layers}
     held_out = list(batches(tokenizer, held_out_texts, recipe.seq_len, recipe.batch_size))
     probe = evaluate.record(model, held_out, causal_lm=arch.decoder)
 
     # calibrate
-    stats = calibrate(
-        model,
-        tokenizer,
-        calibration_texts,
-        arch,
-        ffns,
-        tokens=recipe.calib_tokens,
-        seq_len=recipe.seq_len,
-        batch_size=recipe.batch_size,
-        sample_tokens=recipe.sample_tokens,
-        seed=recipe.seed,
-        show_progress=show_progress,
-    )
+    ffns, stats = calibrate_layers(model, tokenizer, calibration_texts, arch, layers, recipe, show_progress)
     clock.lap("calibrate")
     if stats.tokens < recipe.calib_tokens:
         log(f"warning: the calibration text ran out after {stats.tokens:,} of {recipe.calib_tokens:,} tokens")
@@ -303,6 +289,20 @@ def distill(
     return result
 
 
+def calibrate_layers(
+    model: nn.Module, tokenizer, texts: list[str], arch: archs.Arch, layers: list[int], recipe: Recipe, show_progress: bool
+) -> tuple[dict[int, DenseFFN], ActivationStats]:
+    """The dense FFNs of ``layers`` and their calibration statistics, with the recipe's settings."""
+    blocks = moe_layers(model, {"layers": arch.layers})
+    activation = ACT2FN[archs.activation(model.config, arch)]
+    ffns = {i: dense_ffn(blocks[i], arch, activation) for i in layers}
+    stats = calibrate(
+        model, tokenizer, texts, arch, ffns, tokens=recipe.calib_tokens, seq_len=recipe.seq_len,
+        batch_size=recipe.batch_size, sample_tokens=recipe.sample_tokens, seed=recipe.seed, show_progress=show_progress,
+    )  # fmt: skip
+    return ffns, stats
+
+
 def _native_from_folder(student, teacher, tokenizer, recipe: Recipe, arch, texts: list[str], show_progress: bool):
     """A remote-code ``student`` as the native model: the teacher is calibrated again for the refit."""
     target = native.check_source(teacher.config, recipe.shared_experts)
@@ -311,13 +311,7 @@ def _native_from_folder(student, teacher, tokenizer, recipe: Recipe, arch, texts
     modules = {i: blocks[i].get_submodule(structure["moe_at"]) for i in structure["moe_layers"]}
     num_layers = archs.num_layers(teacher.config, arch)
     native.check_plan({i: modules[i].top_k if i in modules else None for i in range(num_layers)}, recipe.experts)
-    activation = ACT2FN[archs.activation(teacher.config, arch)]
-    dense_blocks = moe_layers(teacher, {"layers": arch.layers})
-    ffns = {i: dense_ffn(dense_blocks[i], arch, activation) for i in modules}
-    stats = calibrate(
-        teacher, tokenizer, texts, arch, ffns, tokens=recipe.calib_tokens, seq_len=recipe.seq_len,
-        batch_size=recipe.batch_size, sample_tokens=recipe.sample_tokens, seed=recipe.seed, show_progress=show_progress,
-    )  # fmt: skip
+    ffns, stats = calibrate_layers(teacher, tokenizer, texts, arch, list(modules), recipe, show_progress)
     _, ffn_size = archs.ffn_sizes(teacher.config, arch)
     samples = {i: stats.layers[i].inputs for i in modules}
     return native.to_native(teacher, target, arch.layers, modules, ffns, samples, ffn_size, show_progress)

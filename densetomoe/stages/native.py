@@ -122,7 +122,6 @@ def check_plan(plan: dict[int, int | None], experts: int) -> int:
 class LayerFit:
     """What the native conversion did to one MoE layer."""
 
-    router_scale: float  # alpha
     error_before: float  # relative FFN output error on calibration tokens, native weights before refit
     error_after: float  # ... and after the refit
 
@@ -220,7 +219,7 @@ def native_layer(
         tensors["mlp.experts.down_proj"] = refit[:, :routed].reshape(module.hidden_size, experts, size).permute(1, 0, 2).contiguous()
         if target.shared_expert and module.shared_size:
             tensors["mlp.shared_expert.down_proj.weight"] = refit[:, routed:].contiguous()
-    return tensors, LayerFit(alpha, before, after)
+    return tensors, LayerFit(before, after)
 
 
 def native_config(dense_config, target: Target, ffn_size: int, module: MoEFeedForward, top_k: int, mlp_only: list[int]):
@@ -280,8 +279,7 @@ def to_native(
     mlp_only = [i for i in range(num_layers) if i not in modules]
     first = next(iter(modules.values()))
     config = native_config(dense.config, target, ffn_size, first, top_k, mlp_only)
-    untie = target.untied_head and config.tie_word_embeddings
-    if untie:
+    if target.untied_head:  # the dense state dict holds lm_head.weight even when tied: it is copied as its own matrix
         config.tie_word_embeddings = False
     state = {}
     prefix = f"model.{layers_attr}."
@@ -305,8 +303,6 @@ def to_native(
             dtype = dense.dtype
             state.update({f"{prefix}{i}.{name}": t.to(dtype) for name, t in tensors.items()})
             bar.advance(task)
-    if untie:
-        state["lm_head.weight"] = dense.get_input_embeddings().weight.detach().clone()
     model = AutoModelForCausalLM.from_config(config, dtype=dense.dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
