@@ -2,36 +2,42 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import yaml
 
-from .archs import Arch
-
-if TYPE_CHECKING:
-    from .pipeline import Conversion
-
-PARTITION_TEXT = {
-    "coactivation": "neurons that activate on the same calibration tokens share an expert (balanced k-means)",
-    "parameters": "neurons with similar input weights share an expert (balanced k-means on weight rows)",
-    "random": "neurons assigned to experts at random (baseline)",
-}
-ROUTER_TEXT = {
-    "mlp": "a small MLP per layer, trained on calibration tokens to predict each expert's share of the FFN output",
-    "linear": "one linear map per layer (no bias), trained on calibration tokens to predict each expert's share of the FFN output",
-    "centroid": "training-free: each expert scores a token by its neurons' mean pre-activation",
-}
+from . import folder
+from .moe import nominal_top_k
+from .recipe import Recipe
+from .stages.budget import BUDGETS
+from .stages.distill import History
+from .stages.evaluate import QuickReport
+from .stages.native import TARGETS, NativeReport
+from .stages.partition import PARTITIONS
+from .stages.router import ROUTERS
 
 
-def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
-    r, q = result.recipe, result.report
-    name = result.source.hub_id or Path(result.source.name).name  # never publish a local path
-    meta = {
-        "base_model": result.source.hub_id or None,
-        "library_name": "transformers",
-        "tags": ["moe", "densetomoe", "mixture-of-experts"],
-    }
+def render(
+    *,
+    name: str,
+    hub_id: str | None,
+    family: str,
+    decoder: bool,
+    head: str,
+    recipe: Recipe,
+    report: QuickReport,
+    top_k: dict[int, int],
+    num_layers: int,
+    shared_size: int,
+    calibration_tokens: int,
+    seconds: float,
+    held_out_separate: bool,
+    history: History | None = None,
+    native: NativeReport | None = None,
+) -> str:
+    """The card of a model converted from ``name`` (never a local path) of ``family``, saved as class
+    ``head``: ``top_k`` is each converted layer's top-k (the others stayed dense), ``report`` the
+    quick check at conversion, ``seconds`` the conversion's wall time."""
+    r, q = recipe, report
+    meta = {"base_model": hub_id or None, "library_name": "transformers", "tags": folder.TAGS}
     meta = {k: v for k, v in meta.items() if v}
     agreement = "n/a (no head)" if q.head_agreement is None else f"{q.head_agreement:.3f}"
     perplexity = (
@@ -40,39 +46,33 @@ def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
         else ""
     )
     where = "held-out documents of the calibration source" if held_out_separate else "the calibration documents"
-    auto = "AutoModelForCausalLM" if arch.decoder else "AutoModel"
-    head = result.model.__class__.__name__
+    auto = "AutoModelForCausalLM" if decoder else "AutoModel"
     layers = "all" if not r.layers else ", ".join(map(str, r.layers))
-    structure = getattr(result.model.config, "densetomoe", {})
-    per_layer = structure.get("layer_top_k") or {}
-    top_k = result.model.config.num_experts_per_tok
-    if result.native is not None:
-        kept_dense = result.native.mlp_only_layers
-    else:
-        kept_dense = sorted(set(range(_num_layers(result.model))) - set(structure.get("moe_layers", [])))
+    nominal = nominal_top_k(top_k)
+    per_layer = {i: k for i, k in top_k.items() if k != nominal}
+    kept_dense = [i for i in range(num_layers) if i not in top_k]
     rows = []
     if r.ffn_budget is not None:
         listing = ", ".join(f"{i}: {k}" for i, k in per_layer.items()) or "none"
-        rows.append(f"| per-layer budget | `{r.budget}` for an average of {r.ffn_budget:.0%} of FFN neurons; top-{top_k} except layers {listing}; dense layers: {', '.join(map(str, kept_dense)) or 'none'} |")
-    shared = result.native.shared_expert_size if result.native is not None else structure.get("shared_size")
-    if shared:
-        rows.append(f"| shared expert | {shared} neurons with the largest mean contribution, always on |")
+        rows.append(f"| per-layer budget | `{r.budget}` ({BUDGETS.entry(r.budget).summary}) for an average of {r.ffn_budget:.0%} of FFN neurons; top-{nominal} except layers {listing}; dense layers: {', '.join(map(str, kept_dense)) or 'none'} |")
+    if shared_size:
+        rows.append(f"| shared expert | {shared_size} neurons with the largest mean contribution, always on |")
     if r.prune:
         rows.append(f"| pruning | {r.prune:.0%} of each expert's neurons removed (activation x weight importance) |")
-    if result.history is not None:
-        h = result.history
+    if history is not None:
+        h = history
         start, end = (h.held_out[0]["loss"], h.held_out[-1]["loss"]) if h.held_out else (None, None)
         change = f"; held-out distillation loss {start:.4f} -> {end:.4f}" if start is not None else ""
         rows.append(f"| recovery | distilled from the dense model: {h.step} steps, {h.tokens:,} tokens, {h.elapsed / 60:.1f} min{change} |")
         combination = "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output; experts and routers distilled"
     else:
         combination = "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output (no training of the experts)"
-    if result.native is not None:
-        n = result.native
+    if native is not None:
+        n = native
         combination = (
             f"native `{n.target}`: router logits scaled so the selected experts' weights are uniform, down projections "
             f"scaled to match and refit by least squares to the dense FFN output on calibration tokens (relative error "
-            f"{n.refit_error_before:.3f} -> {n.refit_error_after:.3f})" + ("; experts then distilled" if result.history else "")
+            f"{n.refit_error_before:.3f} -> {n.refit_error_after:.3f})" + ("; experts then distilled" if history else "")
         )
     extra = "\n".join(rows) + ("\n" if rows else "")
     return f"""---
@@ -82,23 +82,23 @@ def render(result: Conversion, *, held_out_separate: bool, arch: Arch) -> str:
 # {name} as a mixture of experts
 
 Converted with [densetomoe](https://pypi.org/project/densetomoe/) from the dense **{name}**
-({arch.family}, `{head}`): every converted feed-forward layer's neurons were split into
-**{r.experts} experts**, and a router sends each token to **{top_k}** of them{" (per layer, see below)" if per_layer else ""},
+({family}, `{head}`): every converted feed-forward layer's neurons were split into
+**{r.experts} experts**, and a router sends each token to **{nominal}** of them{" (per layer, see below)" if per_layer else ""},
 so a token computes {q.active_ffn_share:.0%} of the FFN neurons on average over all layers.
-{"With `num_experts_per_tok=" + str(r.experts) + "` the model computes exactly what the dense model did." if result.history is None and not r.prune else ""}
+{"With `num_experts_per_tok=" + str(r.experts) + "` the model computes exactly what the dense model did." if history is None and not r.prune else ""}
 
 ## How
 
 | step | setting |
 |---|---|
 | layers converted | {layers} |
-| partition | `{r.partition}`: {PARTITION_TEXT[r.partition]} |
-| router | `{r.router}`: {ROUTER_TEXT[r.router]} |
-| calibration | {result.stats.tokens:,} tokens from {r.calib or "the embedded Wikipedia sample (CC BY-SA)"} |
+| partition | `{r.partition}`: {PARTITIONS.entry(r.partition).summary} |
+| router | `{r.router}`: {ROUTERS.entry(r.router).summary} |
+| calibration | {calibration_tokens:,} tokens from {r.calib or "the embedded Wikipedia sample (CC BY-SA)"} |
 | combination | {combination} |
 {extra}| seed | {r.seed} |
 
-The exact settings are in `densetomoe_recipe.yaml`; the figures below in `densetomoe_conversion.json`.
+The exact settings are in `{folder.RECIPE_FILE}`; the figures below in `{folder.FIGURES_FILE}`.
 
 ## Measured at conversion time
 
@@ -110,26 +110,24 @@ On {q.texts} {where} ({q.tokens:,} tokens), dense vs. this model:
 | relative error of final hidden states | {q.hidden_rel_error:.4f} |
 | agreement of the head's predictions | {agreement} |
 {perplexity}| FFN FLOPs per token, MoE / dense (router included) | {q.ffn_flops_ratio:.3f} |
-| conversion time | {result.seconds.get("total", 0):.1f} s |
+| conversion time | {seconds:.1f} s |
 
 This is a quick fidelity check, not a task benchmark: how much quality a sparse model keeps depends
 on the task. Measure on yours (`densetomoe eval`).
 
-{_use(result, auto)}"""
+{_use(native, auto)}"""
 
 
-def _use(result: Conversion, auto: str) -> str:
-    if result.native is not None:
-        from .stages.native import TARGETS
-
-        engines = next(t.engines for t in TARGETS if t.model_type == result.native.target)
-        llama = "" if result.native.llama_cpp else (
+def _use(native: NativeReport | None, auto: str) -> str:
+    if native is not None:
+        engines = next(t.engines for t in TARGETS if t.model_type == native.target)
+        llama = "" if native.llama_cpp else (
             "\nllama.cpp cannot run this folder: its qwen2moe makes every layer MoE, and layers "
-            f"{', '.join(map(str, result.native.mlp_only_layers))} stay dense here.\n"
+            f"{', '.join(map(str, native.mlp_only_layers))} stay dense here.\n"
         )
         return f"""## Use
 
-A standard transformers `{result.native.target}` checkpoint: no remote code. Runs in {engines}.
+A standard transformers `{native.target}` checkpoint: no remote code. Runs in {engines}.
 
 ```python
 from transformers import {auto}
@@ -151,7 +149,3 @@ model = {auto}.from_pretrained("path/to/this/folder", trust_remote_code=True, nu
 With densetomoe installed, `densetomoe.load("path/to/this/folder")` needs no remote code.
 """
 
-
-def _num_layers(model) -> int:
-    config = model.config
-    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None) or getattr(config, "n_layer", 0)

@@ -10,22 +10,47 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.table import Table
 
 from .console import stderr
-from .recipe import Budget, DType, Format, MixedPrecision, Partition, RouterKind, Trainable
+from .folder import FORMATS, REPORT_DIR
+from .moe import nominal_top_k
+from .recipe import Distill, DType, MixedPrecision, Recipe, Trainable, merge
+from .registry import Registry
+from .stages.budget import BUDGETS
+from .stages.partition import PARTITIONS
+from .stages.router import ROUTERS
 
 app = typer.Typer(
     help="Turn a dense transformer checkpoint into a sparse mixture-of-experts checkpoint.",
+    context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _default(name: str, settings: type = Recipe):
+    """A setting's default, as the recipe (or its distill: section) defines it: the one place defaults live."""
+    return settings.model_fields[name].default
+
+
+def _entries(registry: Registry):
+    """The choices of an option: ``registry``'s entries, as a ``Literal`` that Typer offers and checks."""
+    return Literal[tuple(registry.names())]
+
+
+def _explained(registry: Registry, what: str, *param_decls: str, **option) -> typer.models.OptionInfo:
+    """An option whose help lists ``registry``'s entries with their summaries."""
+    return typer.Option(*param_decls, help=f"{what} {registry.help()}", **option)
+
+
+PartitionName, RouterName, BudgetName, FormatName = map(_entries, (PARTITIONS, ROUTERS, BUDGETS, FORMATS))
 
 
 def _fail(message: str, code: int) -> None:
@@ -63,25 +88,25 @@ def _quiet_transformers() -> None:
 def convert(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Local folder, .gguf file, Hub id, or alias (bert-base, roberta-base, distilbert, all-minilm-l6-v2, gpt2, ...).")],
-    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per FFN layer; they split its neurons equally.")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts each token uses (changeable at load time).")] = 2,
-    partition: Annotated[Partition, typer.Option(help="coactivation: neurons that fire together share an expert. parameters: cluster input weights. random: baseline.")] = "coactivation",
-    router: Annotated[RouterKind, typer.Option(help="mlp: small trained router per layer (default). linear: one trained linear map (default with --format native). centroid: training-free, from the experts' weight centroids.", show_default=False)] = "mlp",
+    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per FFN layer; they split its neurons equally.")] = _default("experts"),
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts each token uses (changeable at load time).")] = _default("top_k"),
+    partition: Annotated[PartitionName, _explained(PARTITIONS, "How neurons are grouped into experts.")] = _default("partition"),
+    router: Annotated[RouterName, _explained(ROUTERS, f"How each token's experts are chosen (default {_default('router')}; linear with --format native).", show_default=False)] = _default("router"),
     calib: Annotated[Optional[str], typer.Option(help="Calibration text: .txt (a document per line), .jsonl, .csv, or a datasets name NAME\\[:CONFIG]\\[@SPLIT]. Default: embedded Wikipedia sample.")] = None,
-    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to run through the dense model.")] = 32768,
-    compensate: Annotated[bool, typer.Option(help="Add each unselected expert's mean output (training-free correction).")] = True,
-    shared_experts: Annotated[int, typer.Option(help="Always-on experts made of the most important neurons; the FFN splits into experts + shared equal parts.")] = 0,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to run through the dense model.")] = _default("calib_tokens"),
+    compensate: Annotated[bool, typer.Option(help="Add each unselected expert's mean output (training-free correction).")] = _default("compensate"),
+    shared_experts: Annotated[int, typer.Option(help="Always-on experts made of the most important neurons; the FFN splits into experts + shared equal parts.")] = _default("shared_experts"),
     ffn_budget: Annotated[Optional[float], typer.Option(help="Average share of FFN neurons per token over all layers (e.g. 0.5); each layer's top-k, or dense, is then chosen. Replaces --top-k.")] = None,
-    budget: Annotated[Budget, typer.Option(help="How --ffn-budget is shared out: sensitivity (measured per layer on held-out text) or uniform.")] = "sensitivity",
-    prune: Annotated[float, typer.Option(help="Share of each expert's neurons to remove by activation x weight importance (0 keeps all).")] = 0.0,
+    budget: Annotated[BudgetName, _explained(BUDGETS, "How --ffn-budget is shared out.")] = _default("budget"),
+    prune: Annotated[float, typer.Option(help="Share of each expert's neurons to remove by activation x weight importance (0 keeps all).")] = _default("prune"),
     distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="Recover quality by distilling from the dense model (settings: --distill-* flags or the recipe's distill: section).", show_default=False)] = None,
     distill_steps: Annotated[Optional[int], typer.Option(help="Distillation steps (implies --distill).")] = None,
     distill_minutes: Annotated[Optional[float], typer.Option(help="Distillation wall-clock budget in minutes (implies --distill).")] = None,
     distill_data: Annotated[Optional[str], typer.Option(help="Unlabelled text to distill on, as --calib (implies --distill). Default: the calibration text.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted distillation from its checkpoints in OUT.checkpoints.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for shuffling, clustering and router training.")] = 0,
-    dtype: Annotated[DType, typer.Option(help="Load the model in float32, bfloat16 or float16.")] = "float32",
-    format: Annotated[Format, typer.Option("--format", help="remote-code: densetomoe's MoE module, loaded with trust_remote_code (every family, per-layer top-k). native: a LLaMA/Mistral/Qwen2/Qwen3 decoder as a standard qwen2_moe/qwen3_moe checkpoint that transformers, vLLM and llama.cpp run without remote code.")] = "remote-code",
+    seed: Annotated[int, typer.Option(help="Seed for shuffling, clustering and router training.")] = _default("seed"),
+    dtype: Annotated[DType, typer.Option(help="Load the model in float32, bfloat16 or float16.")] = _default("dtype"),
+    format: Annotated[FormatName, _explained(FORMATS, "How the folder holds the model.", "--format")] = _default("format"),
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: ./<model>-moe-<experts>x<top-k>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML; flags given on the command line win over its keys.")] = None,
@@ -93,7 +118,6 @@ def convert(
     def action():
         from .errors import UsageError
         from .pipeline import convert as run_conversion
-        from .recipe import Recipe, merge
 
         if push_to_hub:
             from .hub import preflight
@@ -154,8 +178,8 @@ def _print_summary(result) -> None:
     table = Table(title=f"{result.source.name} -> {result.out}", show_header=True, title_justify="left")
     table.add_column("measured on held-out text, dense vs MoE")
     table.add_column("value", justify="right")
-    top_k = result.model.config.num_experts_per_tok
-    per_layer = getattr(result.model.config, "densetomoe", {}).get("layer_top_k") or {}
+    top_k = nominal_top_k(result.top_k)
+    per_layer = {i: k for i, k in result.top_k.items() if k != top_k}
     table.add_row("experts, top-k", f"{r.experts}, {top_k}" + (f" (per layer: {len(per_layer)} differ)" if per_layer else ""))
     table.add_row("share of FFN neurons a token uses (all layers)", f"{q.active_ffn_share:.0%}")
     table.add_row("FFN FLOPs per token, MoE / dense", f"{q.ffn_flops_ratio:.3f}")
@@ -180,7 +204,7 @@ def evaluate(
     base: Annotated[Optional[str], typer.Option(help="Dense model to compare with. Default: the one recorded in the folder.")] = None,
     suite: Annotated[Optional[list[str]], typer.Option("--suite", "-s", help="Suite name (evals/suites/NAME.yaml) or YAML file; repeatable. Default: wiki-prose.")] = None,
     top_k: Annotated[Optional[str], typer.Option("--top-k", "-k", help="Comma-separated top-k values to sweep, e.g. 1,2,4. Default: the folder's own.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (report.json, report.md, figures). Default: MOE_DIR/eval.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (report.json, report.md, figures): new, empty, or an earlier report, which is replaced. Default: MOE_DIR/eval, where `densetomoe push` looks for it.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the timings. Default: torch's.")] = None,
     repeats: Annotated[int, typer.Option(help="Interleaved timing rounds; medians are reported.")] = 5,
     speed: Annotated[bool, typer.Option(help="Measure throughput and latency (slower).")] = True,
@@ -200,12 +224,14 @@ def evaluate(
             raise UsageError(f"--top-k takes comma-separated integers, got {top_k!r}") from None
         if not (moe_dir / "config.json").is_file():
             raise UsageError(f"{moe_dir} is not a model folder (no config.json in it)")
+        destination = out or moe_dir / REPORT_DIR
+        reports.check_destination(destination)  # before the work: a report never replaces a model
         settings = Settings(top_ks=ks, base=base, threads=threads, repeats=repeats, speed=speed)
         if suite:
             settings.suites = list(suite)
         _quiet_transformers()
         result = run_evaluation(moe_dir, settings, show_progress=progress)
-        folder = reports.write(result, out or moe_dir / "eval")
+        folder = reports.write(result, destination)
         table = Table(title=f"{moe_dir} vs {result['base_model']}", title_justify="left")
         header, *lines = reports.rows(result)
         for column in header:
@@ -215,7 +241,7 @@ def evaluate(
         from rich.console import Console
 
         Console().print(table)
-        stderr.print(f"report: {folder / 'report.md'}")
+        stderr.print(f"report: {folder / reports.MARKDOWN_FILE}")
 
     _run(action)
 
@@ -224,18 +250,18 @@ def evaluate(
 def distill_command(
     ctx: typer.Context,
     moe_dir: Annotated[Path, typer.Argument(help="A folder written by densetomoe convert.")],
-    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps.")] = 300,
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps.")] = _default("steps", Distill),
     minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget; training stops at whichever of steps and minutes comes first.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Unlabelled text (.txt, .jsonl, .csv, datasets name). Default: the folder's calibration text.")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, cosine decay).")] = 3e-4,
-    batch_size: Annotated[int, typer.Option(help="Texts per step (per process under accelerate launch).")] = 16,
-    seq_len: Annotated[int, typer.Option(help="Tokens per text; longer ones are cut.")] = 128,
-    expert_dropout: Annotated[float, typer.Option(help="Probability of dropping each selected expert per token while training.")] = 0.0,
-    train: Annotated[Trainable, typer.Option(help="moe: only experts, routers and corrections learn. all: every weight.")] = "moe",
-    mixed_precision: Annotated[MixedPrecision, typer.Option(help="accelerate mixed precision: no, bf16 or fp16.")] = "no",
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, cosine decay).")] = _default("lr", Distill),
+    batch_size: Annotated[int, typer.Option(help="Texts per step (per process under accelerate launch).")] = _default("batch_size", Distill),
+    seq_len: Annotated[int, typer.Option(help="Tokens per text; longer ones are cut.")] = _default("seq_len", Distill),
+    expert_dropout: Annotated[float, typer.Option(help="Probability of dropping each selected expert per token while training.")] = _default("expert_dropout", Distill),
+    train: Annotated[Trainable, typer.Option(help="moe: only experts, routers and corrections learn. all: every weight.")] = _default("train", Distill),
+    mixed_precision: Annotated[MixedPrecision, typer.Option(help="accelerate mixed precision: no, bf16 or fp16.")] = _default("mixed_precision", Distill),
     recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML whose distill: section sets the defaults; flags win.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Dense teacher. Default: the base model recorded in the folder.")] = None,
-    format: Annotated[Optional[Format], typer.Option("--format", help="native: write (and train) a remote-code LLaMA/Mistral/Qwen2/Qwen3 folder as a native qwen2_moe/qwen3_moe model; its router must be linear or centroid. Default: the folder's own format.", show_default=False)] = None,
+    format: Annotated[Optional[FormatName], _explained(FORMATS, "Write (and train) the folder in this format; remote code becomes native only with a linear router. Default: the folder's own.", "--format", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: MOE_DIR, replaced when training has finished.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoints in OUT.checkpoints.")] = False,
@@ -246,7 +272,6 @@ def distill_command(
     def action():
         from .errors import UsageError
         from .pipeline import distill as run_distillation
-        from .recipe import Distill, Recipe
 
         flags = {
             "steps": steps, "minutes": minutes, "data": data, "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
@@ -288,10 +313,23 @@ def push(
 
 @app.command()
 def version() -> None:
-    """Print the densetomoe version."""
-    from . import __version__
+    """Print the densetomoe version (as `densetomoe --version` does)."""
+    from ._version import __version__
 
     print(__version__)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[bool, typer.Option("--version", "-V", help="Print the version and exit.", callback=_print_version, is_eager=True)] = False,
+) -> None:
+    """Turn a dense transformer checkpoint into a sparse mixture-of-experts checkpoint."""
 
 
 def main() -> None:  # pragma: no cover - console entry point for python -m

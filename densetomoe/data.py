@@ -1,4 +1,5 @@
-"""Calibration text: files, ``datasets`` names, or the Wikipedia sample embedded in the package."""
+"""Text in, tokens out: calibration text (files, ``datasets`` names, or the Wikipedia sample embedded
+in the package) and the batching every stage tokenises it with."""
 
 from __future__ import annotations
 
@@ -98,3 +99,27 @@ def _read_dataset(spec: str) -> list[str]:
     except Exception as e:  # datasets raises many kinds; all mean the same to the user
         raise UsageError(f"cannot load dataset {spec!r}: {str(e).splitlines()[0]}") from None
     return _from_records(list(data), spec)
+
+
+# -- tokenising -----------------------------------------------------------------------------------------
+def batches(tokenizer, texts: list[str], seq_len: int, batch_size: int):
+    """Tokenized batches of whole documents (truncated to ``seq_len``), padded on the right.
+
+    Hooks mask padding through ``attention_mask``; right padding also keeps every real token at the
+    position a causal LM gives it without padding. Special tokens (a BOS where the family's
+    tokenizer adds one) are the tokenizer's defaults.
+    """
+    for start in range(0, len(texts), batch_size):
+        yield encode(tokenizer, texts[start : start + batch_size], seq_len)
+
+
+def encode(tokenizer, texts: list[str], seq_len: int):
+    """One batch as :func:`batches` makes it: cut to ``seq_len`` tokens, padded on the right."""
+    return tokenizer(texts, truncation=True, max_length=seq_len, padding=True, padding_side="right", return_tensors="pt")
+
+
+def for_batches(tokenizer):
+    """Give a tokenizer without a padding token (most decoders) its end-of-text token as padding."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .ffn import ffn_flops
 from .moe import MoEFeedForward
 
 
@@ -43,7 +44,7 @@ def moe_ffn_flops(m: MoEFeedForward) -> float:
     """Per token: the active neurons' projections (:func:`active_neurons`), plus the router when it
     runs (top_k < experts)."""
     k = min(m.top_k, m.num_experts)
-    flops = 2.0 * m.hidden_size * (3 if m.gated else 2) * active_neurons(m)
+    flops = ffn_flops(m.hidden_size, active_neurons(m), m.gated)
     if k < m.num_experts:
         flops += sum(_linear_flops(layer) or 0.0 for layer in m.router.modules())
     return flops

@@ -8,6 +8,7 @@ quality/speed trade-off without reconverting.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import resource
@@ -19,17 +20,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, archs
+from . import archs
+from . import folder as folders
+from ._version import __version__
 from .console import progress
+from .data import batches
 from .efficiency import cost, random_inputs, time_models
 from .errors import UsageError
 from .loading import load
 from .metrics import perplexity
-from .moe import MoEFeedForward, moe_layers, set_top_k
-from .stages import export
+from .pipeline import Dense
+from .moe import MoEFeedForward, blocks_of, check_top_k, moe_modules, set_top_k
 from .stages import load as dense_loading
-from .stages.calibrate import batches
-from .stages.evaluate import active_ffn_share, mean_pool
+from .stages.evaluate import Probe, active_ffn_share, fidelity, mean_pool, record
 from .suites import Suite, load_suite
 
 SCHEMA = "densetomoe.report/1"
@@ -70,26 +73,20 @@ def routing_summary(counts: torch.Tensor) -> dict:
 
 # -- running models on text --------------------------------------------------------------------------
 @torch.no_grad()
-def _run(model: nn.Module, tokenizer, texts: list[str], max_length: int, on_batch: Callable | None = None):
-    """Per batch: (mask, hidden states of every layer, pooled final state, logits or None).
-    ``on_batch(mask)`` is called before each forward pass."""
-    out = []
+def _pooled(model: nn.Module, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
+    """Mean-pooled final hidden states of ``texts``, ``(texts, hidden)``."""
+    pooled = []
     for batch in batches(tokenizer, texts, max_length, 32):
-        mask = batch["attention_mask"].bool()
-        if on_batch is not None:
-            on_batch(mask)
-        result = model(**batch, output_hidden_states=True)
-        hidden = [h.float() for h in result.hidden_states]
-        logits = getattr(result, "logits", None)
-        out.append((mask, hidden, mean_pool(hidden[-1], mask), None if logits is None else logits.float()))
-    return out
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
+        pooled.append(mean_pool(hidden, batch["attention_mask"].bool()))
+    return torch.cat(pooled)
 
 
 class RoutingRecorder:
     """Counts, per MoE layer, how many real tokens each expert receives."""
 
-    def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    def __init__(self, layers: list[MoEFeedForward]):
+        self.layers = layers
         self.counts = [torch.zeros(m.num_experts) for m in self.layers]
         self.mask: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
@@ -130,8 +127,8 @@ def _suite_quality(suite: Suite, model, dense, tokenizer, dense_cache: dict) -> 
         )
     if suite.task == "embedding":
         if dense_cache.get(suite.name) is None:
-            dense_cache[suite.name] = torch.cat([p for _, _, p, _ in _run(dense, tokenizer, texts, suite.max_length)])
-        moe = torch.cat([p for _, _, p, _ in _run(model, tokenizer, texts, suite.max_length)])
+            dense_cache[suite.name] = _pooled(dense, tokenizer, texts, suite.max_length)
+        moe = _pooled(model, tokenizer, texts, suite.max_length)
         cosine = nn.functional.cosine_similarity(moe, dense_cache[suite.name], dim=-1)
         return {"cosine_to_dense": 1.0}, {"cosine_to_dense": float(cosine.mean())}
     if suite.task == "perplexity":
@@ -155,27 +152,15 @@ def _predict(model, tokenizer, texts: list[str], suite: Suite) -> torch.Tensor:
     return torch.cat(predictions)
 
 
-def _fidelity(model, dense_runs, tokenizer, texts, max_length, on_batch=None) -> dict:
-    num, den, cosines, agree, total, tokens = None, None, [], 0, 0, 0
-    runs = _run(model, tokenizer, texts, max_length, on_batch)
-    for (mask, dense_h, dense_p, dense_l), (_, h, p, l) in zip(dense_runs, runs):
-        layer_num = torch.stack([(a - b)[mask].pow(2).sum() for a, b in zip(h[1:], dense_h[1:])])
-        layer_den = torch.stack([b[mask].pow(2).sum() for b in dense_h[1:]])
-        num = layer_num if num is None else num + layer_num
-        den = layer_den if den is None else den + layer_den
-        cosines.append(nn.functional.cosine_similarity(p, dense_p, dim=-1))
-        tokens += int(mask.sum())
-        if l is not None:
-            a, b = l.argmax(-1), dense_l.argmax(-1)
-            if a.dim() == 2:
-                a, b = a[mask], b[mask]
-            agree, total = agree + int((a == b).sum()), total + a.numel()
+def _fidelity(model, probe: Probe, on_batch=None) -> dict:
+    """The report's fidelity entry: :func:`densetomoe.stages.evaluate.fidelity` on the suite's texts."""
+    f = fidelity(model, probe, on_batch)
     return {
-        "texts": len(texts),
-        "tokens": tokens,
-        "layer_rel_error": [round(float(x), 5) for x in (num / den.clamp_min(1e-30)).sqrt()],
-        "pooled_cosine": float(torch.cat(cosines).mean()),
-        "head_agreement": agree / total if total else None,
+        "texts": f.texts,
+        "tokens": f.tokens,
+        "layer_rel_error": [round(x, 5) for x in f.layer_rel_error],
+        "pooled_cosine": f.embedding_cosine,
+        "head_agreement": f.head_agreement,
     }
 
 
@@ -190,32 +175,33 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
     if settings.threads:
         torch.set_num_threads(settings.threads)
     suites = [load_suite(s) for s in settings.suites]  # fail fast on bad suites
-    model = load(moe_dir)
-    if not any(isinstance(m, MoEFeedForward) for m in model.modules()):
+    if folders.format_of(moe_dir) == "native":
         raise UsageError(
-            f"{moe_dir} is a native {model.config.model_type} folder: densetomoe eval measures remote-code folders "
-            "(its routing statistics and top-k sweep read densetomoe's MoE module); evals/serving.py measures "
-            "native folders (perplexity, transformers and llama.cpp decode speed)"
+            f"{moe_dir} is a native {json.loads((moe_dir / 'config.json').read_text())['model_type']} folder: densetomoe eval measures remote-code folders (its routing statistics "
+            "and top-k sweep read densetomoe's MoE module); evals/serving.py measures native folders (perplexity, "
+            "transformers and llama.cpp decode speed)"
         )
-    own_k = model.config.num_experts_per_tok
+    model = load(moe_dir)
+    own = moe_modules(model)  # block index -> module
+    own_k = model.config.num_experts_per_tok  # the folder's nominal top-k; per-layer values may differ
     top_ks = settings.top_ks or [own_k]
     for k in top_ks:
-        if not 1 <= k <= model.config.num_experts:
-            raise UsageError(f"--top-k {k} is outside 1..{model.config.num_experts}")
+        try:
+            check_top_k(k, model.config.num_experts)
+        except ValueError:
+            raise UsageError(f"--top-k {k} is outside 1..{model.config.num_experts}") from None
 
-    base = settings.base or export.recorded_base(moe_dir)
-    source = dense_loading.resolve(base)
-    dense_config = dense_loading.load_config(source)
-    arch = archs.arch_for(dense_config)
-    dense, tokenizer = dense_loading.load_model(source, dense_config, causal_lm=arch.decoder)
-    tokenizer = dense_loading.for_batches(tokenizer)
-    blocks = moe_layers(dense, {"layers": arch.layers})
+    base = settings.base or folders.recorded_base(moe_dir)
+    described = Dense.describe(base, allow_pickle=False)
+    arch = described.arch
+    dense, tokenizer = dense_loading.load_model(described.source, described.config, causal_lm=arch.decoder)
+    blocks = blocks_of(dense, arch.layers)
     ffn_linears = {b.get_submodule(name) for b in blocks for name in (arch.up, arch.down, arch.gate) if name}
 
     fidelity_texts = (suites[0].examples()[0] if suites else [])[: settings.fidelity_texts]
     if not fidelity_texts:
         raise UsageError("fidelity needs text: give at least one --suite")
-    dense_runs = _run(dense, tokenizer, fidelity_texts, settings.seq_len)
+    probe = record(dense, list(batches(tokenizer, fidelity_texts, settings.seq_len, 32)), all_layers=True)
     dense_cost = cost(dense, settings.seq_len, ffn_linears)
     dense_cache: dict = {}
     report = {
@@ -232,24 +218,18 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         "sweep": [],
     }
 
-    converted = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    own = {m: m.top_k for m in converted}  # per layer, where a budget chose them
-    _, dense_ffn_size = archs.ffn_sizes(dense_config, arch)
+    saved = {i: m.top_k for i, m in own.items()}  # per layer, where a budget chose them
+    dense_ffn_size, num_layers = described.ffn_size, described.num_layers
     with progress(show_progress) as bar:
         task = bar.add_task("evaluating", total=len(top_ks))
         for k in top_ks:
-            if k == own_k:
-                for m, layer_k in own.items():
-                    m.top_k = layer_k
-            else:
-                set_top_k(model, k)
-            share = active_ffn_share(converted, dense_ffn_size, archs.num_layers(dense_config, arch))
+            set_top_k(model, saved if k == own_k else k)  # modules and config together
+            share = active_ffn_share(list(own.values()), dense_ffn_size, num_layers)
             entry = {"top_k": k, "active_ffn_share": share}
             if k == own_k:
-                recorder = RoutingRecorder(model)
-                entry["fidelity"] = _with_routing(model, recorder, dense_runs, tokenizer, fidelity_texts, settings.seq_len, report)
+                entry["fidelity"] = _with_routing(model, own, probe, report, label=k)
             else:
-                entry["fidelity"] = _fidelity(model, dense_runs, tokenizer, fidelity_texts, settings.seq_len)
+                entry["fidelity"] = _fidelity(model, probe)
             entry["quality"] = {}
             for suite in suites:
                 dense_q, moe_q = _suite_quality(suite, model, dense, tokenizer, dense_cache)
@@ -261,25 +241,27 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
                 entry["speed"] = _speed(dense, model, settings)
             report["sweep"].append(entry)
             bar.advance(task)
+    set_top_k(model, saved)
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    recovery = export.recorded_figures(moe_dir).get("distillation")
+    recovery = folders.read_figures(moe_dir).get("distillation")
     if recovery:
         report["recovery"] = recovery
     report["metrics"] = _hub_metrics(report)
     return report
 
 
-def _with_routing(model, recorder, dense_runs, tokenizer, texts, max_length, report) -> dict:
-    """Fidelity at the folder's own top-k, recording routing on the same real tokens."""
+def _with_routing(model, modules: dict[int, MoEFeedForward], probe: Probe, report: dict, label: int) -> dict:
+    """Fidelity at the folder's own top-k (``label``), recording routing on the same real tokens."""
+    recorder = RoutingRecorder(list(modules.values()))
     try:
-        fidelity = _fidelity(model, dense_runs, tokenizer, texts, max_length, on_batch=recorder.set_mask)
+        result = _fidelity(model, probe, on_batch=recorder.set_mask)
     finally:
         recorder.close()
     report["routing"] = {
-        "top_k": model.config.num_experts_per_tok,
-        "layers": [{"layer": i, **routing_summary(c)} for i, c in zip(model.config.densetomoe["moe_layers"], recorder.counts)],
+        "top_k": label,
+        "layers": [{"layer": i, "top_k": m.top_k, **routing_summary(c)} for (i, m), c in zip(modules.items(), recorder.counts)],
     }
-    return fidelity
+    return result
 
 
 def _speed(dense: nn.Module, model: nn.Module, settings: Settings) -> dict:

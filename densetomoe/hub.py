@@ -13,7 +13,7 @@ The card's metadata carries ``base_model``, ``library_name: transformers``, the 
 and a ``model-index`` (the Hub's format for evaluation results) built from
 
 - ``densetomoe_conversion.json``: the fidelity figures measured at conversion time (``quick_eval``);
-- ``report.json``, if present (written by ``densetomoe eval``). Its reader is deliberately tolerant:
+- ``eval/report.json``, if present (written by ``densetomoe eval``). Its reader is deliberately tolerant:
   it takes a top-level ``metrics`` list whose entries look like
   ``{"name": str, "type": str, "value": number, "dataset": str | {"type", "name", "config", "split"},
   "task": str | {"type", "name"}}`` (``task`` optional, ``name`` or ``type`` may stand in for the
@@ -34,13 +34,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import moe
+from . import folder as folders
 from .errors import UsageError
-from .stages.export import FIGURES_FILE, RECIPE_FILE
-
-TAGS = ["moe", "densetomoe", "mixture-of-experts"]
-CARD_FILE = "README.md"
-REPORT_FILE = "report.json"  # written by `densetomoe eval`, when it has been run on the folder
+from .folder import CARD_FILE, FIGURES_FILE, RECIPE_FILE, TAGS
 
 # quick_eval key -> (model-index metric type, readable name); all compare the MoE with its dense model
 QUICK_METRICS = {
@@ -135,15 +131,10 @@ def _push(folder: Path, repo_id: str, private: bool, token: str, endpoint: str |
 
 
 def check_folder(folder: Path) -> None:
-    """Fail unless ``folder`` is a folder written by ``densetomoe convert``."""
+    """Fail unless ``folder`` is a folder written by ``densetomoe convert`` (either format)."""
     if not folder.is_dir():
         raise UsageError(f"no such folder: {folder}")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"{folder} is not a model folder (no readable config.json in it)") from None
-    if not isinstance(config, dict) or moe.CONFIG_KEY not in config:
-        raise UsageError(f"{folder} was not written by densetomoe (its config has no {moe.CONFIG_KEY!r} entry)")
+    folders.format_of(folder)
 
 
 # ---------------------------------------------------------------------------------- the model card
@@ -186,7 +177,7 @@ def eval_results(folder: Path, figures: dict | None = None) -> list:
     figures = _read_json(folder / FIGURES_FILE, required=False) if figures is None else figures
     task = _task(folder)
     results = _quick_results(figures if isinstance(figures, dict) else {}, task, _calibration_dataset(folder))
-    report = _read_json(folder / REPORT_FILE, required=False)
+    report = _read_json(folders.report_path(folder), required=False)
     if isinstance(report, dict):
         results += _report_results(report, task)
     return results

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import transformers
 
+from . import folder as folders
 from . import moe
 from .errors import UsageError
 
@@ -18,17 +19,18 @@ def load(folder: str | Path, top_k: int | None = None, **kwargs):
     ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
     folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{folder} is not a model folder: {e}") from None
-    experts = config.get("num_experts") or config.get("num_local_experts")  # qwen3_moe saves the latter
-    if top_k is not None and experts and not 1 <= top_k <= experts:
-        raise UsageError(f"top_k must be between 1 and {experts}, got {top_k}")
-    if moe.CONFIG_KEY not in config and experts and (folder / "densetomoe_conversion.json").is_file():
-        return _load_native(folder, top_k, **kwargs)  # --format native: a plain transformers MoE
-    if moe.CONFIG_KEY not in config:
-        raise UsageError(f"{folder} was not written by densetomoe (its config has no {moe.CONFIG_KEY!r} entry)")
+    kind = folders.format_of(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if top_k is not None:
+        experts = config.get("num_experts") or config.get("num_local_experts")  # qwen3_moe saves the latter
+        try:
+            moe.check_top_k(top_k, experts)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if kind == "native":  # a plain transformers MoE
+        if top_k is not None:
+            kwargs["num_experts_per_tok"] = top_k
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     name = config["architectures"][0].removeprefix(moe.CLASS_PREFIX)
     dense = getattr(transformers, name, None)
     if dense is None:
@@ -37,9 +39,3 @@ def load(folder: str | Path, top_k: int | None = None, **kwargs):
     if top_k is not None:  # every layer, replacing any per-layer top-k a budget chose
         moe.set_top_k(model, top_k)
     return model.eval()
-
-
-def _load_native(folder: Path, top_k: int | None, **kwargs):
-    if top_k is not None:
-        kwargs["num_experts_per_tok"] = top_k
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()

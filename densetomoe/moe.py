@@ -8,19 +8,17 @@ How a converted checkpoint is described
 ---------------------------------------
 ``config.json`` is the dense model's config plus:
 
-* ``num_experts`` and ``num_experts_per_tok`` (the top-k; ``from_pretrained(..., num_experts_per_tok=4)``
-  changes it at load time), and
-* ``densetomoe``: the structure, so that this file needs no table of architectures::
+* ``num_experts``, and ``num_experts_per_tok``: transformers' name for the top-k. It is the most
+  common per-layer top-k; ``from_pretrained(..., num_experts_per_tok=4)`` sets every layer to 4.
+* ``densetomoe``: the :class:`Structure`, so that this file needs no table of architectures::
 
       {"layers": "encoder.layer",        # ModuleList of transformer blocks, relative to base_model
        "moe_at": "intermediate",         # the submodule that becomes the MoE feed-forward
        "identity": ["output.dense"],     # submodules whose work the MoE module now does
-       "moe_layers": [0, 1, 2, ...],     # which blocks were converted
        "hidden_size": 384, "expert_size": 192, "activation": "gelu",
        "gated": false, "bias": true, "router_hidden": 128,
        "shared_size": 0,                 # neurons of an always-on shared expert (0: none)
-       "top_k": 2,                       # num_experts_per_tok as saved
-       "layer_top_k": {"0": 4}}          # optional per-layer top-k (see layer_top_k())
+       "top_k": {"0": 2, "1": 4, ...}}   # each converted block's top-k: the one home of top-k
 
 Classes are made on demand from the dense class they extend: ``MoEBertModel`` is ``BertModel`` whose
 ``__init__`` ends by installing the MoE feed-forwards, and ``MoEBertConfig`` is ``BertConfig`` with its
@@ -29,6 +27,8 @@ folder instead of silently loading a dense model with missing weights.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -270,72 +270,157 @@ class MoEFeedForward(nn.Module):
             start += n
 
 
-# -- installing MoE feed-forwards into a model -------------------------------------------------------
-def moe_layers(model: nn.Module, structure: dict) -> list[nn.Module]:
-    """The transformer blocks of ``model`` (a base model or a model with a head)."""
+# -- the structure of a converted model, and installing it ----------------------------------------------
+@dataclass
+class Structure:
+    """Where a model's MoE feed-forwards sit, their shape, and each one's top-k (``config.densetomoe``)."""
+
+    layers: str  # ModuleList of transformer blocks, relative to base_model
+    moe_at: str  # the submodule of a block that becomes the MoE feed-forward
+    identity: list[str]  # submodules of a block whose work the MoE module now does
+    hidden_size: int
+    expert_size: int
+    activation: str
+    gated: bool
+    bias: bool
+    router_hidden: int
+    shared_size: int
+    top_k: dict[int, int]  # converted block index -> its top-k
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The converted blocks, in order."""
+        return sorted(self.top_k)
+
+    @property
+    def nominal_top_k(self) -> int:
+        """What ``num_experts_per_tok`` says: :func:`nominal_top_k` of the per-layer top-k."""
+        return nominal_top_k(self.top_k)
+
+    def to_dict(self) -> dict:
+        """The JSON form kept in ``config.densetomoe`` (JSON object keys are strings)."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["top_k"] = {str(i): k for i, k in sorted(self.top_k.items())}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, num_experts_per_tok: int | None = None) -> Structure:
+        """Read ``config.densetomoe``; also the form of densetomoe 0.1 folders (``moe_layers`` and one
+        ``top_k``, with per-layer exceptions in ``layer_top_k``)."""
+        fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data and name != "top_k"}
+        fields.setdefault("shared_size", 0)
+        top_k = data.get("top_k", num_experts_per_tok)
+        if isinstance(top_k, dict):
+            per_layer = {int(i): int(k) for i, k in top_k.items()}
+        else:
+            exceptions = data.get("layer_top_k") or {}
+            per_layer = {i: int(exceptions.get(str(i), top_k)) for i in data["moe_layers"]}
+        return cls(**fields, top_k=per_layer)
+
+
+def nominal_top_k(top_k: dict[int, int]) -> int:
+    """The most common of the per-layer ``top_k`` values (the larger on a tie)."""
+    values = list(top_k.values())
+    return max(set(values), key=lambda k: (values.count(k), k))
+
+
+def structure_of(config) -> Structure:
+    """The :class:`Structure` in ``config`` (a config object or its ``to_dict()``). A
+    ``num_experts_per_tok`` other than the saved one, as ``from_pretrained(..., num_experts_per_tok=k)``
+    sets it, applies to every layer."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    data = get(CONFIG_KEY)
+    if not data:
+        raise ValueError(f"this config has no {CONFIG_KEY!r} structure: it is not a converted model's")
+    structure = Structure.from_dict(data, get("num_experts_per_tok"))
+    asked = get("num_experts_per_tok")
+    if asked is not None and asked != structure.nominal_top_k:
+        structure.top_k = dict.fromkeys(structure.top_k, int(asked))
+    return structure
+
+
+def record_structure(config, structure: Structure, num_experts: int) -> None:
+    """Write ``structure`` into ``config`` (and ``num_experts``, ``num_experts_per_tok`` with it)."""
+    setattr(config, CONFIG_KEY, structure.to_dict())
+    config.num_experts = num_experts
+    config.num_experts_per_tok = structure.nominal_top_k
+
+
+def blocks_of(model: nn.Module, layers: str) -> list[nn.Module]:
+    """The transformer blocks of ``model`` (a base model or a model with a head) at path ``layers``."""
     base = getattr(model, "base_model", model)
-    return list(base.get_submodule(structure["layers"]))
+    return list(base.get_submodule(layers))
 
 
-def replace_ffn(block: nn.Module, structure: dict, moe: nn.Module) -> None:
-    """Put ``moe`` at ``structure['moe_at']`` of ``block`` and make the submodules it replaces identities."""
-    block.set_submodule(structure["moe_at"], moe)
-    for name in structure.get("identity", []):
+def replace_ffn(block: nn.Module, moe_at: str, identity: list[str], module: nn.Module) -> None:
+    """Put ``module`` at ``moe_at`` of ``block`` and make the submodules in ``identity`` identities."""
+    block.set_submodule(moe_at, module)
+    for name in identity:
         block.set_submodule(name, nn.Identity())
 
 
-def layer_top_k(config, index: int) -> int:
-    """Layer ``index``'s top-k: its own entry in ``layer_top_k`` if any, else ``num_experts_per_tok``.
-
-    A ``num_experts_per_tok`` other than the one saved (``top_k`` in the structure), for example one
-    passed to ``from_pretrained``, applies to every layer and overrides the per-layer entries.
-    """
-    structure = getattr(config, CONFIG_KEY)
-    if config.num_experts_per_tok != structure.get("top_k", config.num_experts_per_tok):
-        return config.num_experts_per_tok
-    per_layer = structure.get("layer_top_k") or {}
-    return int(per_layer.get(str(index), config.num_experts_per_tok))
-
-
-def new_moe_ffn(config, index: int = 0) -> MoEFeedForward:
-    """An empty MoE feed-forward shaped as ``config`` describes for block ``index``."""
-    s = getattr(config, CONFIG_KEY)
+def new_moe_ffn(structure: Structure, num_experts: int, index: int) -> MoEFeedForward:
+    """An empty MoE feed-forward shaped as ``structure`` describes for block ``index``."""
+    s = structure
     return MoEFeedForward(
-        hidden_size=s["hidden_size"],
-        num_experts=config.num_experts,
-        expert_size=s["expert_size"],
-        top_k=layer_top_k(config, index),
-        activation=s["activation"],
-        gated=s["gated"],
-        bias=s["bias"],
-        router_hidden=s["router_hidden"],
-        shared_size=s.get("shared_size", 0),
+        hidden_size=s.hidden_size,
+        num_experts=num_experts,
+        expert_size=s.expert_size,
+        top_k=s.top_k[index],
+        activation=s.activation,
+        gated=s.gated,
+        bias=s.bias,
+        router_hidden=s.router_hidden,
+        shared_size=s.shared_size,
     )
 
 
 def install_moe(model: nn.Module, config) -> None:
     """Replace the FFN of every converted block of ``model`` by an empty MoE feed-forward."""
-    structure = getattr(config, CONFIG_KEY)
-    blocks = moe_layers(model, structure)
-    for index in structure["moe_layers"]:
-        replace_ffn(blocks[index], structure, new_moe_ffn(config, index))
+    structure = structure_of(config)
+    record_structure(config, structure, config.num_experts)  # a load-time num_experts_per_tok, now per layer
+    blocks = blocks_of(model, structure.layers)
+    for index in structure.moe_layers:
+        replace_ffn(blocks[index], structure.moe_at, structure.identity, new_moe_ffn(structure, config.num_experts, index))
 
 
-def set_top_k(model: nn.Module, top_k: int) -> None:
-    """Change how many experts each token uses, everywhere in ``model`` (and in its config); this
-    replaces any per-layer top-k."""
-    found = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    if not found:
+def moe_modules(model: nn.Module) -> dict[int, MoEFeedForward]:
+    """``model``'s MoE feed-forwards by block index (by order found, for a model without a structure)."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, CONFIG_KEY, None):
+        structure = structure_of(config)
+        blocks = blocks_of(model, structure.layers)
+        return {i: blocks[i].get_submodule(structure.moe_at) for i in structure.moe_layers}
+    return dict(enumerate(m for m in model.modules() if isinstance(m, MoEFeedForward)))
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    """A :class:`ValueError` unless ``1 <= top_k <= num_experts``."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be between 1 and {num_experts}, got {top_k}")
+
+
+def set_top_k(model: nn.Module, top_k: int | dict[int, int]) -> dict[int, int]:
+    """Set how many experts each token uses: ``top_k`` in every MoE layer, or per layer (block index ->
+    top-k, for some or all layers). The modules and ``model.config`` change together. Returns the
+    previous per-layer setting, which ``set_top_k`` takes back to restore it."""
+    modules = moe_modules(model)
+    if not modules:
         raise ValueError("this model has no MoE feed-forward layers")
-    if not 1 <= top_k <= found[0].num_experts:
-        raise ValueError(f"top_k must be between 1 and {found[0].num_experts}, got {top_k}")
-    for m in found:
-        m.top_k = top_k
-    if hasattr(model, "config"):
-        model.config.num_experts_per_tok = top_k
-        structure = getattr(model.config, CONFIG_KEY, None)
-        if structure:
-            setattr(model.config, CONFIG_KEY, {**structure, "top_k": top_k, "layer_top_k": {}})
+    wanted = dict.fromkeys(modules, top_k) if isinstance(top_k, int) and not isinstance(top_k, bool) else dict(top_k)
+    for index, k in wanted.items():
+        if index not in modules:
+            raise ValueError(f"layer {index} has no MoE feed-forward (MoE layers: {', '.join(map(str, modules))})")
+        check_top_k(k, modules[index].num_experts)
+    previous = {i: m.top_k for i, m in modules.items()}
+    for index, k in wanted.items():
+        modules[index].top_k = k
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, CONFIG_KEY, None):
+        structure = structure_of(config)
+        structure.top_k = {i: m.top_k for i, m in modules.items()}
+        record_structure(config, structure, config.num_experts)
+    return previous
 
 
 # -- classes made on demand from the dense ones -----------------------------------------------------

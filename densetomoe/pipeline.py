@@ -1,4 +1,4 @@
-"""``convert()``: one conversion, its stages in order.
+"""``convert()`` and ``distill()``: one conversion, its stages in order.
 
     load -> calibrate -> partition -> route -> budget -> swap (or native) -> [distill] -> evaluate -> export
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +16,17 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from . import archs, card, data, surgery
+from . import archs, card, data, folder, surgery
+from ._version import __version__
 from .console import progress
+from .data import batches
 from .errors import UsageError
-from .moe import MoEFeedForward, moe_layers
+from .ffn import DenseFFN, dense_ffn, expert_size
+from .moe import MoEFeedForward, blocks_of, moe_modules, structure_of
 from .recipe import Distill, Recipe, check_against_model
 from .stages import budget, evaluate, export, load, native
-from .stages.calibrate import ActivationStats, DenseFFN, LayerStats, batches, calibrate, dense_ffn
+from .stages.calibrate import ActivationStats, LayerStats, calibrate
+from .stages.distill import History, distill_model
 from .stages.partition import PARTITIONS
 from .stages.router import ROUTERS, RouterSettings
 
@@ -31,35 +34,132 @@ HELD_OUT_TEXTS = 64
 
 
 @dataclass
+class Dense:
+    """The dense model a conversion (or a distillation) starts from, and the text split both use."""
+
+    source: load.Source
+    config: object
+    arch: archs.Arch
+    ffn_size: int
+    num_layers: int
+    model: nn.Module | None = None  # None until :meth:`load`
+    tokenizer: object = None
+    calibration_texts: list[str] = field(default_factory=list)
+    held_out_texts: list[str] = field(default_factory=list)
+    held_out_separate: bool = False
+    probe: evaluate.Probe | None = None  # the dense outputs on the held-out texts
+
+    @classmethod
+    def describe(cls, model: str, allow_pickle: bool) -> Dense:
+        """What the config says, and whether the weights can be read (none read yet): every check that
+        needs no weights runs before any heavy work."""
+        source = load.resolve(model, allow_pickle)
+        config = load.load_config(source)
+        arch = archs.arch_for(config)
+        _, ffn_size = archs.ffn_sizes(config, arch)
+        if not source.gguf_file:
+            load.check_weights(source.path, allow_pickle)
+        return cls(source, config, arch, ffn_size, archs.num_layers(config, arch))
+
+    def load(self, recipe: Recipe, log: Callable[[str], None] = lambda message: None) -> Dense:
+        """The recipe's text split, the weights, the tokenizer, and the dense outputs on held-out text."""
+        texts = data.load_texts(recipe.calib)
+        self.calibration_texts, self.held_out_texts, self.held_out_separate = split_texts(texts, recipe.seed)
+        log(f"{self.source.name}: {self.arch.family}, {self.num_layers} layers, FFN {self.ffn_size}")
+        self.model, self.tokenizer = load.load_model(
+            self.source, self.config, recipe.dtype, recipe.allow_pickle, causal_lm=self.arch.decoder
+        )
+        held_out = list(batches(self.tokenizer, self.held_out_texts, recipe.seq_len, recipe.batch_size))
+        self.probe = evaluate.record(self.model, held_out, causal_lm=self.arch.decoder)
+        return self
+
+
+@dataclass
 class Conversion:
-    """What :func:`convert` made: the in-memory MoE model and what was measured on the way."""
+    """What :func:`convert` (or :func:`distill`) made: the in-memory MoE model and what was measured."""
 
     recipe: Recipe
-    source: load.Source
+    dense: Dense  # the model itself is released once measured; its description stays
     model: nn.Module
-    tokenizer: object
     report: evaluate.QuickReport
     stats: ActivationStats
     seconds: dict[str, float] = field(default_factory=dict)
-    history: object | None = None  # distill.History when distilled
+    history: History | None = None  # when distilled
     out: Path | None = None
     native: native.NativeReport | None = None  # format native: what the native export did
+
+    @property
+    def source(self) -> load.Source:
+        return self.dense.source
+
+    @property
+    def tokenizer(self):
+        return self.dense.tokenizer
 
     @property
     def format(self) -> str:
         return "native" if self.native is not None else "remote-code"
 
+    @property
+    def top_k(self) -> dict[int, int]:
+        """Each converted layer's top-k (layers left dense are absent)."""
+        if self.native is None:
+            return structure_of(self.model.config).top_k
+        dense = set(self.native.mlp_only_layers)
+        return {i: self.model.config.num_experts_per_tok for i in range(self.dense.num_layers) if i not in dense}
+
     def figures(self) -> dict:
-        return {
-            "base_model": self.source.name,
-            "base_path": str(self.source.path / self.source.gguf_file) if self.source.gguf_file else str(self.source.path),
-            "calibration": {"tokens": self.stats.tokens, "sequences": self.stats.sequences},
-            "quick_eval": self.report.as_dict(),
-            "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
-            "format": self.format,
-            **({"native": self.native.as_dict()} if self.native is not None else {}),
-            **({"distillation": self.history.as_dict()} if self.history is not None else {}),
-        }
+        """What ``densetomoe_conversion.json`` records (:func:`densetomoe.folder.figures`)."""
+        source = self.source
+        return folder.figures(
+            version=__version__,
+            base_model=source.name,
+            base_path=str(source.path / source.gguf_file) if source.gguf_file else str(source.path),
+            calibration={"tokens": self.stats.tokens, "sequences": self.stats.sequences},
+            quick_eval=self.report.as_dict(),
+            seconds=self.seconds,
+            format=self.format,
+            native=None if self.native is None else self.native.as_dict(),
+            distillation=None if self.history is None else self.history.as_dict(),
+        )
+
+    def card(self) -> str:
+        """The model card (``README.md``)."""
+        return card.render(
+            name=self.source.hub_id or Path(self.source.name).name,  # never publish a local path
+            hub_id=self.source.hub_id,
+            family=self.dense.arch.family,
+            decoder=self.dense.arch.decoder,
+            head=self.model.__class__.__name__,
+            recipe=self.recipe,
+            report=self.report,
+            top_k=self.top_k,
+            num_layers=self.dense.num_layers,
+            shared_size=self.native.shared_expert_size if self.native is not None else structure_of(self.model.config).shared_size,
+            calibration_tokens=self.stats.tokens,
+            seconds=self.seconds.get("total", 0.0),
+            held_out_separate=self.dense.held_out_separate,
+            history=self.history,
+            native=self.native,
+        )
+
+    def write(self, out: Path, overwrite: bool) -> None:
+        """Export to ``out`` (in one process under ``accelerate launch``)."""
+        if not is_main_process():
+            return
+        export.write(
+            out,
+            overwrite,
+            self.model,
+            recipe_yaml=self.recipe.to_yaml(),
+            card=self.card(),
+            figures=self.figures(),
+            source_folder=self.source.path,  # the tokenizer comes from the dense model
+            gguf_file=self.source.gguf_file,
+            extras=_loss_figure(self.history),
+            format=self.format,
+        )
+        self.out = out
 
 
 def split_texts(texts: list[str], seed: int) -> tuple[list[str], list[str], bool]:
@@ -98,32 +198,23 @@ def convert(
         raise UsageError(f"--resume: no checkpoints to resume from{'' if workdir is None else ' in ' + str(workdir)}")
 
     # load: everything checkable from the config is checked before weights or text are read
-    source = load.resolve(recipe.model, recipe.allow_pickle)
-    config = load.load_config(source)
-    arch = archs.arch_for(config)
-    hidden, ffn_size = archs.ffn_sizes(config, arch)
-    num_layers = archs.num_layers(config, arch)
+    dense = Dense.describe(recipe.model, recipe.allow_pickle)
+    arch, ffn_size, num_layers = dense.arch, dense.ffn_size, dense.num_layers
     check_against_model(recipe, ffn_size, num_layers)
-    target = native.check_source(config, recipe.shared_experts) if recipe.format == "native" else None
-    if not source.gguf_file:
-        load.check_weights(source.path, recipe.allow_pickle)
-    calibration_texts, held_out_texts, separate = split_texts(data.load_texts(recipe.calib), recipe.seed)
-    log(f"{source.name}: {arch.family}, {num_layers} layers, hidden {hidden}, FFN {ffn_size}")
-    model, tokenizer = load.load_model(source, config, recipe.dtype, recipe.allow_pickle, causal_lm=arch.decoder)
+    target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
+    dense.load(recipe, log)
+    model = dense.model
     clock.lap("load")
 
-    layers = sorted(set(recipe.layers)) if recipe.layers else list(range(num_layers))
-    activation = archs.activation(config, arch)
-    held_out = list(batches(tokenizer, held_out_texts, recipe.seq_len, recipe.batch_size))
-    probe = evaluate.record(model, held_out, causal_lm=arch.decoder)
-
     # calibrate
-    ffns, stats = calibrate_layers(model, tokenizer, calibration_texts, arch, layers, recipe, show_progress)
+    layers = sorted(set(recipe.layers)) if recipe.layers else list(range(num_layers))
+    ffns, stats = calibrate_layers(model, dense.tokenizer, dense.calibration_texts, arch, layers, recipe, show_progress)
     clock.lap("calibrate")
     if stats.tokens < recipe.calib_tokens:
         log(f"warning: the calibration text ran out after {stats.tokens:,} of {recipe.calib_tokens:,} tokens")
 
     # partition and route, layer by layer: the split does not depend on top-k
+    activation = archs.activation(dense.config, arch)
     generator = torch.Generator().manual_seed(recipe.seed)
     settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps)
     splits = {}
@@ -135,7 +226,7 @@ def convert(
     clock.lap("partition+route")
 
     # budget: each layer's top-k, or dense
-    plan = plan_layers(recipe, splits, model, arch, probe, ffn_size, num_layers, show_progress)
+    plan = plan_layers(recipe, splits, model, arch, dense.probe, ffn_size, num_layers, show_progress)
     modules = {i: splits[i].build(k) for i, k in plan.items() if k is not None}
     if not modules:
         raise UsageError(f"an FFN budget of {recipe.ffn_budget:.0%} keeps every layer dense: nothing to convert")
@@ -157,46 +248,31 @@ def convert(
                 "transformers and vLLM run this folder, llama.cpp (every layer MoE) does not")  # fmt: skip
     else:  # swap in place; keep the dense model as the teacher when distilling
         teacher = copy.deepcopy(model) if recipe.distill is not None else None
-        top_k = recipe.top_k if recipe.ffn_budget is None else Counter(m.top_k for m in modules.values()).most_common(1)[0][0]
-        surgery.swap_in(model, arch, modules, top_k)
+        surgery.swap_in(model, arch, modules)
+    dense.model = None  # the converted model (or the teacher) holds what is still needed
 
     history = None
     if recipe.distill is not None:
-        from .distill import distill_model
-
         history = distill_model(
-            model, teacher, tokenizer, recipe.distill, arch, calibration_texts, held_out_texts,
+            model, teacher, dense.tokenizer, recipe.distill, arch, dense.calibration_texts, dense.held_out_texts,
             workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,
         )  # fmt: skip
         clock.lap("distill")
 
     # measure against the dense outputs recorded before
     del teacher
-    report = evaluate.compare(model, probe, ffn_size, num_layers, converted=list(modules.values()))
+    report = evaluate.compare(model, dense.probe, ffn_size, num_layers, converted=list(modules.values()))
     clock.lap("evaluate")
 
-    result = Conversion(recipe, source, model, tokenizer, report, stats, clock.seconds, history=history, native=native_report)
-    if out is not None and is_main_process():  # under `accelerate launch`, one process writes
-        text = card.render(result, held_out_separate=separate, arch=arch)
-        export.write(
-            out,
-            overwrite,
-            model,
-            recipe_yaml=recipe.to_yaml(),
-            card=text,
-            figures=result.figures(),
-            source_folder=source.path,
-            gguf_file=source.gguf_file,
-            extras=_loss_figure(history),
-            format=result.format,
-        )
+    result = Conversion(recipe, dense, model, report, stats, clock.seconds, history=history, native=native_report)
+    if out is not None:
+        result.write(out, overwrite)
         clock.lap("export")
-        result.out = out
     return result
 
 
 def distill(
-    folder: str | Path,
+    moe_dir: str | Path,
     settings: Distill,
     out: str | Path | None = None,
     overwrite: bool = False,
@@ -206,86 +282,63 @@ def distill(
     log: Callable[[str], None] = lambda message: None,
     format: str | None = None,
 ) -> Conversion:
-    """Distill an already converted ``folder`` from its dense base model and write the result to
-    ``out`` (default: ``folder`` itself, replaced atomically once training has finished).
+    """Distill the converted folder ``moe_dir`` from its dense base model and write the result to
+    ``out`` (default: ``moe_dir`` itself, replaced atomically once training has finished).
 
     The training text defaults to the calibration text recorded in the folder's recipe, and the
     held-out documents are the same ones conversion kept aside. ``format="native"`` on a remote-code
     folder first turns it into the native model (calibrating the teacher again for the refit) and
     then trains that native model.
     """
-    from .distill import distill_model
     from .loading import load as load_moe
 
     clock = _Clock()
-    folder = Path(folder)
-    out = Path(out) if out is not None else folder
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"{folder} is not a model folder (no config.json in it)")
-    if out != folder:
+    source_folder = Path(moe_dir)
+    out = Path(out) if out is not None else source_folder
+    was = folder.format_of(source_folder)
+    if out != source_folder:
         export.check_destination(out, overwrite)
-    figures = export.recorded_figures(folder)
-    if not (folder / export.RECIPE_FILE).is_file() or not figures:
-        raise UsageError(f"{folder} was not written by densetomoe convert (no {export.RECIPE_FILE} or {export.FIGURES_FILE})")
+    figures = folder.read_figures(source_folder)
+    if not (source_folder / folder.RECIPE_FILE).is_file() or not figures:
+        raise UsageError(f"{source_folder} was not written by densetomoe convert (no {folder.RECIPE_FILE} or {folder.FIGURES_FILE})")
     try:
-        recorded = Recipe.from_yaml(folder / export.RECIPE_FILE)
+        recorded = Recipe.from_yaml(source_folder / folder.RECIPE_FILE)
     except UsageError as e:
-        raise UsageError(f"{folder}: {e}") from None
-    base = base or export.recorded_base(folder)
-    was = figures.get("format", "remote-code")
+        raise UsageError(f"{source_folder}: {e}") from None
     format = format or was
     if was == "native" and format != "native":
-        raise UsageError(f"{folder} is a native folder and cannot become remote code again; convert the dense model with --format {format}")
+        raise UsageError(f"{source_folder} is a native folder and cannot become remote code again; convert the dense model with --format {format}")
     recipe = recorded.model_copy(update={"distill": settings, "format": format})
     workdir = checkpoint_folder(out)
     if resume and not workdir.is_dir():
         raise UsageError(f"--resume: no checkpoints to resume from in {workdir}")
 
-    source = load.resolve(base, recipe.allow_pickle)
-    config = load.load_config(source)
-    arch = archs.arch_for(config)
-    _, ffn_size = archs.ffn_sizes(config, arch)
-    num_layers = archs.num_layers(config, arch)
-    teacher, tokenizer = load.load_model(source, config, recipe.dtype, recipe.allow_pickle, causal_lm=arch.decoder)
-    student = load_moe(folder)
+    dense = Dense.describe(base or folder.recorded_base(source_folder), recipe.allow_pickle).load(recipe, log)
+    teacher, arch = dense.model, dense.arch
+    student = load_moe(source_folder)
     clock.lap("load")
-    calibration_texts, held_out_texts, separate = split_texts(data.load_texts(recipe.calib), recipe.seed)
-    held_out = list(batches(tokenizer, held_out_texts, recipe.seq_len, recipe.batch_size))
-    probe = evaluate.record(teacher, held_out, causal_lm=arch.decoder)
     converted = [m for m in student.modules() if isinstance(m, MoEFeedForward)]  # their shapes give the costs
     native_report = native.NativeReport.from_dict(figures["native"]) if was == "native" else None
     if format == "native" and was != "native":
-        student, native_report = _native_from_folder(student, teacher, tokenizer, recipe, arch, calibration_texts, show_progress)
+        student, native_report = _native_from_folder(student, teacher, dense.tokenizer, recipe, arch, dense.calibration_texts, show_progress)
         clock.lap("native")
     history = distill_model(
-        student, teacher, tokenizer, settings, arch, calibration_texts, held_out_texts,
+        student, teacher, dense.tokenizer, settings, arch, dense.calibration_texts, dense.held_out_texts,
         workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,
     )  # fmt: skip
     clock.lap("distill")
-    del teacher
-    report = evaluate.compare(student, probe, ffn_size, num_layers, converted=converted or None)
+    dense.model = teacher = None
+    report = evaluate.compare(student, dense.probe, dense.ffn_size, dense.num_layers, converted=converted or None)
     if not converted:  # a native folder: distillation kept the structure, so its recorded costs hold
         costs = figures.get("quick_eval", {})
         report.ffn_flops_ratio = costs.get("ffn_flops_ratio", report.ffn_flops_ratio)
         report.active_ffn_share = costs.get("active_ffn_share", report.active_ffn_share)
     clock.lap("evaluate")
-    stats = ActivationStats(tokens=figures.get("calibration", {}).get("tokens", 0), sequences=figures.get("calibration", {}).get("sequences", 0))
-    result = Conversion(recipe, source, student, tokenizer, report, stats, clock.seconds, history=history, native=native_report)
-    if not is_main_process():  # under `accelerate launch`, one process writes
-        return result
-    export.write(
-        out,
-        True if out == folder else overwrite,
-        student,
-        recipe_yaml=recipe.to_yaml(),
-        card=card.render(result, held_out_separate=separate, arch=arch),
-        figures={**result.figures(), "seconds": {**figures.get("seconds", {}), "distill": round(clock.seconds["distill"], 2)}},
-        source_folder=source.path,  # the tokenizer comes from the dense model, as at conversion
-        gguf_file=source.gguf_file,
-        extras=_loss_figure(history),
-        format=result.format,
-    )
-    result.out = out
+    calibration = figures.get("calibration", {})
+    stats = ActivationStats(tokens=calibration.get("tokens", 0), sequences=calibration.get("sequences", 0))
+    seconds = {**figures.get("seconds", {}), "distill": clock.seconds["distill"]}
+    result = Conversion(recipe, dense, student, report, stats, seconds, history=history, native=native_report)
+    result.write(out, True if out == source_folder else overwrite)
     return result
 
 
@@ -293,7 +346,7 @@ def calibrate_layers(
     model: nn.Module, tokenizer, texts: list[str], arch: archs.Arch, layers: list[int], recipe: Recipe, show_progress: bool
 ) -> tuple[dict[int, DenseFFN], ActivationStats]:
     """The dense FFNs of ``layers`` and their calibration statistics, with the recipe's settings."""
-    blocks = moe_layers(model, {"layers": arch.layers})
+    blocks = blocks_of(model, arch.layers)
     activation = ACT2FN[archs.activation(model.config, arch)]
     ffns = {i: dense_ffn(blocks[i], arch, activation) for i in layers}
     stats = calibrate(
@@ -306,9 +359,7 @@ def calibrate_layers(
 def _native_from_folder(student, teacher, tokenizer, recipe: Recipe, arch, texts: list[str], show_progress: bool):
     """A remote-code ``student`` as the native model: the teacher is calibrated again for the refit."""
     target = native.check_source(teacher.config, recipe.shared_experts)
-    structure = getattr(student.config, "densetomoe")
-    blocks = moe_layers(student, structure)
-    modules = {i: blocks[i].get_submodule(structure["moe_at"]) for i in structure["moe_layers"]}
+    modules = moe_modules(student)
     num_layers = archs.num_layers(teacher.config, arch)
     native.check_plan({i: modules[i].top_k if i in modules else None for i in range(num_layers)}, recipe.experts)
     ffns, stats = calibrate_layers(teacher, tokenizer, texts, arch, list(modules), recipe, show_progress)
@@ -344,11 +395,11 @@ def split_layer(
     sample = stats.inputs
     shared = None
     if recipe.shared_experts:
-        shared_idx, routed_idx = surgery.shared_neurons(ffn, sample, recipe.shared_experts * ffn.size // recipe.parts)
+        shared_idx, routed_idx = surgery.shared_neurons(ffn, sample, recipe.shared_experts * expert_size(ffn.size, recipe.experts, recipe.shared_experts))
         shared, ffn, stats = ffn.subset(shared_idx, with_bias=False), ffn.subset(routed_idx), stats.subset(routed_idx)
     labels = PARTITIONS[recipe.partition](ffn, stats, recipe.experts, generator)
     if recipe.prune:
-        keep = max(1, round(ffn.size // recipe.experts * (1 - recipe.prune)))
+        keep = expert_size(ffn.size, recipe.experts, prune=recipe.prune)
         labels = surgery.prune_experts(labels, ffn.importance(sample), recipe.experts, keep)
     router = ROUTERS[recipe.router](ffn, stats, labels, recipe.experts, settings, generator)
     return surgery.LayerSplit(ffn, labels, router, recipe.experts, activation, sample if recipe.compensate else None, shared)
@@ -371,7 +422,7 @@ def plan_layers(
     first = next(iter(splits.values()))
     options = budget.levels(recipe.experts, first.expert_size, first.shared_size, ffn_size)
     sensitivity = None
-    if recipe.budget in budget.NEEDS_SENSITIVITY:
+    if budget.BUDGETS.entry(recipe.budget).settings["sensitivity"]:
         sensitivity = measure_sensitivity(splits, options, model, arch, probe, show_progress)
     try:
         chosen = budget.BUDGETS[recipe.budget](list(splits), options, recipe.ffn_budget, num_layers, sensitivity)
@@ -382,8 +433,8 @@ def plan_layers(
 
 def measure_sensitivity(splits, options, model, arch, probe, show_progress: bool, batches_used: int = 1) -> budget.Sensitivity:
     """Quality lost with one layer at each level and every other layer dense, on held-out text."""
-    blocks = moe_layers(model, {"layers": arch.layers})
-    small = evaluate.Probe(*(field[:batches_used] for field in (probe.batches, probe.hidden, probe.predictions, probe.nll)))
+    blocks = blocks_of(model, arch.layers)
+    small = probe.head(batches_used)
     table = {}
     with progress(show_progress) as bar:
         task = bar.add_task("layer sensitivity", total=len(splits) * (len(options) - 1))

@@ -2,22 +2,31 @@
 
 Everything that can be checked without loading weights is checked here, so a bad combination fails
 before any heavy work; checks that need the model's config live in :func:`check_against_model`.
+Named algorithms (partition, router, budget) and output formats are validated against their
+registries, so a newly registered one is accepted here, offered by the CLI and described in the card.
+Defaults live here and nowhere else: the CLI reads them from these fields.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UsageError
+from .ffn import expert_size, neuron_share
+from .folder import FORMATS
+from .stages.budget import BUDGETS
+from .stages.partition import PARTITIONS
+from .stages.router import ROUTERS
 
-Partition = Literal["coactivation", "parameters", "random"]
-RouterKind = Literal["mlp", "linear", "centroid"]
-Format = Literal["remote-code", "native"]
-Budget = Literal["sensitivity", "uniform"]
+# Names that must be registry entries (checked when a recipe is built, so late registrations count).
+Partition = Annotated[str, AfterValidator(PARTITIONS.check)]
+RouterKind = Annotated[str, AfterValidator(ROUTERS.check)]
+Budget = Annotated[str, AfterValidator(BUDGETS.check)]
+Format = Annotated[str, AfterValidator(FORMATS.check)]
 DType = Literal["float32", "bfloat16", "float16"]
 Trainable = Literal["moe", "all"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -114,8 +123,9 @@ class Recipe(BaseModel):
             raise ValueError("give top_k or ffn_budget, not both: with ffn_budget each layer's top-k is chosen")
         if self.format == "native" and self.dtype == "float16":
             raise ValueError("format native needs dtype float32 or bfloat16: its scaled router weights (~1e-7) underflow in float16")
-        if self.format == "native" and self.router == "mlp":
-            raise ValueError("format native needs a linear router (a native MoE's gate is one linear map): use router linear or centroid")
+        if self.format == "native" and not ROUTERS.entry(self.router).settings["linear"]:
+            linear = ", ".join(name for name in ROUTERS if ROUTERS.entry(name).settings["linear"])
+            raise ValueError(f"format native needs a linear router (a native MoE's gate is one linear map): use router {linear}")
         return self
 
     @property
@@ -181,12 +191,13 @@ def check_against_model(recipe: Recipe, ffn_size: int, num_layers: int) -> None:
             f"the FFN's {ffn_size} neurons do not split into {recipe.experts} equal experts{shared}; "
             f"choose one of {choices}"
         )
-    size = ffn_size // parts
-    if round(size * (1 - recipe.prune)) < 1:
+    size = expert_size(ffn_size, recipe.experts, recipe.shared_experts)
+    routed = expert_size(ffn_size, recipe.experts, recipe.shared_experts, recipe.prune)
+    if routed < 1:
         raise UsageError(f"--prune {recipe.prune} leaves no neuron in experts of {size}")
     if recipe.ffn_budget is not None:  # the cheapest plan: top-1 in every converted layer
         converted = len(set(recipe.layers)) if recipe.layers else num_layers
-        top_1 = (recipe.shared_experts * size + max(1, round(size * (1 - recipe.prune)))) / ffn_size
+        top_1 = neuron_share(1, routed, recipe.shared_experts * size, ffn_size)
         least = (converted * top_1 + num_layers - converted) / num_layers
         if recipe.ffn_budget < least - 1e-9:
             raise UsageError(

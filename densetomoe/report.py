@@ -25,9 +25,14 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import UsageError
+from .folder import REPORT_FILE
+
+MARKDOWN_FILE = "report.md"
 FIGURE_ROUTING = "expert_load.png"
 FIGURE_TRADEOFF = "quality_vs_speed.png"
 FIGURE_LOSS = "loss_curve.png"
+REPORT_FILES = {REPORT_FILE, MARKDOWN_FILE, FIGURE_ROUTING, FIGURE_TRADEOFF, FIGURE_LOSS}  # what write() makes
 
 
 def primary_quality(report: dict) -> tuple[str, str] | None:
@@ -37,16 +42,29 @@ def primary_quality(report: dict) -> tuple[str, str] | None:
     return None
 
 
-def write(report: dict, out: Path) -> Path:
-    """Write the report folder atomically (a temporary sibling renamed into place)."""
+def check_destination(out: Path) -> None:
+    """Refuse an ``out`` that holds anything but an earlier report: a report never deletes what it did not write."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the report")
+    others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES) if out.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UsageError(f"--out {out} holds files that are not an evaluation report ({shown}); give a new or empty folder")
+
+
+def write(report: dict, out: Path) -> Path:
+    """Write the report folder atomically (a temporary sibling renamed into place); an earlier report
+    in ``out`` is replaced, anything else there is refused (:func:`check_destination`)."""
+    out = Path(out)
+    check_destination(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         figures = _figures(report, staging)
-        (staging / "report.md").write_text(markdown(report, figures))
+        (staging / MARKDOWN_FILE).write_text(markdown(report, figures))
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from . import moe
 from .archs import Arch
-from .stages.calibrate import DenseFFN
-from .stages.partition import expert_members
+from .ffn import DenseFFN, expert_members
 
 
 @dataclass
@@ -47,7 +46,7 @@ def swapped(block: nn.Module, arch: Arch, module: nn.Module) -> Iterator[None]:
     names = [arch.moe_at, *arch.identity]
     saved = {name: block.get_submodule(name) for name in names}
     param = next(block.parameters())
-    moe.replace_ffn(block, {"moe_at": arch.moe_at, "identity": list(arch.identity)}, module.to(param.device, param.dtype))
+    moe.replace_ffn(block, arch.moe_at, list(arch.identity), module.to(param.device, param.dtype))
     try:
         yield
     finally:
@@ -148,35 +147,30 @@ def _router_hidden(router: moe.Router) -> int:
     return router.layers[0].out_features if len(router.layers) > 1 else 0
 
 
-def structure(arch: Arch, module: moe.MoEFeedForward, layers: list[int]) -> dict:
-    """The ``config.densetomoe`` entry that lets ``moe.install_moe`` rebuild the converted model."""
-    return {
-        "layers": arch.layers,
-        "moe_at": arch.moe_at,
-        "identity": list(arch.identity),
-        "moe_layers": sorted(layers),
-        "hidden_size": module.hidden_size,
-        "expert_size": module.expert_size,
-        "activation": module.activation,
-        "gated": module.gated,
-        "bias": module.b_up is not None,
-        "router_hidden": _router_hidden(module.router),
-        "shared_size": module.shared_size,
-    }
-
-
-def swap_in(model: nn.Module, arch: Arch, modules: dict[int, moe.MoEFeedForward], top_k: int) -> None:
-    """Replace the FFNs of ``model`` by ``modules`` (block index -> module) and record the structure
-    in ``model.config``, which keeps the dense class until export. ``top_k`` is the model's nominal
-    top-k; modules with another one are recorded in ``layer_top_k``."""
-    blocks = moe.moe_layers(model, {"layers": arch.layers})
+def structure(arch: Arch, modules: dict[int, moe.MoEFeedForward]) -> moe.Structure:
+    """The :class:`~densetomoe.moe.Structure` of a model whose blocks ``modules`` (index -> module) were
+    converted, as ``config.densetomoe`` records it for :func:`densetomoe.moe.install_moe`."""
     first = next(iter(modules.values()))
-    layout = structure(arch, first, list(modules))
-    layout["top_k"] = top_k
-    layout["layer_top_k"] = {str(i): m.top_k for i, m in sorted(modules.items()) if m.top_k != top_k}
+    return moe.Structure(
+        layers=arch.layers,
+        moe_at=arch.moe_at,
+        identity=list(arch.identity),
+        hidden_size=first.hidden_size,
+        expert_size=first.expert_size,
+        activation=first.activation,
+        gated=first.gated,
+        bias=first.b_up is not None,
+        router_hidden=_router_hidden(first.router),
+        shared_size=first.shared_size,
+        top_k={i: m.top_k for i, m in sorted(modules.items())},
+    )
+
+
+def swap_in(model: nn.Module, arch: Arch, modules: dict[int, moe.MoEFeedForward]) -> None:
+    """Replace the FFNs of ``model`` by ``modules`` (block index -> module) and record the structure
+    in ``model.config``, which keeps the dense class until export."""
+    blocks = moe.blocks_of(model, arch.layers)
     param = next(model.parameters())
     for index, module in modules.items():
-        moe.replace_ffn(blocks[index], layout, module.to(device=param.device, dtype=param.dtype))
-    setattr(model.config, moe.CONFIG_KEY, layout)
-    model.config.num_experts = first.num_experts
-    model.config.num_experts_per_tok = top_k
+        moe.replace_ffn(blocks[index], arch.moe_at, list(arch.identity), module.to(device=param.device, dtype=param.dtype))
+    moe.record_structure(model.config, structure(arch, modules), next(iter(modules.values())).num_experts)

@@ -35,7 +35,7 @@ from torch import nn
 
 from densetomoe import surgery
 from densetomoe.moe import Router
-from densetomoe.stages.calibrate import DenseFFN
+from densetomoe.ffn import DenseFFN
 from densetomoe.stages.partition import at_random
 from densetomoe.stages.router import ROUTERS, RouterSettings
 
@@ -69,7 +69,7 @@ def moe_of(mlp: nn.Module, experts: int, top_k: int, router: str, seed: int = 0)
     generator = torch.Generator().manual_seed(seed)
     labels = at_random(ffn, None, experts, generator)
     if router == "centroid":
-        scores = ROUTERS["centroid"](ffn, None, labels, experts, RouterSettings(), generator)
+        scores = ROUTERS["centroid"](ffn, None, labels, experts, RouterSettings(hidden=0, steps=0), generator)
     else:  # untrained, but shaped as a conversion's default router
         scores = Router(ffn.w_up.shape[1], experts, hidden=ROUTER_HIDDEN)
     return surgery.moe_from_dense(ffn, labels, scores, experts, top_k, "silu").eval()

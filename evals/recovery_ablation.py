@@ -24,7 +24,7 @@ import transformers
 
 import densetomoe
 from densetomoe.efficiency import cost
-from densetomoe.stages.calibrate import batches
+from densetomoe.data import batches
 from densetomoe.suites import load_suite
 
 ROOT = Path(__file__).resolve().parent.parent

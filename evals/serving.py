@@ -41,8 +41,9 @@ import transformers
 import densetomoe
 from common import package_folder, wiki_heldout
 from densetomoe import llamacpp
+from densetomoe.folder import RECIPE_FILE
 from densetomoe.metrics import perplexity
-from densetomoe.stages import export, load
+from densetomoe.stages import load
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "<|im_start|>user\nTell me about the history of the Roman Empire.<|im_end|>\n<|im_start|>assistant\n"
@@ -79,7 +80,7 @@ def converted(workdir: Path, experts: int, top_k: int, fmt: str, settings: dict,
     )
     out = workdir / f"{fmt}-{experts}x{top_k}"
     workdir.mkdir(parents=True, exist_ok=True)
-    recorded = out / export.RECIPE_FILE
+    recorded = out / RECIPE_FILE
     if recorded.is_file() and recorded.read_text() == recipe.to_yaml():
         return out
     log(f"converting: {experts} experts, top-{top_k}, format {fmt}")

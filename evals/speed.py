@@ -20,8 +20,8 @@ import transformers
 
 from densetomoe import archs, surgery
 from densetomoe.efficiency import cost, random_inputs, time_models
-from densetomoe.moe import moe_layers
-from densetomoe.stages.calibrate import dense_ffn
+from densetomoe.moe import blocks_of
+from densetomoe.ffn import dense_ffn
 from densetomoe.stages.partition import at_random
 from densetomoe.stages.router import ROUTERS, RouterSettings
 
@@ -29,16 +29,16 @@ from densetomoe.stages.router import ROUTERS, RouterSettings
 def moe_copy(dense: torch.nn.Module, experts: int, top_k: int) -> torch.nn.Module:
     model = copy.deepcopy(dense)
     arch = archs.arch_for(model.config)
-    blocks = moe_layers(model, {"layers": arch.layers})
+    blocks = blocks_of(model, arch.layers)
     act = archs.activation(model.config, arch)
     generator = torch.Generator().manual_seed(0)
     modules = {}
     for i, block in enumerate(blocks):
         ffn = dense_ffn(block, arch, transformers.activations.ACT2FN[act])
         labels = at_random(ffn, None, experts, generator)
-        router = ROUTERS["centroid"](ffn, None, labels, experts, RouterSettings(), generator)
+        router = ROUTERS["centroid"](ffn, None, labels, experts, RouterSettings(hidden=0, steps=0), generator)
         modules[i] = surgery.moe_from_dense(ffn, labels, router, experts, top_k, act)
-    surgery.swap_in(model, arch, modules, top_k)
+    surgery.swap_in(model, arch, modules)
     return model.eval()
 
 
@@ -55,7 +55,7 @@ def main() -> None:
 
     dense = transformers.BertModel(transformers.BertConfig()).eval()  # bert-base shapes
     arch = archs.arch_for(dense.config)
-    ffn_linears = {m for b in moe_layers(dense, {"layers": arch.layers}) for m in (b.get_submodule(arch.up), b.get_submodule(arch.down))}
+    ffn_linears = {m for b in blocks_of(dense, arch.layers) for m in (b.get_submodule(arch.up), b.get_submodule(arch.down))}
     rows = []
     for k in args.top_k:
         moe = moe_copy(dense, args.experts, k)

@@ -12,7 +12,7 @@ import transformers
 
 import densetomoe
 from conftest import CASES, quick_recipe, sample_inputs
-from densetomoe.stages.export import FIGURES_FILE, MODELING_FILE, RECIPE_FILE
+from densetomoe.folder import FIGURES_FILE, MODELING_FILE, RECIPE_FILE
 
 FAMILY_OF = {cls: family for family, cls in CASES}
 
@@ -99,7 +99,7 @@ def test_only_selected_layers_are_converted(tiny_models, texts_file):
     layers = conversion.model.encoder.layer
     assert type(layers[0].intermediate).__name__ == "BertIntermediate"
     assert isinstance(layers[1].intermediate, densetomoe.MoEFeedForward)
-    assert conversion.model.config.densetomoe["moe_layers"] == [1]
+    assert list(conversion.top_k) == [1]
 
 
 def test_sparse_forward_computes_only_selected_experts(tiny_models, texts_file):

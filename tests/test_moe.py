@@ -8,7 +8,7 @@ from torch import nn
 
 from densetomoe import surgery
 from densetomoe.moe import MoEFeedForward, Router, set_top_k
-from densetomoe.stages.calibrate import DenseFFN
+from densetomoe.ffn import DenseFFN
 from densetomoe.stages.partition import at_random
 
 
@@ -164,7 +164,7 @@ def test_greedy_generate_is_the_same_on_the_decode_and_dispatch_paths():
     import transformers
 
     from densetomoe import archs
-    from densetomoe.stages.calibrate import dense_ffn
+    from densetomoe.ffn import dense_ffn
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -179,7 +179,7 @@ def test_greedy_generate_is_the_same_on_the_decode_and_dispatch_paths():
         labels = at_random(ffn, None, 4, torch.Generator().manual_seed(i))
         router = Router(32, 4, hidden=8)
         modules[i] = surgery.moe_from_dense(ffn, labels, router, 4, 2, "silu", torch.randn(64, 32))
-    surgery.swap_in(model, arch, modules, top_k=2)
+    surgery.swap_in(model, arch, modules)
     moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
     prompt = torch.randint(256, (2, 6), generator=torch.Generator().manual_seed(0))
     settings = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0)

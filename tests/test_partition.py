@@ -9,7 +9,8 @@ import torch
 
 from densetomoe.stages import partition
 from densetomoe.stages.calibrate import LayerStats
-from densetomoe.stages.partition import PARTITIONS, balanced_assign, balanced_kmeans, expert_members
+from densetomoe.ffn import expert_members
+from densetomoe.stages.partition import PARTITIONS, balanced_assign, balanced_kmeans
 from test_moe import random_ffn
 
 

@@ -301,10 +301,11 @@ def test_report_json_metrics_are_included_and_odd_entries_skipped(converted, fak
         ],
         "something_else": {"ignored": True},
     }
-    (converted / "report.json").write_text(json.dumps(report))
+    (converted / "eval").mkdir()
+    (converted / "eval" / "report.json").write_text(json.dumps(report))  # where `densetomoe eval` writes it
     hub.push(converted, "tester/with-report", token=TOKEN, endpoint=fake_hub.url)
     uploaded = fake_hub.repos["tester/with-report"]
-    assert uploaded["report.json"] == (converted / "report.json").read_bytes()
+    assert uploaded["eval/report.json"] == (converted / "eval" / "report.json").read_bytes()
     results = metadata(uploaded["README.md"])["model-index"][0]["results"]
     by_dataset = {r["dataset"]["type"]: r for r in results}
     assert by_dataset["rotten_tomatoes"]["dataset"]["split"] == "test"
@@ -316,7 +317,8 @@ def test_report_json_metrics_are_included_and_odd_entries_skipped(converted, fak
 
 
 def test_bad_report_json_fails_before_the_network(converted, fake_hub):
-    (converted / "report.json").write_text("{not json")
+    (converted / "eval").mkdir()
+    (converted / "eval" / "report.json").write_text("{not json")
     with pytest.raises(UsageError, match="report.json"):
         hub.push(converted, "tester/bad", token=TOKEN, endpoint=fake_hub.url)
     assert fake_hub.requests == []

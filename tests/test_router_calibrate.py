@@ -7,11 +7,12 @@ import torch
 import densetomoe
 from conftest import quick_recipe
 from densetomoe import archs
+from densetomoe.ffn import dense_ffn
 from densetomoe.stages import load
-from densetomoe.stages.calibrate import Reservoir, calibrate, dense_ffn
+from densetomoe.stages.calibrate import Reservoir, calibrate
 from densetomoe.stages.partition import at_random
 from densetomoe.stages.router import ROUTERS, RouterSettings, _fold_normalisation, expert_shares
-from densetomoe.moe import Router, moe_layers
+from densetomoe.moe import Router, blocks_of
 from test_moe import random_ffn
 
 
@@ -42,7 +43,7 @@ def test_mlp_router_ranks_the_expert_that_carries_the_output_first():
 
 def test_centroid_router_needs_no_training_and_finds_planted_experts():
     ffn, labels, stats = planted_layer()
-    router = ROUTERS["centroid"](ffn, stats, labels, 4, RouterSettings(), torch.Generator())
+    router = ROUTERS["centroid"](ffn, stats, labels, 4, RouterSettings(hidden=0, steps=0), torch.Generator())
     with torch.no_grad():
         predicted = router(stats.inputs).argmax(-1)
     assert (predicted == torch.arange(2000) % 4).float().mean() > 0.95
@@ -73,7 +74,7 @@ def test_calibration_counts_real_tokens_only_and_stops_at_budget(tiny_models, te
     config = load.load_config(source)
     arch = archs.arch_for(config)
     model, tokenizer = load.load_model(source, config)
-    blocks = moe_layers(model, {"layers": arch.layers})
+    blocks = blocks_of(model, arch.layers)
     ffns = {i: dense_ffn(blocks[i], arch, torch.nn.GELU()) for i in range(2)}
     texts = texts_file.read_text().splitlines()
     stats = calibrate(model, tokenizer, texts, arch, ffns, tokens=200, seq_len=32, batch_size=4, sample_tokens=64, show_progress=False)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ffn import neuron_share
+from ..registry import Registry
+
 
 @dataclass(frozen=True)
 class Level:
@@ -29,23 +32,15 @@ def levels(experts: int, expert_size: int, shared_size: int, ffn_size: int) -> l
     ``experts``, then dense (few levels bound the sensitivity measurements)."""
     step = max(1, experts // 4)
     ks = sorted({1, *range(step, experts, step)})
-    return [Level(k, (shared_size + k * expert_size) / ffn_size) for k in ks] + [Level(None, 1.0)]
+    return [Level(k, neuron_share(k, expert_size, shared_size, ffn_size)) for k in ks] + [Level(None, 1.0)]
 
 
 # sensitivity[layer][j]: how much quality the model loses with only that layer at level j (>= 0)
 Sensitivity = dict[int, list[float]]
 # (converted layers, levels, budget, num_layers of the model, sensitivity or None) -> level per layer
 BudgetFn = Callable[[list[int], list[Level], float, int, Sensitivity | None], dict[int, Level]]
-BUDGETS: dict[str, BudgetFn] = {}
-NEEDS_SENSITIVITY = {"sensitivity"}  # entries that the pipeline must measure sensitivities for
-
-
-def register(name: str) -> Callable[[BudgetFn], BudgetFn]:
-    def add(fn: BudgetFn) -> BudgetFn:
-        BUDGETS[name] = fn
-        return fn
-
-    return add
+# Entry setting ``sensitivity``: the pipeline measures each layer's sensitivity before calling the entry.
+BUDGETS: Registry[BudgetFn] = Registry("budget")
 
 
 def mean_share(plan: dict[int, Level], num_layers: int) -> float:
@@ -57,7 +52,7 @@ def _fits(plan: dict[int, Level], budget: float, num_layers: int) -> bool:
     return mean_share(plan, num_layers) <= budget + 1e-9
 
 
-@register("uniform")
+@BUDGETS.register("uniform", "the same top-k in every converted layer, the largest the budget allows, then single layers spread over depth one level up while it still holds", sensitivity=False)
 def uniform(layers: list[int], options: list[Level], budget: float, num_layers: int, sensitivity: Sensitivity | None = None) -> dict[int, Level]:
     """The same level everywhere: the largest whose share fits the budget, then the budget left over
     lifts evenly spaced layers one level up."""
@@ -93,7 +88,7 @@ def _spread(layers: list[int]) -> list[int]:
     return order
 
 
-@register("sensitivity")
+@BUDGETS.register("sensitivity", "layers that lose least when made sparse get fewer experts (sensitivity measured per layer on held-out text)", sensitivity=True)
 def by_sensitivity(layers: list[int], options: list[Level], budget: float, num_layers: int, sensitivity: Sensitivity | None = None) -> dict[int, Level]:
     """Sensitive layers get more experts (or stay dense), robust ones fewer.
 

@@ -9,12 +9,15 @@ kept: final hidden states, the head's argmax, and for a causal LM each next toke
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from ..efficiency import active_neurons, moe_ffn_flops
+from ..efficiency import moe_ffn_flops
+from ..ffn import ffn_flops as ffn_flops_of
+from ..ffn import neuron_share
 from ..moe import MoEFeedForward
 
 
@@ -26,6 +29,26 @@ class Probe:
     hidden: list[torch.Tensor]  # final hidden states per batch, (batch, seq, hidden)
     predictions: list[torch.Tensor | None]  # the head's argmax per batch, (batch, seq) or (batch,)
     nll: list[torch.Tensor | None]  # causal LM: -log p(next token) per batch, (batch, seq - 1)
+    layers: list[list[torch.Tensor]] | None = None  # with all_layers: every block's output per batch
+
+    def head(self, n: int) -> Probe:
+        """The first ``n`` batches only."""
+        layers = None if self.layers is None else self.layers[:n]
+        return Probe(self.batches[:n], self.hidden[:n], self.predictions[:n], self.nll[:n], layers)
+
+
+@dataclass
+class Fidelity:
+    """How close a model's outputs are to the dense outputs recorded in a :class:`Probe`."""
+
+    texts: int
+    tokens: int
+    embedding_cosine: float  # mean cosine of mean-pooled final hidden states, dense vs MoE
+    hidden_rel_error: float  # ||h_moe - h_dense|| / ||h_dense|| over real tokens, final hidden states
+    head_agreement: float | None  # share of argmax predictions that agree, where there is a head
+    layer_rel_error: list[float] | None = None  # the same error after every block (Probe.layers)
+    dense_perplexity: float | None = None  # causal LM: next-token perplexity on the probe's batches
+    perplexity: float | None = None  # the same for the model
 
 
 @dataclass
@@ -46,7 +69,7 @@ class QuickReport:
 
 def _outputs(model: nn.Module, batch: dict):
     out = model(**batch, output_hidden_states=True)
-    return out.hidden_states[-1].float(), getattr(out, "logits", None)
+    return [h.float() for h in out.hidden_states], getattr(out, "logits", None)
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -57,14 +80,16 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def record(model: nn.Module, batches: list[dict], causal_lm: bool = False) -> Probe:
-    hidden, predictions, nll = [], [], []
+def record(model: nn.Module, batches: list[dict], causal_lm: bool = False, all_layers: bool = False) -> Probe:
+    """The dense ``model``'s outputs on ``batches``; ``all_layers`` keeps every block's output too."""
+    hidden, predictions, nll, layers = [], [], [], []
     for batch in batches:
-        h, logits = _outputs(model, batch)
-        hidden.append(h)
+        states, logits = _outputs(model, batch)
+        hidden.append(states[-1])
+        layers.append(states[1:])
         predictions.append(None if logits is None else logits.argmax(-1))
         nll.append(next_token_nll(logits, batch["input_ids"]) if causal_lm and logits is not None else None)
-    return Probe(batches, hidden, predictions, nll)
+    return Probe(batches, hidden, predictions, nll, layers if all_layers else None)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -76,16 +101,11 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def ffn_flops(modules: list[MoEFeedForward], dense_ffn_size: int, num_layers: int) -> tuple[float, float]:
     """``(dense, moe)`` multiply-adds x 2 per token summed over all FFN layers (router included), for a
     model whose converted layers are ``modules``."""
-    dense = moe = 0.0
-    for m in modules:
-        projections = 3 if m.gated else 2
-        per_neuron = 2 * m.hidden_size * projections
-        dense += per_neuron * dense_ffn_size
-        moe += moe_ffn_flops(m)
-    if modules:
-        unconverted = (num_layers - len(modules)) * 2 * modules[0].hidden_size * projections * dense_ffn_size
-        dense, moe = dense + unconverted, moe + unconverted
-    return dense, moe
+    if not modules:
+        return 0.0, 0.0
+    per_layer = ffn_flops_of(modules[0].hidden_size, dense_ffn_size, modules[0].gated)  # a dense FFN
+    unconverted = (num_layers - len(modules)) * per_layer
+    return num_layers * per_layer, unconverted + sum(moe_ffn_flops(m) for m in modules)
 
 
 @torch.no_grad()
@@ -94,42 +114,40 @@ def damage(model: nn.Module, probe: Probe) -> float:
     NLL increase (nats) for causal LMs, else the squared relative error of the final hidden states."""
     num = den = 0.0
     for batch, dense_h, dense_nll in zip(probe.batches, probe.hidden, probe.nll):
-        h, logits = _outputs(model, batch)
+        states, logits = _outputs(model, batch)
         mask = batch["attention_mask"].bool()
         if dense_nll is not None:
             targets = mask[:, 1:]
             num += (next_token_nll(logits, batch["input_ids"]) - dense_nll)[targets].sum().item()
             den += int(targets.sum())
         else:
-            num += (h - dense_h)[mask].pow(2).sum().item()
+            num += (states[-1] - dense_h)[mask].pow(2).sum().item()
             den += dense_h[mask].pow(2).sum().item()
     return max(num / max(den, 1e-30), 0.0)
 
 
-def active_ffn_share(converted: list[MoEFeedForward], dense_ffn_size: int, num_layers: int) -> float:
-    """Mean over all ``num_layers`` FFNs of the share of the dense FFN's neurons a token computes
-    (layers left dense count as 1)."""
-    used = sum(active_neurons(m) / dense_ffn_size for m in converted)
-    return (used + num_layers - len(converted)) / max(num_layers, 1)
-
-
 @torch.no_grad()
-def compare(
-    model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int, converted: list[MoEFeedForward] | None = None
-) -> QuickReport:
-    """Fidelity of ``model`` to the dense outputs in ``probe``; FLOPs and FFN share from its converted
-    layers (``converted``: the MoE modules a native model was made from; default: ``model``'s own)."""
+def fidelity(model: nn.Module, probe: Probe, on_batch: Callable[[torch.Tensor], None] | None = None) -> Fidelity:
+    """``model``'s outputs on the probe's batches against the dense ones recorded in it (``on_batch(mask)``
+    runs before each batch, for hooks that count real tokens only)."""
     cosines, err_num, err_den, agree, total, tokens = [], 0.0, 0.0, 0, 0, 0
+    layer_num = layer_den = None
     nll_dense, nll_moe, scored = 0.0, 0.0, 0
-    for batch, dense_h, dense_pred, dense_nll in zip(probe.batches, probe.hidden, probe.predictions, probe.nll):
-        h, logits = _outputs(model, batch)
+    for index, (batch, dense_h, dense_pred, dense_nll) in enumerate(zip(probe.batches, probe.hidden, probe.predictions, probe.nll)):
         mask = batch["attention_mask"].bool()
-        cosines.append(
-            nn.functional.cosine_similarity(mean_pool(h, mask), mean_pool(dense_h, mask), dim=-1)
-        )
+        if on_batch is not None:
+            on_batch(mask)
+        states, logits = _outputs(model, batch)
+        h = states[-1]
+        cosines.append(nn.functional.cosine_similarity(mean_pool(h, mask), mean_pool(dense_h, mask), dim=-1))
         err_num += (h - dense_h)[mask].pow(2).sum().item()
         err_den += dense_h[mask].pow(2).sum().item()
         tokens += int(mask.sum())
+        if probe.layers is not None:
+            num = torch.stack([(a - b)[mask].pow(2).sum() for a, b in zip(states[1:], probe.layers[index])])
+            den = torch.stack([b[mask].pow(2).sum() for b in probe.layers[index]])
+            layer_num = num if layer_num is None else layer_num + num
+            layer_den = den if layer_den is None else layer_den + den
         if dense_pred is not None:
             a, b = logits.argmax(-1), dense_pred
             if a.dim() == 2:  # per-token heads: count real tokens only
@@ -141,18 +159,42 @@ def compare(
             nll_dense += dense_nll[targets].sum().item()
             nll_moe += next_token_nll(logits, batch["input_ids"])[targets].sum().item()
             scored += int(targets.sum())
-    if converted is None:
-        converted = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    dense, moe = ffn_flops(converted, dense_ffn_size, num_layers)
-    share = active_ffn_share(converted, dense_ffn_size, num_layers)
-    return QuickReport(
+    return Fidelity(
         texts=sum(len(b["input_ids"]) for b in probe.batches),
         tokens=tokens,
         embedding_cosine=float(torch.cat(cosines).mean()),
         hidden_rel_error=(err_num / max(err_den, 1e-30)) ** 0.5,
         head_agreement=agree / total if total else None,
-        ffn_flops_ratio=moe / dense if dense else 1.0,
-        active_ffn_share=share,
+        layer_rel_error=None if layer_num is None else [float(x) for x in (layer_num / layer_den.clamp_min(1e-30)).sqrt()],
         dense_perplexity=math.exp(nll_dense / scored) if scored else None,
         perplexity=math.exp(nll_moe / scored) if scored else None,
+    )
+
+
+def active_ffn_share(converted: list[MoEFeedForward], dense_ffn_size: int, num_layers: int) -> float:
+    """Mean over all ``num_layers`` FFNs of the share of the dense FFN's neurons a token computes
+    (layers left dense count as 1)."""
+    used = sum(neuron_share(min(m.top_k, m.num_experts), m.expert_size, m.shared_size, dense_ffn_size) for m in converted)
+    return (used + num_layers - len(converted)) / max(num_layers, 1)
+
+
+def compare(
+    model: nn.Module, probe: Probe, dense_ffn_size: int, num_layers: int, converted: list[MoEFeedForward] | None = None
+) -> QuickReport:
+    """Fidelity of ``model`` to the dense outputs in ``probe``; FLOPs and FFN share from its converted
+    layers (``converted``: the MoE modules a native model was made from; default: ``model``'s own)."""
+    f = fidelity(model, probe)
+    if converted is None:
+        converted = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    dense, moe = ffn_flops(converted, dense_ffn_size, num_layers)
+    return QuickReport(
+        texts=f.texts,
+        tokens=f.tokens,
+        embedding_cosine=f.embedding_cosine,
+        hidden_rel_error=f.hidden_rel_error,
+        head_agreement=f.head_agreement,
+        ffn_flops_ratio=moe / dense if dense else 1.0,
+        active_ffn_share=active_ffn_share(converted, dense_ffn_size, num_layers),
+        dense_perplexity=f.dense_perplexity,
+        perplexity=f.perplexity,
     )

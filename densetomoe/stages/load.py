@@ -10,6 +10,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
 
+from ..data import for_batches
 from ..errors import UsageError
 
 # Short names for well-known checkpoints -> Hub ids.
@@ -62,7 +63,7 @@ class Source:
 
 def resolve(model: str, allow_pickle: bool = False) -> Source:
     """A local folder for ``model``: an existing folder, a ``.gguf`` file, an alias, a packaged copy, or a
-    Hub snapshot."""
+    Hub snapshot. (Its weights are checked with :func:`check_weights` once its config has been.)"""
     path = Path(model).expanduser()
     if path.suffix.lower() == ".gguf":
         return _gguf(path)
@@ -166,8 +167,7 @@ def load_model(source: Source, config, dtype: str = "float32", allow_pickle: boo
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    else:
-        check_weights(source.path, allow_pickle)
+    else:  # the caller has run check_weights (pipeline.Dense.describe), after the config's checks
         model = cls.from_pretrained(source.path, dtype=DTYPES[dtype], use_safetensors=None if allow_pickle else True)
     model.eval()
     return model, for_batches(load_tokenizer(source))
@@ -179,10 +179,3 @@ def load_tokenizer(source: Source):
         return AutoTokenizer.from_pretrained(source.path, **source.files)
     except (OSError, ValueError) as e:
         raise UsageError(f"{source.name} has no usable tokenizer: {str(e).splitlines()[0]}") from None
-
-
-def for_batches(tokenizer):
-    """Give a tokenizer without a padding token (most decoders) its end-of-text token as padding."""
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

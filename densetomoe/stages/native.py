@@ -39,8 +39,8 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..errors import UsageError
+from ..ffn import DenseFFN
 from ..moe import MoEFeedForward
-from .calibrate import DenseFFN
 from .refit import relative_error, ridge_down
 
 ROUTER_SPREAD = 2.0**-14  # largest logit spread of a token after scaling: softmax uniform to ~1e-4

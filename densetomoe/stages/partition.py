@@ -13,21 +13,16 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .calibrate import DenseFFN, LayerStats
+from ..ffn import DenseFFN
+from ..registry import Registry
+from .calibrate import LayerStats
 
+# (layer's FFN, its calibration statistics, experts, generator) -> labels (d_ff,)
 PartitionFn = Callable[[DenseFFN, LayerStats, int, torch.Generator], torch.Tensor]
-PARTITIONS: dict[str, PartitionFn] = {}
+PARTITIONS: Registry[PartitionFn] = Registry("partition method")
 
 # Above this many neurons the exact balanced assignment (cubic time) gives way to a greedy one.
 EXACT_ASSIGNMENT_LIMIT = 8192
-
-
-def register(name: str) -> Callable[[PartitionFn], PartitionFn]:
-    def add(fn: PartitionFn) -> PartitionFn:
-        PARTITIONS[name] = fn
-        return fn
-
-    return add
 
 
 def balanced_assign(similarity: torch.Tensor) -> torch.Tensor:
@@ -81,7 +76,7 @@ def balanced_kmeans(features: torch.Tensor, k: int, generator: torch.Generator, 
     return labels
 
 
-@register("coactivation")
+@PARTITIONS.register("coactivation", "neurons that activate on the same calibration tokens share an expert (balanced k-means)")
 def by_coactivation(ffn: DenseFFN, stats: LayerStats, experts: int, generator: torch.Generator) -> torch.Tensor:
     """Neurons that fire together share an expert (MoEfication, Zhang et al. 2022, co-activation split).
 
@@ -93,23 +88,17 @@ def by_coactivation(ffn: DenseFFN, stats: LayerStats, experts: int, generator: t
     return balanced_kmeans(activations.T, experts, generator)
 
 
-@register("parameters")
+@PARTITIONS.register("parameters", "neurons with similar input weights share an expert (balanced k-means on weight rows)")
 def by_parameters(ffn: DenseFFN, stats: LayerStats, experts: int, generator: torch.Generator) -> torch.Tensor:
     """Neurons with similar input weights share an expert (MoEfication's parameter clustering split)."""
     rows = ffn.w_up if ffn.w_gate is None else torch.cat([ffn.w_gate, ffn.w_up], dim=1)  # (d_ff, hidden[*2])
     return balanced_kmeans(rows, experts, generator)
 
 
-@register("random")
+@PARTITIONS.register("random", "neurons assigned to experts at random (baseline)")
 def at_random(ffn: DenseFFN, stats: LayerStats, experts: int, generator: torch.Generator) -> torch.Tensor:
     """A random equal split: the baseline that any real method must beat."""
     order = torch.randperm(ffn.size, generator=generator)
     labels = torch.empty(ffn.size, dtype=torch.long)
     labels[order] = torch.arange(ffn.size) % experts
     return labels
-
-
-def expert_members(labels: torch.Tensor, experts: int) -> torch.Tensor:
-    """``(experts, expert_size)``: each expert's neuron indices in ascending order (label -1, a
-    pruned neuron, belongs to none)."""
-    return torch.stack([(labels == e).nonzero().squeeze(1) for e in range(experts)])

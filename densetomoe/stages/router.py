@@ -11,28 +11,24 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ffn import DenseFFN
 from ..moe import Router
-from .calibrate import DenseFFN, LayerStats
+from ..registry import Registry
+from .calibrate import LayerStats
 
 
 @dataclass(frozen=True)
 class RouterSettings:
-    hidden: int = 128
-    steps: int = 400
-    batch: int = 512
+    hidden: int  # the recipe's router_hidden (MLP router)
+    steps: int  # the recipe's router_steps (trained routers)
+    batch: int = 512  # calibration tokens per optimisation step
     lr: float = 3e-3
 
 
+# (layer's routed FFN, its calibration statistics, labels, experts, settings, generator) -> router
 RouterFn = Callable[[DenseFFN, LayerStats, torch.Tensor, int, RouterSettings, torch.Generator], Router]
-ROUTERS: dict[str, RouterFn] = {}
-
-
-def register(name: str) -> Callable[[RouterFn], RouterFn]:
-    def add(fn: RouterFn) -> RouterFn:
-        ROUTERS[name] = fn
-        return fn
-
-    return add
+# Entry setting ``linear``: the router is one linear map, as a native MoE's gate is (format native needs it).
+ROUTERS: Registry[RouterFn] = Registry("router")
 
 
 def expert_shares(ffn: DenseFFN, inputs: torch.Tensor, labels: torch.Tensor, experts: int) -> torch.Tensor:
@@ -45,7 +41,7 @@ def expert_shares(ffn: DenseFFN, inputs: torch.Tensor, labels: torch.Tensor, exp
     return norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-@register("centroid")
+@ROUTERS.register("centroid", "training-free: each expert scores a token by its neurons' mean pre-activation", linear=True)
 def centroid_router(ffn, stats, labels, experts, settings, generator) -> Router:
     """Training-free: an expert scores a token by its neurons' mean pre-activation.
 
@@ -65,7 +61,7 @@ def centroid_router(ffn, stats, labels, experts, settings, generator) -> Router:
     return router
 
 
-@register("mlp")
+@ROUTERS.register("mlp", "a small MLP per layer, trained on calibration tokens to predict each expert's share of the FFN output", linear=False)
 def mlp_router(ffn, stats, labels, experts, settings, generator) -> Router:
     """A small MLP trained to predict each expert's share of the output (:func:`expert_shares`).
 
@@ -93,7 +89,7 @@ def mlp_router(ffn, stats, labels, experts, settings, generator) -> Router:
     return router
 
 
-@register("linear")
+@ROUTERS.register("linear", "one linear map per layer (no bias), trained on calibration tokens to predict each expert's share of the FFN output", linear=True)
 def linear_router(ffn, stats, labels, experts, settings, generator) -> Router:
     """One linear map without bias, trained like :func:`mlp_router` (soft-target cross-entropy to each
     expert's share of the output). It is the router a native MoE checkpoint has (``gate.weight``,

@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .archs import Arch
-from .console import progress
-from .errors import UsageError
-from .moe import MoEFeedForward
-from .recipe import Distill
-from .stages.calibrate import encode
-from .stages.evaluate import mean_pool, next_token_nll
+from ..archs import Arch
+from ..console import progress
+from ..data import encode, load_texts
+from ..errors import UsageError
+from ..moe import MoEFeedForward
+from ..recipe import Distill
+from .evaluate import mean_pool, next_token_nll
 
 STATE_FILE = "densetomoe_distill_state.json"
 KEEP_CHECKPOINTS = 2
@@ -197,9 +197,7 @@ def distill_model(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from . import data
-
-    texts = data.load_texts(settings.data) if settings.data else list(default_texts)
+    texts = load_texts(settings.data) if settings.data else list(default_texts)
     unseen = set(held_out_texts)
     texts = [t for t in texts if t not in unseen]  # the held-out points must stay held out
     if not texts:

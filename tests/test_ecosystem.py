@@ -1,0 +1,96 @@
+"""The outputs used as people use them (issue 13): reports never delete, figures name their top-k,
+results reach the Hub card, and the CLI follows the usual conventions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import densetomoe
+from conftest import quick_recipe
+from densetomoe import moe
+from densetomoe.cli import app
+from densetomoe.evaluation import Settings, evaluate
+from test_push import TOKEN, fake_hub, metadata, online  # noqa: F401  (the fake Hub fixtures)
+
+
+@pytest.fixture(scope="module")
+def classifier_once(tiny_models, tmp_path_factory) -> Path:
+    """A tiny converted classifier at 4 experts, top-2 (never modified: copy it to change it)."""
+    out = tmp_path_factory.mktemp("eco") / "moe"
+    densetomoe.convert(quick_recipe(tiny_models["BertForSequenceClassification"]), out, show_progress=False)
+    return out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_eval_out_refuses_a_folder_it_did_not_write_and_deletes_nothing(classifier_once, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(classifier_once, tmp_path / "moe"))
+    before = _files(folder)
+    result = CliRunner().invoke(app, ["eval", str(folder), "--out", str(folder), "--no-speed", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "not an evaluation report" in result.output and "Traceback" not in result.output
+    assert _files(folder) == before  # the model is untouched
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    assert CliRunner().invoke(app, ["eval", str(folder), "--out", str(other), "--no-speed"]).exit_code == 2
+    assert (other / "mine.txt").read_text() == "keep me"
+
+
+def test_a_sweep_labels_every_figure_with_the_top_k_it_measured(classifier_once, tmp_path):
+    """Sweeping 1,2,4 on a top-2 folder: routing is recorded at top-2 and says so, and the model is
+    left at its own setting (modules and config)."""
+    report = evaluate(classifier_once, Settings(top_ks=[1, 2, 4], speed=False, suites=["wiki-prose"]), show_progress=False)
+    assert report["converted_top_k"] == 2
+    assert report["routing"]["top_k"] == 2
+    assert all(layer["top_k"] == 2 for layer in report["routing"]["layers"])
+    from densetomoe import report as reports
+
+    md = (reports.write(report, tmp_path / "r") / "report.md").read_text()
+    assert "Routing at top-2" in md and "Routing at top-1" not in md and "Routing at top-4" not in md
+
+
+def test_eval_then_push_puts_the_measured_results_on_the_card(classifier_once, tmp_path, fake_hub):
+    import shutil
+
+    from densetomoe import hub
+
+    folder = Path(shutil.copytree(classifier_once, tmp_path / "moe"))
+    result = CliRunner().invoke(app, ["eval", str(folder), "--no-speed", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    hub.push(folder, "tester/evaluated", token=TOKEN, endpoint=fake_hub.url)
+    uploaded = fake_hub.repos["tester/evaluated"]
+    assert "eval/report.json" in uploaded
+    results = metadata(uploaded["README.md"])["model-index"][0]["results"]
+    names = {m["name"] for r in results for m in r["metrics"]}
+    assert "wiki-prose cosine_to_dense" in names  # from eval/report.json, not only the conversion figures
+
+
+def test_version_and_short_help():
+    version = CliRunner().invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.strip() == densetomoe.__version__
+    short = CliRunner().invoke(app, ["-h"])
+    assert short.exit_code == 0 and "convert" in short.output
+    sub = CliRunner().invoke(app, ["convert", "-h"])
+    assert sub.exit_code == 0 and "--experts" in sub.output
+
+
+def test_a_native_folder_is_a_densetomoe_folder_for_push(tiny_decoders, tmp_path):
+    from densetomoe import folder as folders
+    from densetomoe import hub
+
+    out = tmp_path / "native"
+    densetomoe.convert(quick_recipe(tiny_decoders["llama"], format="native", router_steps=5), out, show_progress=False)
+    assert folders.format_of(out) == "native" and moe.CONFIG_KEY not in json.loads((out / "config.json").read_text())
+    hub.check_folder(out)  # no error: native folders are published like remote-code ones
+    card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert "densetomoe" in card["tags"]
