@@ -176,8 +176,9 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         torch.set_num_threads(settings.threads)
     suites = [load_suite(s) for s in settings.suites]  # fail fast on bad suites
     if folders.format_of(moe_dir) == "native":
+        model_type = json.loads((moe_dir / "config.json").read_text())["model_type"]
         raise UsageError(
-            f"{moe_dir} is a native {json.loads((moe_dir / 'config.json').read_text())['model_type']} folder: densetomoe eval measures remote-code folders (its routing statistics "
+            f"{moe_dir} is a native {model_type} folder: densetomoe eval measures remote-code folders (its routing statistics "
             "and top-k sweep read densetomoe's MoE module); evals/serving.py measures native folders (perplexity, "
             "transformers and llama.cpp decode speed)"
         )
@@ -208,8 +209,8 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "densetomoe_version": __version__,
-        "moe_dir": str(moe_dir),
-        "base_model": base,
+        "moe_dir": moe_dir.name,  # the report may be published: names, never local paths
+        "base_model": folders.public_name(described.source.name, described.source.hub_id),
         "num_experts": model.config.num_experts,
         "converted_top_k": own_k,
         "machine": {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},

@@ -6,7 +6,11 @@ Every converted folder holds the model (in one of the :data:`FORMATS`), the toke
 * ``densetomoe_conversion.json`` (:data:`FIGURES_FILE`): what was measured while converting, as
   :class:`Figures` describes;
 * ``README.md`` (:data:`CARD_FILE`): the model card;
-* after ``densetomoe eval``, ``eval/report.json`` (:func:`report_path`), which ``push`` reads.
+* after ``densetomoe eval``, ``eval/report.json`` (:func:`report_path`), which ``push`` reads;
+* ``.densetomoe_local.json`` (:data:`LOCAL_FILE`): the local paths of the dense model and the
+  calibration text, so that ``eval`` and ``distill`` find them again. It is the only file that
+  names a local path, and ``push`` never uploads it: every other file names a source by its Hub id
+  or its file name.
 
 Export writes these names, loading and eval read them, and hub publishes them; none of them spells
 a file name of its own. :func:`format_of` answers "is this a densetomoe folder, and which format".
@@ -33,6 +37,7 @@ FIGURES_FILE = "densetomoe_conversion.json"
 CARD_FILE = "README.md"
 REPORT_DIR = "eval"  # where `densetomoe eval` writes its report by default
 REPORT_FILE = "report.json"
+LOCAL_FILE = ".densetomoe_local.json"  # local paths; never published
 TAGS = ["moe", "densetomoe", "mixture-of-experts"]
 
 # Auto classes a converted folder can be loaded with, and transformers' table for each.
@@ -116,11 +121,16 @@ def format_of(folder: str | Path) -> str:
 
 
 # -- what a folder records -----------------------------------------------------------------------------
+def public_name(name: str, hub_id: str | None = None) -> str:
+    """What a published file may call a source: ``name`` when it is a Hub name, else only the last
+    part of a local path (``/home/me/models/tiny`` -> ``tiny``)."""
+    return name if hub_id else Path(name).name
+
+
 def figures(
     *,
     version: str,
     base_model: str,
-    base_path: str,
     calibration: dict,
     quick_eval: dict,
     seconds: dict,
@@ -130,8 +140,8 @@ def figures(
 ) -> dict:
     """The content of :data:`FIGURES_FILE` (its schema, key by key):
 
-    ``densetomoe_version``; ``base_model`` (the name the source was given: a Hub id, else a file or
-    folder name); ``base_path`` (where it was read from); ``calibration`` ``{tokens, sequences}``;
+    ``densetomoe_version``; ``base_model`` (:func:`public_name` of the source: a Hub id, else a file
+    or folder name); ``calibration`` ``{tokens, sequences}``;
     ``quick_eval`` (the fidelity check at conversion, :class:`~densetomoe.stages.evaluate.QuickReport`);
     ``seconds`` per stage; ``format`` (a :data:`FORMATS` entry); ``native`` (format native: what the
     export did); ``distillation`` (when distilled: the loss history).
@@ -139,7 +149,6 @@ def figures(
     record = {
         "densetomoe_version": version,
         "base_model": base_model,
-        "base_path": base_path,
         "calibration": calibration,
         "quick_eval": quick_eval,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -165,13 +174,30 @@ def read_figures(folder: str | Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def write_local(folder: Path, *, base: str, calib: str | None) -> None:
+    """:data:`LOCAL_FILE`: where the dense model and the calibration text were read from."""
+    (folder / LOCAL_FILE).write_text(json.dumps({"base": base, "calib": calib}, indent=2) + "\n")
+
+
+def read_local(folder: str | Path) -> dict:
+    """:data:`LOCAL_FILE`'s paths that still exist on this machine (none for a downloaded folder)."""
+    try:
+        record = json.loads((Path(folder) / LOCAL_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in record.items() if isinstance(v, str) and Path(v).exists()} if isinstance(record, dict) else {}
+
+
 def recorded_base(folder: str | Path) -> str:
-    """The dense model ``folder`` was converted from: its local path if still there, else its name."""
+    """The dense model ``folder`` was converted from: its local path if still there, else its name
+    (a Hub id resolves anywhere)."""
+    local = read_local(folder).get("base")
+    if local:
+        return local
     record = read_figures(folder)
     if "base_model" not in record:
         raise UsageError(f"{folder} does not record its base model; pass --base DENSE")
-    path = record.get("base_path")
-    return path if path and Path(path).exists() else record["base_model"]
+    return record["base_model"]
 
 
 def report_path(folder: str | Path) -> Path:

@@ -126,6 +126,7 @@ def _push(folder: Path, repo_id: str, private: bool, token: str, endpoint: str |
             repo_id=url.repo_id,
             folder_path=folder,
             commit_message=f"Upload {name} (densetomoe)",
+            ignore_patterns=[folders.LOCAL_FILE],  # local paths stay on this machine
         )
     return str(url)
 

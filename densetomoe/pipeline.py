@@ -108,13 +108,17 @@ class Conversion:
         dense = set(self.native.mlp_only_layers)
         return {i: self.model.config.num_experts_per_tok for i in range(self.dense.num_layers) if i not in dense}
 
+    @property
+    def published_recipe(self) -> Recipe:
+        """The recipe as the folder shows it: no local path (:meth:`Recipe.published`)."""
+        return self.recipe.published(folder.public_name(self.source.name, self.source.hub_id))
+
     def figures(self) -> dict:
         """What ``densetomoe_conversion.json`` records (:func:`densetomoe.folder.figures`)."""
         source = self.source
         return folder.figures(
             version=__version__,
-            base_model=source.name,
-            base_path=str(source.path / source.gguf_file) if source.gguf_file else str(source.path),
+            base_model=folder.public_name(source.name, source.hub_id),
             calibration={"tokens": self.stats.tokens, "sequences": self.stats.sequences},
             quick_eval=self.report.as_dict(),
             seconds=self.seconds,
@@ -131,7 +135,7 @@ class Conversion:
             family=self.dense.arch.family,
             decoder=self.dense.arch.decoder,
             head=self.model.__class__.__name__,
-            recipe=self.recipe,
+            recipe=self.published_recipe,
             report=self.report,
             top_k=self.top_k,
             num_layers=self.dense.num_layers,
@@ -151,15 +155,26 @@ class Conversion:
             out,
             overwrite,
             self.model,
-            recipe_yaml=self.recipe.to_yaml(),
+            recipe_yaml=self.published_recipe.to_yaml(),
             card=self.card(),
             figures=self.figures(),
             source_folder=self.source.path,  # the tokenizer comes from the dense model
             gguf_file=self.source.gguf_file,
-            extras=_loss_figure(self.history),
+            extras=self._extras,
             format=self.format,
         )
         self.out = out
+
+    def _extras(self, staging: Path) -> None:
+        """The loss figure, when distilled, and the local paths (never published)."""
+        source = self.source
+        base = source.path / source.gguf_file if source.gguf_file else source.path
+        calib = self.recipe.calib if self.recipe.calib and Path(self.recipe.calib).expanduser().exists() else None
+        folder.write_local(staging, base=str(base), calib=None if calib is None else str(Path(calib).expanduser().resolve()))
+        if self.history is not None:
+            from .report import FIGURE_LOSS, loss_figure
+
+            loss_figure(self.history.as_dict(), staging / FIGURE_LOSS)
 
 
 def split_texts(texts: list[str], seed: int) -> tuple[list[str], list[str], bool]:
@@ -308,7 +323,11 @@ def distill(
     format = format or was
     if was == "native" and format != "native":
         raise UsageError(f"{source_folder} is a native folder and cannot become remote code again; convert the dense model with --format {format}")
-    recipe = recorded.model_copy(update={"distill": settings, "format": format})
+    update = {"distill": settings, "format": format}
+    local_calib = folder.read_local(source_folder).get("calib")
+    if local_calib:  # the recipe names the calibration file only; its path on this machine is recorded apart
+        update["calib"] = local_calib
+    recipe = recorded.model_copy(update=update)
     workdir = checkpoint_folder(out)
     if resume and not workdir.is_dir():
         raise UsageError(f"--resume: no checkpoints to resume from in {workdir}")
@@ -366,14 +385,6 @@ def _native_from_folder(student, teacher, tokenizer, recipe: Recipe, arch, texts
     _, ffn_size = archs.ffn_sizes(teacher.config, arch)
     samples = {i: stats.layers[i].inputs for i in modules}
     return native.to_native(teacher, target, arch.layers, modules, ffns, samples, ffn_size, show_progress)
-
-
-def _loss_figure(history) -> Callable[[Path], None] | None:
-    if history is None:
-        return None
-    from .report import FIGURE_LOSS, loss_figure
-
-    return lambda folder: loss_figure(history.as_dict(), folder / FIGURE_LOSS)
 
 
 def is_main_process() -> bool:

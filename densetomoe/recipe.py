@@ -152,6 +152,14 @@ class Recipe(BaseModel):
             raise UsageError(f"recipe {path} must be a mapping of settings")
         return cls.build(**merge(data, overrides))
 
+    def published(self, model_name: str) -> Recipe:
+        """The recipe as an uploaded folder may show it: the model by its public name and a local
+        calibration file by its file name (local paths stay in the folder's unpublished local file)."""
+        calib = self.calib
+        if calib and Path(calib).expanduser().exists():
+            calib = Path(calib).name
+        return self.model_copy(update={"model": model_name, "calib": calib})
+
     def to_yaml(self) -> str:
         """Every setting, so the file reproduces the conversion (top_k is left out under a budget)."""
         exclude = {"top_k"} if self.ffn_budget is not None else set()

@@ -94,3 +94,26 @@ def test_a_native_folder_is_a_densetomoe_folder_for_push(tiny_decoders, tmp_path
     hub.check_folder(out)  # no error: native folders are published like remote-code ones
     card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert "densetomoe" in card["tags"]
+
+
+def test_no_local_path_reaches_the_hub_and_eval_and_distill_still_find_their_sources(tiny_models, texts_file, tmp_path, fake_hub):
+    from densetomoe import folder as folders
+    from densetomoe import hub
+
+    source = tiny_models["BertForSequenceClassification"]
+    out = tmp_path / "moe"
+    densetomoe.convert(quick_recipe(source, texts_file), out, show_progress=False)
+    assert CliRunner().invoke(app, ["eval", str(out), "--no-speed", "--no-progress"]).exit_code == 0
+    hub.push(out, "tester/private-paths", token=TOKEN, endpoint=fake_hub.url)
+    uploaded = fake_hub.repos["tester/private-paths"]
+    assert "densetomoe_recipe.yaml" in uploaded and "eval/report.json" in uploaded
+    assert folders.LOCAL_FILE not in uploaded  # the one file that holds local paths stays here
+    secrets = {str(tmp_path), str(source.parent), str(texts_file.parent), "/tmp/"}
+    leaks = {name for name, data in uploaded.items() for s in secrets if s.encode() in data}
+    assert not leaks, f"local paths in {leaks}"
+    recipe = yaml.safe_load(uploaded["densetomoe_recipe.yaml"])
+    assert recipe["model"] == source.name and recipe["calib"] == texts_file.name
+    # the local file lets eval find the dense model and distill the calibration text again
+    assert folders.recorded_base(out) == str(source)
+    result = densetomoe.distill(out, densetomoe.Distill(steps=2, eval_texts=0, batch_size=4), out=tmp_path / "d", show_progress=False)
+    assert result.recipe.calib == str(texts_file) and (tmp_path / "d" / folders.LOCAL_FILE).is_file()

@@ -193,7 +193,12 @@ def logs():
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """What a push should upload: every file but the local-paths file, which stays on this machine."""
+    from densetomoe.folder import LOCAL_FILE
+
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    assert LOCAL_FILE in files
+    return {name: data for name, data in files.items() if name != LOCAL_FILE}
 
 
 def metadata(card: bytes) -> dict:
@@ -332,9 +337,9 @@ def test_bare_repo_name_lands_in_the_token_namespace_and_private_is_sent(convert
 
 
 def test_base_model_from_the_conversion_figures(converted):
-    """A Hub id recorded at conversion becomes base_model; a local path does not."""
+    """A Hub id recorded at conversion becomes base_model; a local folder's name does not."""
     figures = json.loads((converted / "densetomoe_conversion.json").read_text())
-    assert Path(figures["base_model"]).is_absolute()  # converted from a local folder
+    assert figures["base_model"] == "BertForSequenceClassification"  # converted from a local folder: its name only
     assert "base_model" not in metadata(hub.model_card(converted, "m").encode())
     figures["base_model"] = "google-bert/bert-base-uncased"
     (converted / "densetomoe_conversion.json").write_text(json.dumps(figures))
