@@ -59,12 +59,13 @@ WriteFn = Callable[[nn.Module, Path], None]
 FORMATS: Registry[WriteFn] = Registry("format")
 
 
-def auto_map(model_type: str, model_class: str) -> dict[str, str]:
-    """``auto_map`` entries: the config, the bare model, and the head class the model was saved as."""
+def auto_map(model_type: str) -> dict[str, str]:
+    """``auto_map`` entries: the config and every head class the family has (so a bare encoder loads
+    as a classifier for fine-tuning, and a fine-tuned folder reloads through its own head)."""
     entries = {"AutoConfig": CONFIG_MAPPING_NAMES[model_type]}
     for auto, names in AUTO_CLASSES.items():
         name = names.get(model_type)
-        if isinstance(name, str) and (auto == "AutoModel" or name == model_class):
+        if isinstance(name, str):
             entries[auto] = name
     return {auto: f"{Path(MODELING_FILE).stem}.{moe.CLASS_PREFIX}{name}" for auto, name in entries.items()}
 
@@ -80,7 +81,7 @@ def moe_config(model: nn.Module):
         settings.pop(key, None)
     config = cls(**settings)
     config.architectures = [moe.CLASS_PREFIX + dense_model]
-    config.auto_map = auto_map(dense_config.model_type, dense_model)
+    config.auto_map = auto_map(dense_config.model_type)
     return config
 
 

@@ -117,3 +117,31 @@ def test_no_local_path_reaches_the_hub_and_eval_and_distill_still_find_their_sou
     assert folders.recorded_base(out) == str(source)
     result = densetomoe.distill(out, densetomoe.Distill(steps=2, eval_texts=0, batch_size=4), out=tmp_path / "d", show_progress=False)
     assert result.recipe.calib == str(texts_file) and (tmp_path / "d" / folders.LOCAL_FILE).is_file()
+
+
+def test_a_bare_encoder_folder_loads_as_a_classifier_and_round_trips_through_trainer_and_pipeline(tiny_models, texts_file, tmp_path):
+    """Fine-tuning as people do it: any head class of the family from a bare MoE folder, the HF
+    Trainer, save, then ``pipeline('text-classification')`` on the saved folder."""
+    import torch
+    import transformers
+
+    out = tmp_path / "bare"
+    densetomoe.convert(quick_recipe(tiny_models["BertModel"], texts_file), out, show_progress=False)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True, num_labels=2)
+    assert type(model).__name__ == "MoEBertForSequenceClassification"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    texts = ["a fine film", "a dull film", "great fun", "boring"] * 4
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    rows = [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i], "labels": torch.tensor(i % 2)} for i in range(len(texts))]
+    args = transformers.TrainingArguments(tmp_path / "train", max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True, save_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=rows).train()
+    model.save_pretrained(tmp_path / "tuned")
+    tokenizer.save_pretrained(tmp_path / "tuned")
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert config["architectures"] == ["MoEBertForSequenceClassification"] and moe.CONFIG_KEY in config
+    classify = transformers.pipeline("text-classification", model=str(tmp_path / "tuned"), trust_remote_code=True)
+    reloaded = classify.model
+    assert type(reloaded).__name__ == "MoEBertForSequenceClassification"
+    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert classify("a fine film")[0]["label"] in {"LABEL_0", "LABEL_1"}
