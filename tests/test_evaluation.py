@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import densetomoe
 from conftest import quick_recipe
-from densetomoe import UsageError
+from densetomoe import UsageError, suites
 from densetomoe import report as reports
 from densetomoe.efficiency import cost
 from densetomoe.evaluation import Settings, accuracy_f1, evaluate, routing_summary
@@ -63,6 +64,22 @@ def test_suite_files_are_validated(tmp_path, sentiment_suite):
         load_suite(str(tmp_path / "bad.yaml"))
     with pytest.raises(UsageError, match="known suites"):
         load_suite("no-such-suite")
+
+
+def test_suite_names_are_looked_up_in_evals_suites_then_among_the_shipped_ones(tmp_path, monkeypatch):
+    own = tmp_path / "evals" / "suites"
+    own.mkdir(parents=True)
+    (own / "notes.txt").write_text("first note\nsecond note\n")
+    for name in ("mine", "wiki-prose"):
+        (own / f"{name}.yaml").write_text(f"name: {name}\ntask: embedding\ndata: {{file: notes.txt}}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_suite("mine").examples()[0] == ["first note", "second note"]
+    assert load_suite("wiki-prose").source == (own / "wiki-prose.yaml").resolve()  # the user's own wins
+    assert load_suite("wiki-perplexity").source.parent == Path(suites.__file__).resolve().parent
+    with pytest.raises(UsageError) as caught:
+        load_suite("no-such-suite")
+    message = str(caught.value)
+    assert "\n" not in message and all(name in message for name in ("mine", "wiki-perplexity", "rotten-tomatoes-sentiment"))
 
 
 def test_shipped_suites_read_real_data():

