@@ -88,9 +88,9 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
     for name in SENTENCE_TRANSFORMERS_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, staging / name)
-    for folder in source.iterdir():
-        if folder.is_dir() and folder.name[:1].isdigit() and "_" in folder.name:  # 1_Pooling, 2_Normalize
-            shutil.copytree(folder, staging / folder.name, dirs_exist_ok=True)
+    for module in source.iterdir():
+        if module.is_dir() and module.name[:1].isdigit() and "_" in module.name:  # 1_Pooling, 2_Normalize
+            shutil.copytree(module, staging / module.name, dirs_exist_ok=True)
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
