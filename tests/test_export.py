@@ -74,7 +74,9 @@ def test_folder_explains_itself(converted, tmp_path):
     assert 0 < figures["quick_eval"]["ffn_flops_ratio"] < 1
     assert figures["calibration"]["tokens"] == converted.stats.tokens > 0
     source_tokenizer = json.loads((converted.source.path / "tokenizer_config.json").read_text())
-    assert json.loads((out / "tokenizer_config.json").read_text()) == source_tokenizer
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    # transformers 5 also saves how it loaded the tokenizer (from a local folder, offline or not)
+    assert {k: v for k, v in written.items() if k not in ("is_local", "local_files_only")} == source_tokenizer
 
 
 def test_model_card_from_a_real_conversion(tiny_models, texts_file, tmp_path):
