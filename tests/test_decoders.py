@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 
 import densetomoe
-from conftest import DECODERS, quick_recipe
+from conftest import DECODERS, quick_recipe, run_without_densetomoe
 from densetomoe import archs
 
 PROMPTS = ["The river floods every spring because", "Markets fell sharply on Monday after"]
@@ -71,9 +69,8 @@ def test_export_reloads_and_generates_without_densetomoe(tiny_decoders, texts_fi
     assert (out / "generation_config.json").is_file()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
-    script = f"""
-import sys, torch, transformers
-sys.modules["densetomoe"] = None
+    stdout = run_without_densetomoe(f"""
+import torch, transformers
 case = torch.load({str(tmp_path / "case.pt")!r})
 model = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 with torch.no_grad():
@@ -83,10 +80,8 @@ assert torch.equal(tokens, case["tokens"])
 if {tied}:
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 print("reloaded", type(model).__name__)
-"""
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f"reloaded MoE{DECODERS[family][2]}" in run.stdout
+""")
+    assert f"reloaded MoE{DECODERS[family][2]}" in stdout
 
 
 def test_gguf_without_the_gguf_package_says_how_to_install(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import transformers
 from test_moe import build, dense_output, random_ffn
 
 import densetomoe
-from conftest import quick_recipe, sample_inputs
+from conftest import quick_recipe, run_without_densetomoe, sample_inputs
 from densetomoe import archs, surgery
 from densetomoe.distill import History, distill_model, latest_checkpoint, lr_factor
 from densetomoe.moe import MoEFeedForward, Router
@@ -285,17 +285,15 @@ def test_convert_with_every_recovery_option_writes_a_folder_that_reloads(tiny_mo
     with torch.no_grad():
         expected = densetomoe.load(out)(**inputs).logits
     torch.save({"inputs": inputs, "expected": expected}, tmp_path / "case.pt")
-    script = f"""
-import sys, torch, transformers
-sys.modules["densetomoe"] = None
+    stdout = run_without_densetomoe(f"""
+import torch, transformers
 case = torch.load({str(tmp_path / "case.pt")!r})
 model = transformers.AutoModelForSequenceClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 with torch.no_grad():
     torch.testing.assert_close(model(**case["inputs"]).logits, case["expected"], rtol=1e-5, atol=1e-6)
 print("ok")
-"""
-    check = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert check.returncode == 0 and "ok" in check.stdout, check.stderr[-3000:]
+""")
+    assert stdout.strip() == "ok"
 
     # the budget's per-layer top-k survive a reload; an explicit top-k applies to every layer
     per_layer = {int(i): k for i, k in structure["layer_top_k"].items()}
