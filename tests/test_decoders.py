@@ -90,6 +90,7 @@ def test_gguf_without_the_gguf_package_says_how_to_install(tmp_path, monkeypatch
     from densetomoe.cli import app
     from densetomoe.stages import load
 
+    monkeypatch.chdir(tmp_path)  # where the default output folder, ./model.Q4_1-moe-8x2, would go
     path = tmp_path / "model.Q4_1.gguf"
     path.write_bytes(b"GGUF")
     real = load.importlib.util.find_spec
@@ -97,7 +98,7 @@ def test_gguf_without_the_gguf_package_says_how_to_install(tmp_path, monkeypatch
     result = CliRunner().invoke(app, ["convert", str(path), "--no-progress"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "pip install 'densetomoe[gguf]'" in " ".join(result.output.split())
-    assert not (tmp_path / "model.Q4_1-moe-8x2").exists()
+    assert list(tmp_path.iterdir()) == [path]  # no output folder, default or partial
 
 
 def test_missing_gguf_file_is_a_usage_error(tmp_path):
