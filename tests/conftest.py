@@ -22,7 +22,6 @@ from densetomoe.data import default_corpus  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
-torch.set_num_threads(2)
 
 # Tokens in the tiny models' vocabularies: small models are quick ones, but above 1,000, since
 # densetomoe.efficiency.random_inputs draws token ids from 1,000 up.
@@ -182,6 +181,15 @@ def lm_tokenizer(smollm, tmp_path_factory) -> Path:
 
 
 # -- per test ------------------------------------------------------------------------------------------
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Real models compute on both cores; tiny ones on one thread. They gain nothing from a second,
+    and on cores that other processes also use, a second thread waiting for its turn costs far more
+    (the fast tests of test_cli.py and test_recovery.py, run back to back on a busy machine: 7 to 9 s
+    on one thread, 26 to 242 s on two)."""
+    torch.set_num_threads(2 if {"minilm", "smollm"} & set(item.fixturenames) else 1)
+
+
 @pytest.fixture
 def texts_file(tmp_path) -> Path:
     path = tmp_path / "calib.txt"
@@ -198,6 +206,12 @@ def texts_file(tmp_path) -> Path:
 def scratch(tmp_path) -> Path:
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def slow_except(fast, cases: list) -> list:
+    """``cases`` for ``parametrize``, each marked slow but ``fast``: a test that costs seconds a case (a
+    fresh Python process) keeps one case in ``make test-fast`` and runs them all in ``make test``."""
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=() if c == fast else pytest.mark.slow) for c in cases]
 
 
 def quick_recipe(model, texts: Path | None = None, **settings):

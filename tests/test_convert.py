@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import densetomoe
-from conftest import CASES, quick_recipe, run_without_densetomoe, sample_inputs
+from conftest import CASES, quick_recipe, run_without_densetomoe, sample_inputs, slow_except
 from densetomoe.stages.export import FIGURES_FILE, MODELING_FILE, RECIPE_FILE
 
 FAMILY_OF = {cls: family for family, cls in CASES}
@@ -36,7 +36,7 @@ def test_all_experts_active_reproduces_dense(tiny_models, texts_file, family, cl
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family,class_name", CASES)
+@pytest.mark.parametrize("family,class_name", slow_except(("bert", "BertForSequenceClassification"), CASES))
 def test_export_reloads_without_densetomoe(tiny_models, texts_file, tmp_path, family, class_name):
     folder, out = tiny_models[class_name], tmp_path / "moe"
     conversion = densetomoe.convert(quick_recipe(folder, texts_file, top_k=2), out=out, show_progress=False)

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import densetomoe
-from conftest import DECODERS, quick_recipe, run_without_densetomoe
+from conftest import DECODERS, quick_recipe, run_without_densetomoe, slow_except
 from densetomoe import archs
 
 PROMPTS = ["The river floods every spring because", "Markets fell sharply on Monday after"]
@@ -55,7 +55,7 @@ def test_all_experts_active_reproduces_dense(tiny_decoders, texts_file, family):
     assert q.dense_perplexity is not None and q.perplexity is not None and q.head_agreement is not None
 
 
-@pytest.mark.parametrize("family", list(DECODERS))
+@pytest.mark.parametrize("family", slow_except("llama", list(DECODERS)))
 def test_export_reloads_and_generates_without_densetomoe(tiny_decoders, texts_file, tmp_path, family):
     folder, out = tiny_decoders[family], tmp_path / "moe"
     conversion = densetomoe.convert(quick_recipe(folder, texts_file, top_k=2), out=out, show_progress=False)

@@ -18,7 +18,7 @@ import densetomoe
 from densetomoe import llamacpp
 from densetomoe.stages import load
 
-pytestmark = pytest.mark.skipif(llamacpp.missing() is not None, reason=f"llama.cpp: {llamacpp.missing()}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(llamacpp.missing() is not None, reason=f"llama.cpp: {llamacpp.missing()}")]
 
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 TEXT = "The history of the Roman Empire"

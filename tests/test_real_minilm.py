@@ -8,6 +8,8 @@ import torch
 import densetomoe
 from conftest import quick_recipe, run_without_densetomoe, sample_inputs
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def converted(minilm, tmp_path_factory):

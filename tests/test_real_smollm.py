@@ -21,6 +21,8 @@ from densetomoe import data
 from densetomoe.cli import app
 from densetomoe.stages import load
 
+pytestmark = pytest.mark.slow
+
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 LAYERS = [0, 15, 29]
 

@@ -256,6 +256,7 @@ def test_interrupted_distillation_resumes_from_its_checkpoint(tiny_models, texts
 
 
 # -- the command line, end to end --------------------------------------------------------------------
+@pytest.mark.slow
 def test_convert_with_every_recovery_option_writes_a_folder_that_reloads(tiny_models, texts_file, tmp_path):
     folder, out = tiny_models["BertForSequenceClassification"], tmp_path / "moe"
     recipe = tmp_path / "recipe.yaml"
@@ -305,6 +306,7 @@ print("ok")
     assert [layer.intermediate.top_k for layer in densetomoe.load(out, top_k=3).bert.encoder.layer] == [3, 3]
 
 
+@pytest.mark.slow
 def test_distill_command_updates_a_folder_in_place_and_eval_reports_the_curve(tiny_models, texts_file, tmp_path):
     folder, out = tiny_models["BertModel"], tmp_path / "moe"
     densetomoe.convert(quick_recipe(folder, texts_file), out=out, show_progress=False)
@@ -332,6 +334,7 @@ def test_distill_command_updates_a_folder_in_place_and_eval_reports_the_curve(ti
     assert "## Recovery" in (out / "eval" / "report.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -353,6 +356,7 @@ def test_bad_recovery_settings_fail_in_one_line(tiny_models, texts_file, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_distill_command_refuses_a_folder_it_did_not_write(tmp_path):
     run = subprocess.run([sys.executable, "-m", "densetomoe.cli", "distill", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "not a model folder" in run.stderr
