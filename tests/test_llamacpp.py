@@ -12,13 +12,13 @@ import pytest
 import torch
 import transformers
 
-from conftest import quick_recipe
+from conftest import quick_recipe, save_tiny_decoder
 
 import densetomoe
 from densetomoe import llamacpp
 from densetomoe.stages import load
 
-pytestmark = pytest.mark.skipif(llamacpp.missing() is not None, reason=f"llama.cpp: {llamacpp.missing()}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(llamacpp.missing() is not None, reason=f"llama.cpp: {llamacpp.missing()}")]
 
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 TEXT = "The history of the Roman Empire"
@@ -42,6 +42,14 @@ def smollm_folder(smollm, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(lm_tokenizer, tmp_path_factory):
+    """The tiny LLaMA of the decoder tests with SmolLM2's tokenizer instead of the one trained in code:
+    llama.cpp's converter accepts only the BPE pre-tokenizers it knows (by a hash of what they output)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(lm_tokenizer)
+    return save_tiny_decoder("llama", tmp_path_factory.mktemp("tiny_llama"), tokenizer)
+
+
 def test_dense_smollm_answers_and_agrees_with_transformers(smollm_folder, tmp_path):
     gguf = llamacpp.to_gguf(smollm_folder, tmp_path / "dense.gguf", "f32")
     llm = llamacpp.load(gguf)
@@ -63,10 +71,10 @@ def test_dense_smollm_answers_and_agrees_with_transformers(smollm_folder, tmp_pa
 
 
 @pytest.mark.parametrize("top_k", [2, 4])
-def test_native_moe_agrees_with_transformers(tiny_decoders, texts_file, tmp_path, top_k):
+def test_native_moe_agrees_with_transformers(tiny_llama, texts_file, tmp_path, top_k):
     """A tiny LLaMA (tied embeddings: llama.cpp's qwen2moe needs an output.weight of its own) converted
     with ``--format native`` to 4 experts; at top-4 of 4 it is still the dense model."""
-    recipe = quick_recipe(tiny_decoders["llama"], texts_file, top_k=top_k, format="native")
+    recipe = quick_recipe(tiny_llama, texts_file, top_k=top_k, format="native")
     densetomoe.convert(recipe, out=tmp_path / "moe", show_progress=False)
     moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
     assert type(moe).__name__ == "Qwen2MoeForCausalLM"
@@ -80,7 +88,7 @@ def test_native_moe_agrees_with_transformers(tiny_decoders, texts_file, tmp_path
         expected = moe(torch.tensor([ids])).logits[0].numpy()  # (tokens, vocab)
     np.testing.assert_allclose(llm.scores[: len(ids)], expected, atol=0.02 * np.abs(expected).max())
     if top_k == recipe.experts:
-        dense = transformers.AutoModelForCausalLM.from_pretrained(tiny_decoders["llama"]).eval()
+        dense = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
         with torch.no_grad():
             np.testing.assert_allclose(expected, dense(torch.tensor([ids])).logits[0].numpy(), atol=1e-3)
 

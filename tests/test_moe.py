@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import pytest
 import torch
 from torch import nn
@@ -74,23 +75,28 @@ def test_skip_means_are_the_mean_of_unselected_contributions():
         torch.testing.assert_close(means[e], y[chosen != e, e].mean(0), rtol=1e-5, atol=1e-6)
 
 
-def test_set_top_k_validates_and_updates_config():
-    model = nn.Sequential(MoEFeedForward(8, 4, 2, top_k=2))
-    set_top_k(model, 3)
-    assert model[0].top_k == 3
+def test_set_top_k_without_a_config_sets_every_module_and_validates():
+    """Modules found by order; the config side is tested in test_structure."""
+    model = nn.Sequential(MoEFeedForward(8, 4, 2, top_k=2), MoEFeedForward(8, 4, 2, top_k=4))
+    assert set_top_k(model, 3) == {0: 2, 1: 4}  # the previous setting, per layer
+    assert [m.top_k for m in model] == [3, 3]
     with pytest.raises(ValueError):
         set_top_k(model, 5)
     with pytest.raises(ValueError):
         set_top_k(nn.Linear(2, 2), 1)
 
 
-def test_gradients_reach_selected_experts_and_router_inputs():
+def test_training_gradients_reach_the_selected_experts_and_the_router():
     ffn = random_ffn()
     moe, _ = build(ffn, top_k=1)
+    moe.train()
     x = torch.randn(30, 16, requires_grad=True)
     moe(x).sum().backward()
-    assert x.grad is not None and moe.w_up.grad is not None
-    assert moe.w_up.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    selected = set(moe.select(x.detach()).flatten().tolist())
+    assert [bool(moe.w_up.grad[e].abs().sum() > 0) for e in range(4)] == [e in selected for e in range(4)]
+    # the router through the straight-through gate: its choice is discrete, its gradient is not zero
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.router.parameters())
 
 
 def build_full(gated, bias, shared, experts=4, top_k=2, seed=0):

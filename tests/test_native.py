@@ -12,7 +12,7 @@ import transformers
 from typer.testing import CliRunner
 
 import densetomoe
-from conftest import DECODERS, quick_recipe, run_without_densetomoe
+from conftest import DECODERS, quick_recipe, run_without_densetomoe, slow_except
 from densetomoe.cli import app
 from densetomoe.stages import native
 from densetomoe.stages.refit import relative_error, ridge_down
@@ -36,7 +36,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("family", list(NATIVE))
+@pytest.mark.parametrize("family", slow_except("llama", list(NATIVE)))
 def test_native_folder_equals_dense_with_every_expert_active(tiny_decoders, texts_file, tmp_path, family):
     folder, out = tiny_decoders[family], tmp_path / "native"
     inputs = lm_inputs(folder)

@@ -360,6 +360,7 @@ def test_card_problems_fail_before_the_network(converted):
 # ------------------------------------------------------------------------------------------ the CLI
 
 
+@pytest.mark.slow
 def test_cli_push_in_a_real_process(converted, fake_hub, tmp_path):
     """The console script with HF_ENDPOINT and HF_TOKEN in its environment, as a user runs it."""
     env = {

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import densetomoe
-from conftest import quick_recipe, sample_inputs
+from conftest import quick_recipe, run_without_densetomoe, sample_inputs
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +39,8 @@ def test_real_folder_reloads_in_a_fresh_process(converted, minilm, tmp_path):
     with torch.no_grad():
         expected = converted.model(**inputs).last_hidden_state
     torch.save({"inputs": inputs, "expected": expected}, tmp_path / "case.pt")
-    script = f"""
-import sys, torch
-sys.modules["densetomoe"] = None
+    stdout = run_without_densetomoe(f"""
+import torch
 from transformers import AutoModel
 case = torch.load({str(tmp_path / "case.pt")!r})
 model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
@@ -50,6 +48,5 @@ with torch.no_grad():
     got = model(**case["inputs"]).last_hidden_state
 torch.testing.assert_close(got, case["expected"], rtol=1e-4, atol=1e-5)
 print("ok")
-"""
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+""")
+    assert stdout.strip() == "ok"

@@ -7,8 +7,6 @@ conversion and its perplexity are measured by evals/smollm_perplexity.py).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,9 +16,12 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import densetomoe
+from conftest import run_without_densetomoe
 from densetomoe import data
 from densetomoe.cli import app
 from densetomoe.stages import load
+
+pytestmark = pytest.mark.slow
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 LAYERS = [0, 15, 29]
@@ -50,9 +51,8 @@ def test_gguf_conversion_loads_and_generates_in_a_fresh_process(converted, tmp_p
     with safe_open(converted / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys()  # tied to the input embeddings, stored once
 
-    script = f"""
-import sys, torch, transformers
-sys.modules["densetomoe"] = None
+    stdout = run_without_densetomoe(f"""
+import torch, transformers
 out = {str(converted)!r}
 tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
 model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
@@ -63,10 +63,8 @@ with torch.no_grad():
 assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 torch.save({{"inputs": dict(inputs), "logits": logits, "tokens": tokens}}, {str(tmp_path / "reloaded.pt")!r})
 print("reloaded", type(model).__name__)
-"""
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "reloaded MoELlamaForCausalLM" in run.stdout
+""", timeout=600)
+    assert "reloaded MoELlamaForCausalLM" in stdout
     fresh = torch.load(tmp_path / "reloaded.pt")
 
     model = densetomoe.load(converted)
@@ -98,8 +96,6 @@ def test_alias_resolves_to_the_packaged_gguf(smollm):
 def test_native_smollm2_with_every_expert_active_is_dense_without_densetomoe(smollm, tmp_path):
     """--format native on the real model, all 30 layers: a plain qwen2_moe folder equal to dense. With
     every expert active the split does not matter, so the fast random partition keeps this short."""
-    from conftest import run_without_densetomoe
-
     (tmp_path / "calib.txt").write_text("\n".join(data.default_corpus()[:40]))
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(dict(calib_tokens=512, sample_tokens=256, router_steps=10)))
     out = tmp_path / "native"

@@ -31,6 +31,7 @@ def test_recipe_is_valid_and_fits_its_model(path):
     assert again.distill.steps == 7 and again.distill.lr == recipe.distill.lr
 
 
+@pytest.mark.slow
 def test_minilm_recipe_runs_end_to_end(minilm, tmp_path):
     out = tmp_path / "minilm-recovered"
     recipe = RECIPES[[p.stem for p in RECIPES].index("minilm")]

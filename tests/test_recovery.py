@@ -4,6 +4,7 @@ distillation with checkpoints and resume, and the folders all of that writes."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,10 +14,10 @@ import transformers
 from test_moe import build, dense_output, random_ffn
 
 import densetomoe
-from conftest import quick_recipe, sample_inputs
+from conftest import quick_recipe, run_without_densetomoe, sample_inputs
 from densetomoe import archs, surgery
 from densetomoe.stages.distill import History, distill_model, latest_checkpoint, lr_factor
-from densetomoe.moe import MoEFeedForward, Router
+from densetomoe.moe import Router
 from densetomoe.recipe import Distill
 from densetomoe.stages import budget
 from densetomoe.stages.partition import at_random
@@ -216,8 +217,12 @@ def test_decoder_distillation_tracks_held_out_perplexity_against_dense(tiny_deco
     arch = archs.arch_for(teacher.config)
     history = distill_model(conversion.model, teacher, conversion.tokenizer, settings, arch, texts[8:], texts[:8], show_progress=False)
     first, last = history.held_out[0], history.held_out[-1]
-    assert history.dense_perplexity < first["perplexity"]  # the split model starts worse than dense
-    assert last["perplexity"] < first["perplexity"]  # and distillation brings it closer
+    # Each held-out point holds the student's perplexity, and the history the dense model's on the same texts.
+    # Random weights give them no order to rely on (the split model may start above or below dense, and
+    # a few steps may move it either way); what distillation must do is bring the student to the teacher.
+    assert math.isfinite(history.dense_perplexity) and all(math.isfinite(p["perplexity"]) for p in history.held_out)
+    assert first["perplexity"] != pytest.approx(history.dense_perplexity, rel=1e-3)  # top-2 of 4 is not dense
+    assert last["loss"] < first["loss"]
 
 
 def test_held_out_texts_are_never_trained_on(tiny_models, texts_file):
@@ -251,6 +256,7 @@ def test_interrupted_distillation_resumes_from_its_checkpoint(tiny_models, texts
 
 
 # -- the command line, end to end --------------------------------------------------------------------
+@pytest.mark.slow
 def test_convert_with_every_recovery_option_writes_a_folder_that_reloads(tiny_models, texts_file, tmp_path):
     folder, out = tiny_models["BertForSequenceClassification"], tmp_path / "moe"
     recipe = tmp_path / "recipe.yaml"
@@ -280,17 +286,15 @@ def test_convert_with_every_recovery_option_writes_a_folder_that_reloads(tiny_mo
     with torch.no_grad():
         expected = densetomoe.load(out)(**inputs).logits
     torch.save({"inputs": inputs, "expected": expected}, tmp_path / "case.pt")
-    script = f"""
-import sys, torch, transformers
-sys.modules["densetomoe"] = None
+    stdout = run_without_densetomoe(f"""
+import torch, transformers
 case = torch.load({str(tmp_path / "case.pt")!r})
 model = transformers.AutoModelForSequenceClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 with torch.no_grad():
     torch.testing.assert_close(model(**case["inputs"]).logits, case["expected"], rtol=1e-5, atol=1e-6)
 print("ok")
-"""
-    check = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert check.returncode == 0 and "ok" in check.stdout, check.stderr[-3000:]
+""")
+    assert stdout.strip() == "ok"
 
     # the budget's per-layer top-k survive a reload; an explicit top-k applies to every layer
     per_layer = {int(i): k for i, k in structure["top_k"].items()}
@@ -302,6 +306,7 @@ print("ok")
     assert [layer.intermediate.top_k for layer in densetomoe.load(out, top_k=3).bert.encoder.layer] == [3, 3]
 
 
+@pytest.mark.slow
 def test_distill_command_updates_a_folder_in_place_and_eval_reports_the_curve(tiny_models, texts_file, tmp_path):
     folder, out = tiny_models["BertModel"], tmp_path / "moe"
     densetomoe.convert(quick_recipe(folder, texts_file), out=out, show_progress=False)
@@ -329,6 +334,7 @@ def test_distill_command_updates_a_folder_in_place_and_eval_reports_the_curve(ti
     assert "## Recovery" in (out / "eval" / "report.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -350,6 +356,7 @@ def test_bad_recovery_settings_fail_in_one_line(tiny_models, texts_file, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_distill_command_refuses_a_folder_it_did_not_write(tmp_path):
     run = subprocess.run([sys.executable, "-m", "densetomoe.cli", "distill", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "not a model folder" in run.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import densetomoe
@@ -10,7 +11,6 @@ from densetomoe import archs
 from densetomoe.ffn import dense_ffn
 from densetomoe.stages import load
 from densetomoe.stages.calibrate import Reservoir, calibrate
-from densetomoe.stages.partition import at_random
 from densetomoe.stages.router import ROUTERS, RouterSettings, _fold_normalisation, expert_shares
 from densetomoe.moe import Router, blocks_of
 from test_moe import random_ffn
@@ -86,6 +86,7 @@ def test_calibration_counts_real_tokens_only_and_stops_at_budget(tiny_models, te
     assert layer.mean_abs.shape == (64,) and (layer.fire_rate >= 0).all() and (layer.fire_rate <= 1).all()
 
 
+@pytest.mark.slow
 def test_default_method_beats_the_random_baseline_on_a_real_model(minilm):
     """On real weights and text, co-activation experts with compensation keep far more than a random split."""
     recipe = quick_recipe(minilm, experts=8, top_k=2, calib_tokens=4096, sample_tokens=2048, router_steps=200, router_hidden=64)

@@ -66,9 +66,7 @@ def write(
     try:
         folder.FORMATS[format](model, staging)
         on_file("weights")
-        # a fresh copy: calls with truncation settings change a tokenizer's saved state
-        files = {"gguf_file": gguf_file} if gguf_file else {}
-        AutoTokenizer.from_pretrained(source_folder, **files).save_pretrained(staging)
+        _save_tokenizer(source_folder, gguf_file, staging)
         if not gguf_file:
             _copy_sentence_transformers(source_folder, staging)
         (staging / folder.RECIPE_FILE).write_text(recipe_yaml)
@@ -82,6 +80,19 @@ def write(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+# what transformers 5 records about how this machine loaded the tokenizer: not the model's to publish
+LOADING_KEYS = ("is_local", "local_files_only")
+
+
+def _save_tokenizer(source: Path, gguf_file: str | None, staging: Path) -> None:
+    # a fresh copy: calls with truncation settings change a tokenizer's saved state
+    files = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **files)
+    for key in LOADING_KEYS:
+        tokenizer.init_kwargs.pop(key, None)
+    tokenizer.save_pretrained(staging)
 
 
 def _copy_sentence_transformers(source: Path, staging: Path) -> None:
