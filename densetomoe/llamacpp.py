@@ -100,11 +100,34 @@ def _untied(folder: Path, scratch: Path) -> Path:
     return scratch
 
 
-def load(path: str | Path, threads: int = 2, n_ctx: int = 512, **settings):
-    """A ``llama_cpp.Llama`` for the GGUF file ``path`` on ``threads`` CPU threads (settings: e.g. ``kv_overrides``)."""
+def load(path: str | Path, threads: int = 2, n_ctx: int = 512, f32_cache: bool = False, **settings):
+    """A ``llama_cpp.Llama`` for the GGUF file ``path`` on ``threads`` CPU threads (settings: e.g. ``kv_overrides``).
+
+    llama.cpp keeps its KV cache in float16 by default, which rounds attention's keys and values by
+    ~1e-3; ``f32_cache`` keeps them in float32, to compare llama.cpp's function with transformers'."""
     import llama_cpp
 
+    if f32_cache:
+        settings |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False, **settings)
+
+
+def scorer(llm):
+    """A function from token ids ``(len,)`` to llama.cpp's logits ``(len, vocab)`` for them, evaluated
+    from an empty cache (``llm`` loaded with ``logits_all=True``): what
+    :func:`densetomoe.metrics.perplexity` takes to measure the engine itself."""
+    import torch
+
+    if not llm._logits_all:  # llama-cpp-python keeps only the last row of logits otherwise
+        raise ValueError("load the model with logits_all=True to score every position")
+
+    def logits(ids):
+        tokens = [int(t) for t in ids]
+        llm.reset()
+        llm.eval(tokens)
+        return torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+
+    return logits
 
 
 def _next_token(llm) -> int:

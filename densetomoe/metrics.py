@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ def adds_bos(tokenizer) -> bool:
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     tokenizer,
     texts: list[str],
     window: int = 512,
@@ -49,6 +50,10 @@ def perplexity(
     window starts with the BOS token, which takes one of its ``window`` positions, and the text's first
     token is scored given BOS alone; without it the text's first token is context only.
 
+    ``model`` is a causal LM module, or any function from a window's token ids ``(len,)`` to its
+    logits ``(len, vocab)``: another engine (llama.cpp: :func:`densetomoe.llamacpp.scorer`) is
+    measured on exactly the same windows.
+
     PPL = exp(-1/N sum_t log p(x_t | x_<t within its window)).
     """
     if not 0 < stride < window:
@@ -62,7 +67,11 @@ def perplexity(
     span = window - 1 if add_bos else window  # text tokens per window
     if span < 1 or len(ids) < 2:
         raise ValueError("not enough text or window too small to score any token")
-    device = next(model.parameters()).device
+    if isinstance(model, nn.Module):
+        device = next(model.parameters()).device
+        logits_of = lambda chunk: model(input_ids=chunk.unsqueeze(0).to(device)).logits[0]  # noqa: E731
+    else:
+        device, logits_of = torch.device("cpu"), model
     total, scored, windows, done = 0.0, 0, 0, 0  # done: text tokens scored (or, first window, context) so far
     begin = 0
     while done < len(ids):
@@ -71,7 +80,7 @@ def perplexity(
         new = end - done if done else (end if add_bos else end - 1)  # tokens this window scores: the last `new`
         if add_bos:
             chunk = torch.cat([torch.tensor([tokenizer.bos_token_id]), chunk])
-        logits = model(input_ids=chunk.unsqueeze(0).to(device)).logits[0, :-1].float()  # (len - 1, vocab)
+        logits = logits_of(chunk)[:-1].float()  # (len - 1, vocab)
         targets = chunk[1:].to(device)
         nll = nn.functional.cross_entropy(logits[-new:], targets[-new:], reduction="sum")
         total, scored, windows, done = total + nll.item(), scored + new, windows + 1, end

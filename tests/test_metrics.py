@@ -64,6 +64,20 @@ def test_sliding_windows_score_each_token_once_with_their_context(lm, add_bos, w
     assert math.isclose(result.value, math.exp(result.nll))
 
 
+def test_an_engine_given_as_a_function_is_scored_on_the_same_windows(lm):
+    """What llama.cpp's scorer does: a function from a window's ids to its logits."""
+    model, tokenizer = lm
+    seen = []
+
+    def engine(ids: torch.Tensor) -> torch.Tensor:
+        seen.append(len(ids))
+        return model(input_ids=ids[None]).logits[0]
+
+    expected = perplexity(model, tokenizer, TEXTS, window=16, stride=8)
+    result = perplexity(engine, tokenizer, TEXTS, window=16, stride=8)
+    assert result == expected and len(seen) == result.windows and max(seen) == 16
+
+
 def test_overlap_changes_the_windows_not_the_tokens_scored(lm):
     """Windows that overlap more give each token more context: a different, still finite figure."""
     model, tokenizer = lm

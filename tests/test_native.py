@@ -133,10 +133,23 @@ def test_ridge_down_solves_an_exact_system_and_pulls_towards_the_initial_weights
 
 def test_router_scale_keeps_the_ranking_and_flattens_the_softmax():
     logits = torch.randn(64, 8) * 5
-    alpha = native.router_scale(logits)
-    assert alpha > 0 and torch.equal((alpha * logits).topk(2).indices, logits.topk(2).indices)
-    weights = native.routing_weights(alpha * logits, 8, renormalise=False)
-    assert torch.allclose(weights, torch.full_like(weights, 1 / 8), rtol=1e-3)
+    for spread, rtol in ((native.ROUTER_SPREAD, 0.02), (native.ALL_EXPERTS_SPREAD, 1e-4)):
+        alpha = native.router_scale(logits, spread)
+        assert alpha > 0 and torch.equal((alpha * logits).topk(2).indices, logits.topk(2).indices)
+        weights = native.routing_weights(alpha * logits, 8, renormalise=False)
+        assert torch.allclose(weights, torch.full_like(weights, 1 / 8), rtol=rtol)
+
+
+def test_the_float32_softmax_still_ranks_close_experts_at_the_router_spread():
+    """Engines rank experts by the float32 softmax of the scaled logits. Two experts 0.01% of the
+    spread apart stay apart at ROUTER_SPREAD; at 2^-14 they become a tie, which engines break each
+    their own way (issue 9's llama.cpp/transformers mismatch)."""
+    logits = torch.tensor([[0.0, 1.0, 0.9999, 0.5, 0.2, 0.1, 0.05, 0.3]])  # experts 1 and 2: 0.01% apart
+    def softmax_ranking(spread):
+        probs = (native.router_scale(logits, spread) * logits).float().softmax(-1)
+        return probs[0, 1] > probs[0, 2]
+    assert softmax_ranking(native.ROUTER_SPREAD)
+    assert not softmax_ranking(2.0**-14)
 
 
 def test_distilling_a_native_folder_trains_its_experts_and_keeps_it_native(tiny_decoders, texts_file, tmp_path):

@@ -12,9 +12,12 @@ the two agree where they can:
 
 * **weights ~ 1.** The router's logits are scaled by a power of two ``alpha`` (ranking unchanged) so
   that every token's logit spread is below :data:`ROUTER_SPREAD`: the softmax is then uniform to
-  ~1e-4, and each expert's down projection is multiplied by ``E`` (by ``k`` where the engines
-  renormalise the top-k weights, as qwen3_moe does). At ``top_k == experts`` the native model is the
-  dense model.
+  ~2%, and each expert's down projection is multiplied by ``E`` (by ``k`` where the engines
+  renormalise the top-k weights, as qwen3_moe does); the refit below absorbs what is left. The
+  spread cannot be much smaller: the engines rank the experts by the float32 softmax, which cannot
+  tell apart logits closer than ~1e-7: at 2^-14 about 1% of SmolLM2's routing decisions became
+  ties, which llama.cpp and transformers broke differently. At ``top_k == experts`` the ranking does
+  not matter, the spread is :data:`ALL_EXPERTS_SPREAD` and the native model is the dense model.
 * **The shared expert's gate** is a tiny constant weight, so ``sigmoid(g.x) = 1/2`` to ~1e-5 and its
   down projection is doubled. It is never exactly zero: llama.cpp computes this sigmoid as
   ``silu(z) / z``, which is NaN at ``z = 0``. llama.cpp needs a shared expert in every qwen2_moe layer;
@@ -43,7 +46,8 @@ from ..ffn import DenseFFN
 from ..moe import MoEFeedForward
 from .refit import relative_error, ridge_down
 
-ROUTER_SPREAD = 2.0**-14  # largest logit spread of a token after scaling: softmax uniform to ~1e-4
+ROUTER_SPREAD = 2.0**-6  # largest logit spread of a token after scaling: softmax uniform to ~2%, ranks kept in float32
+ALL_EXPERTS_SPREAD = 2.0**-14  # ... at top_k == experts, where no ranking is needed: uniform to ~1e-4
 SHARED_GATE = 2.0**-20  # the shared expert's gate weight (every entry): sigmoid(g.x) = 1/2 + O(1e-5)
 EMPTY_SHARED = 32  # neurons of the all-zero shared expert a qwen2_moe block gets without --shared-experts
 RIDGE = 0.1  # ridge of the refit, relative to the Gram matrix's mean diagonal (SmolLM2 layer 10, held-out: best of 1e-4..1)
@@ -154,10 +158,10 @@ class NativeReport:
         return {**asdict(self), "llama_cpp": self.llama_cpp}
 
 
-def router_scale(logits: torch.Tensor) -> float:
-    """The power of two that brings every token's logit spread (max - min) below :data:`ROUTER_SPREAD`."""
-    spread = float((logits.max(-1).values - logits.min(-1).values).max().clamp_min(1e-30))
-    return 2.0 ** math.floor(math.log2(ROUTER_SPREAD / spread))
+def router_scale(logits: torch.Tensor, spread: float = ROUTER_SPREAD) -> float:
+    """The power of two that brings every token's logit spread (max - min) below ``spread``."""
+    widest = float((logits.max(-1).values - logits.min(-1).values).max().clamp_min(1e-30))
+    return 2.0 ** math.floor(math.log2(spread / widest))
 
 
 def routing_weights(logits: torch.Tensor, top_k: int, renormalise: bool) -> torch.Tensor:
@@ -182,7 +186,7 @@ def native_layer(
     experts, size, k = module.num_experts, module.expert_size, module.top_k
     x = sample.float()  # (tokens, hidden)
     weight = router[0].weight.detach().float()  # (experts, hidden)
-    alpha = router_scale(x @ weight.T)
+    alpha = router_scale(x @ weight.T, ROUTER_SPREAD if k < experts else ALL_EXPERTS_SPREAD)
     gate = alpha * weight
     coef = routing_weights(x @ gate.T, k, target.renormalises)  # (tokens, experts)
     scale = k if target.renormalises else experts  # 1 / the (uniform) weight of a selected expert
