@@ -19,6 +19,7 @@ def render(
     *,
     name: str,
     hub_id: str | None,
+    inherited: dict,
     family: str,
     decoder: bool,
     head: str,
@@ -34,10 +35,19 @@ def render(
     native: NativeReport | None = None,
 ) -> str:
     """The card of a model converted from ``name`` (never a local path) of ``family``, saved as class
-    ``head``: ``top_k`` is each converted layer's top-k (the others stayed dense), ``report`` the
-    quick check at conversion, ``seconds`` the conversion's wall time."""
+    ``head``: ``inherited`` is what the source's card says that this model inherits
+    (:func:`~densetomoe.stages.load.source_card`), ``top_k`` each converted layer's top-k (the
+    others stayed dense), ``report`` the quick check at conversion, ``seconds`` the conversion's wall
+    time."""
     r, q = recipe, report
-    meta = {"base_model": hub_id or None, "library_name": "transformers", "tags": folder.TAGS}
+    meta = {
+        "base_model": hub_id or inherited.get("base_model"),
+        "license": inherited.get("license"),
+        "language": inherited.get("language"),
+        "library_name": inherited.get("library_name", "transformers"),
+        "pipeline_tag": inherited.get("pipeline_tag") or folder.task_of(head),
+        "tags": folder.TAGS,
+    }
     meta = {k: v for k, v in meta.items() if v}
     agreement = "n/a (no head)" if q.head_agreement is None else f"{q.head_agreement:.3f}"
     perplexity = (

@@ -40,6 +40,23 @@ REPORT_FILE = "report.json"
 LOCAL_FILE = ".densetomoe_local.json"  # local paths; never published
 TAGS = ["moe", "densetomoe", "mixture-of-experts"]
 
+# head class suffix -> Hub task id (the card's pipeline_tag); anything else is a bare encoder
+TASKS = {
+    "ForMaskedLM": "fill-mask",
+    "ForPreTraining": "fill-mask",
+    "ForCausalLM": "text-generation",
+    "ForSequenceClassification": "text-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+    "ForMultipleChoice": "multiple-choice",
+}
+DEFAULT_TASK = "feature-extraction"
+
+
+def task_of(head: str) -> str:
+    """The Hub task of a model saved as class ``head`` (e.g. ``MoEBertForMaskedLM``: fill-mask)."""
+    return next((task for suffix, task in TASKS.items() if head.endswith(suffix)), DEFAULT_TASK)
+
 # Auto classes a converted folder can be loaded with, and transformers' table for each.
 AUTO_CLASSES = {
     "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,

@@ -9,8 +9,9 @@ accepted the repository and before the upload. ``README.md`` is therefore always
 or the new one, and the folder on disk is byte for byte what lands on the Hub. Rewriting is
 idempotent: pushing again regenerates the same metadata.
 
-The card's metadata carries ``base_model``, ``library_name: transformers``, the tags in :data:`TAGS`
-and a ``model-index`` (the Hub's format for evaluation results) built from
+The card's metadata carries ``base_model``, ``library_name`` (``transformers``, or
+``sentence-transformers`` for a sentence-transformers folder), ``pipeline_tag``, the tags in
+:data:`TAGS`, what the conversion inherited from the source's card (licence, language) and a ``model-index`` (the Hub's format for evaluation results) built from
 
 - ``densetomoe_conversion.json``: the fidelity figures measured at conversion time (``quick_eval``);
 - ``eval/report.json``, if present (written by ``densetomoe eval``). Its reader is deliberately tolerant:
@@ -44,19 +45,8 @@ QUICK_METRICS = {
     "hidden_rel_error": ("relative_error", "Relative error of final hidden states vs dense"),
     "head_agreement": ("agreement", "Head predictions agreeing with dense"),
     "ffn_flops_ratio": ("flops_ratio", "FFN FLOPs per token, MoE / dense"),
+    "perplexity": ("perplexity", "Next-token perplexity on held-out text"),
 }
-
-# head class suffix -> Hub task id; anything else is a bare encoder
-TASKS = {
-    "ForMaskedLM": "fill-mask",
-    "ForPreTraining": "fill-mask",
-    "ForCausalLM": "text-generation",
-    "ForSequenceClassification": "text-classification",
-    "ForTokenClassification": "token-classification",
-    "ForQuestionAnswering": "question-answering",
-    "ForMultipleChoice": "multiple-choice",
-}
-DEFAULT_TASK = "feature-extraction"
 
 NO_TOKEN = "no Hugging Face token found: log in with `hf auth login` or set HF_TOKEN (or pass --token)"
 
@@ -160,7 +150,9 @@ def model_card(folder: Path, model_name: str, base_model: str | None = None) -> 
     base = base_model or data.base_model or _hub_id(figures.get("base_model"))
     if base is not None:
         data.base_model = base
-    data.library_name = "transformers"
+    if data.library_name != "sentence-transformers":  # a sentence-transformers folder stays one
+        data.library_name = "transformers"
+    data.pipeline_tag = data.pipeline_tag or _task(folder)
     data.tags = list(dict.fromkeys([*(data.tags or []), *TAGS]))
 
     results = eval_results(folder, figures)
@@ -241,8 +233,7 @@ def _name_pair(kind: Any, name: Any) -> tuple[str | None, str | None]:
 def _task(folder: Path) -> str:
     config = _read_json(folder / "config.json", required=True)
     architectures = config.get("architectures") or [""]
-    head = str(architectures[0])
-    return next((task for suffix, task in TASKS.items() if head.endswith(suffix)), DEFAULT_TASK)
+    return folders.task_of(str(architectures[0]))
 
 
 def _calibration_dataset(folder: Path) -> tuple[str, str]:

@@ -145,3 +145,43 @@ def test_a_bare_encoder_folder_loads_as_a_classifier_and_round_trips_through_tra
     for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert classify("a fine film")[0]["label"] in {"LABEL_0", "LABEL_1"}
+
+
+def test_a_decoder_card_names_its_task_and_carries_its_perplexity_to_the_hub(tiny_decoders, tmp_path, fake_hub):
+    from huggingface_hub import ModelCard
+
+    from densetomoe import hub
+
+    out = tmp_path / "moe"
+    conversion = densetomoe.convert(quick_recipe(tiny_decoders["llama"], router_steps=5), out, show_progress=False)
+    card = ModelCard((out / "README.md").read_text())  # parses as a Hub card
+    assert card.data.pipeline_tag == "text-generation" and card.data.library_name == "transformers"
+    hub.push(out, "tester/decoder", token=TOKEN, endpoint=fake_hub.url)
+    results = metadata(fake_hub.repos["tester/decoder"]["README.md"])["model-index"][0]["results"]
+    perplexity = [m for r in results for m in r["metrics"] if m["type"] == "perplexity"]
+    assert perplexity and perplexity[0]["value"] == pytest.approx(conversion.report.perplexity, rel=1e-5)
+
+
+def test_a_gguf_source_gives_its_licence_languages_and_origin(tmp_path):
+    import gguf
+
+    from densetomoe.stages import load
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_license("apache-2.0")
+    writer.add_languages(["en", "fr"])
+    writer.add_source_repo_url("https://huggingface.co/SomeOrg/Some-Model-1B")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = load.Source(tmp_path, str(path), gguf_file=path.name)
+    assert load.source_card(source) == {"license": "apache-2.0", "language": ["en", "fr"], "base_model": "SomeOrg/Some-Model-1B"}
+
+
+def test_the_real_smollm2_gguf_names_its_licence_and_language(smollm):
+    from densetomoe.stages import load
+
+    source = load.resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert source.gguf_file and load.source_card(source) == {"license": "apache-2.0", "language": ["en"]}

@@ -50,3 +50,29 @@ torch.testing.assert_close(got, case["expected"], rtol=1e-4, atol=1e-5)
 print("ok")
 """)
     assert stdout.strip() == "ok"
+
+
+def test_the_card_inherits_the_sources_licence_language_and_library(converted):
+    """all-MiniLM-L6-v2's card: apache-2.0, English, sentence-transformers, sentence-similarity."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard((converted.out / "README.md").read_text()).data
+    assert (data.license, data.language, data.library_name, data.pipeline_tag) == (
+        "apache-2.0", "en", "sentence-transformers", "sentence-similarity"
+    )
+    assert data.base_model is None  # converted from a folder: no Hub id to name
+
+
+def test_sentence_transformers_loads_the_converted_folder(converted, minilm):
+    """What library_name: sentence-transformers promises: the library loads it, with its pooling and
+    normalisation, and embeds as the converted model does."""
+    sentence_transformers = pytest.importorskip("sentence_transformers", reason="needs sentence-transformers (make test installs it)")
+    texts = ["The river floods every spring.", "Markets fell sharply on Monday."]
+    model = sentence_transformers.SentenceTransformer(str(converted.out), trust_remote_code=True, device="cpu")
+    got = torch.from_numpy(model.encode(texts))
+    inputs = converted.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = converted.model(**inputs).last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # mean pooling, then Normalize
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -124,6 +124,49 @@ def _download(model: str, hub_id: str, allow_pickle: bool) -> Path:
         ) from None
 
 
+# model-card fields a converted model inherits from its source's card (not ``datasets``: the Hub reads
+# them as what this model was trained on)
+INHERITED = ("license", "language", "pipeline_tag")
+HUB_URL = "https://huggingface.co/"
+
+
+def source_card(source: Source) -> dict:
+    """What the source says of itself that its converted model inherits: ``license``, ``language``
+    and ``pipeline_tag`` (the head is the source's) from its ``README.md`` metadata (a GGUF file's ``general.license`` and
+    ``general.languages``); ``base_model``, the Hub id of a GGUF file's origin where its metadata
+    names one; ``library_name: sentence-transformers`` for a sentence-transformers folder, whose
+    modules the export copies. Whatever is missing or unreadable is left out."""
+    if source.gguf_file:
+        return _gguf_card(source.path / source.gguf_file)
+    card = {}
+    readme = source.path / "README.md"
+    if readme.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            data = ModelCard(readme.read_text(errors="replace")).data.to_dict()
+        except Exception:  # a README whose metadata is not valid YAML: nothing to inherit
+            data = {}
+        card = {key: data[key] for key in INHERITED if data.get(key)}
+    if (source.path / "modules.json").is_file():
+        card["library_name"] = "sentence-transformers"
+    return card
+
+
+def _gguf_card(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    value = lambda key: fields[key].contents() if key in fields else None  # noqa: E731
+    card = {"license": value("general.license"), "language": value("general.languages")}
+    for key in ("general.source.repo_url", "general.base_model.0.repo_url"):  # where it was converted from
+        url = value(key)
+        if isinstance(url, str) and url.startswith(HUB_URL) and url[len(HUB_URL) :].count("/") == 1:
+            card["base_model"] = url[len(HUB_URL) :].strip("/")
+            break
+    return {k: v for k, v in card.items() if v}
+
+
 def load_config(source: Source):
     try:
         return AutoConfig.from_pretrained(source.path, **source.files)
