@@ -28,6 +28,7 @@ folder instead of silently loading a dense model with missing weights.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from transformers.activations import ACT2FN
 
 CONFIG_KEY = "densetomoe"
 CLASS_PREFIX = "MoE"
+ROUTER_AUX_LOSS_COEF = 0.001  # transformers' default for its own MoE models (Mixtral, Qwen2-MoE)
 
 
 class Router(nn.Module):
@@ -340,10 +342,13 @@ def structure_of(config) -> Structure:
 
 
 def record_structure(config, structure: Structure, num_experts: int) -> None:
-    """Write ``structure`` into ``config`` (and ``num_experts``, ``num_experts_per_tok`` with it)."""
+    """Write ``structure`` into ``config`` (and ``num_experts``, ``num_experts_per_tok`` with it), and
+    the load-balancing settings transformers' own MoE models have, where the config lacks them."""
     setattr(config, CONFIG_KEY, structure.to_dict())
     config.num_experts = num_experts
     config.num_experts_per_tok = structure.nominal_top_k
+    config.output_router_logits = getattr(config, "output_router_logits", False)
+    config.router_aux_loss_coef = getattr(config, "router_aux_loss_coef", ROUTER_AUX_LOSS_COEF)
 
 
 def blocks_of(model: nn.Module, layers: str) -> list[nn.Module]:
@@ -444,7 +449,30 @@ def moe_model_class(dense: type) -> type:
             dense.__init__(self, config, *args, **kwargs)
             install_moe(self, config)
 
-        attrs = {"__init__": __init__, "config_class": moe_config_class(dense.config_class), "__module__": __name__}
+        # The dense forward (its signature too, which the Trainer reads to pick the inputs); in
+        # training with ``config.output_router_logits``, as transformers' own MoE models do, the
+        # load-balancing loss (mean over MoE layers) is returned as ``aux_loss`` and
+        # ``router_aux_loss_coef`` times it is added to ``loss``.
+        @functools.wraps(dense.forward)
+        def forward(self, *args, **kwargs):
+            layers = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+            for layer in layers:
+                layer.aux = {}  # only this forward's losses count
+            output = dense.forward(self, *args, **kwargs)
+            if self.training and getattr(self.config, "output_router_logits", False) and isinstance(output, dict):
+                balance = [m.aux["balance"] for m in layers if m.aux]
+                if balance:
+                    output["aux_loss"] = torch.stack(balance).mean()
+                    if output.get("loss") is not None:
+                        output["loss"] = output["loss"] + self.config.router_aux_loss_coef * output["aux_loss"].to(output["loss"].device)
+            return output
+
+        attrs = {
+            "__init__": __init__,
+            "forward": forward,
+            "config_class": moe_config_class(dense.config_class),
+            "__module__": __name__,
+        }
         _made[name] = type(name, (dense,), attrs)
     return _made[name]
 

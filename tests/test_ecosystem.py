@@ -127,7 +127,7 @@ def test_a_bare_encoder_folder_loads_as_a_classifier_and_round_trips_through_tra
 
     out = tmp_path / "bare"
     densetomoe.convert(quick_recipe(tiny_models["BertModel"], texts_file), out, show_progress=False)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True, num_labels=2)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True, num_labels=2, output_router_logits=True)
     assert type(model).__name__ == "MoEBertForSequenceClassification"
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     texts = ["a fine film", "a dull film", "great fun", "boring"] * 4
@@ -185,3 +185,25 @@ def test_the_real_smollm2_gguf_names_its_licence_and_language(smollm):
 
     source = load.resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert source.gguf_file and load.source_card(source) == {"license": "apache-2.0", "language": ["en"]}
+
+
+def test_fine_tuning_adds_the_load_balancing_loss_as_transformers_moe_models_do(classifier_once, tmp_path):
+    """``output_router_logits=True`` at load: in training the output carries ``aux_loss`` and the loss
+    includes ``router_aux_loss_coef`` times it (Mixtral's and Qwen2-MoE's convention); off by default."""
+    import torch
+    import transformers
+
+    def loss_and_output(**settings):
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(classifier_once, trust_remote_code=True, **settings)
+        model.train()
+        torch.manual_seed(0)  # the same dropout in both runs
+        inputs = {"input_ids": torch.tensor([[2, 15, 27, 33, 3]] * 4), "labels": torch.tensor([0, 1, 0, 1])}
+        return model(**inputs)
+
+    plain = loss_and_output()
+    balanced = loss_and_output(output_router_logits=True, router_aux_loss_coef=0.5)
+    assert "aux_loss" not in plain and balanced.aux_loss.item() > 0
+    torch.testing.assert_close(balanced.loss, plain.loss + 0.5 * balanced.aux_loss)
+    balanced.loss.backward()  # the balance term reaches the routers
+    config = json.loads((classifier_once / "config.json").read_text())
+    assert config["output_router_logits"] is False and config["router_aux_loss_coef"] == moe.ROUTER_AUX_LOSS_COEF
