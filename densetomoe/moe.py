@@ -163,6 +163,8 @@ class MoEFeedForward(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)  # (tokens, hidden)
         if self.training and torch.is_grad_enabled():
             out = self._train_forward(x)
+        elif self.top_k < self.num_experts and _tracing():
+            out = self._masked_forward(x)
         elif self.top_k < self.num_experts:
             return self._sparse_forward(x).reshape(shape)  # bias and shared expert included
         else:  # every expert: the dense FFN with permuted neurons
@@ -196,6 +198,17 @@ class MoEFeedForward(nn.Module):
         else:
             self._dispatch(x, chosen, out)
         return out
+
+    def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What :meth:`_sparse_forward` computes, with shapes that do not depend on the routing, for
+        ``torch.compile(fullgraph=True)`` and ``torch.export``: every expert runs and the unselected
+        ones are masked out, so it costs the dense FFN's FLOPs (sparse speed in a graph: ``--format
+        native``, whose transformers kernels group tokens by expert)."""
+        tokens, experts = len(x), self.num_experts
+        a = self._neurons(x, slice(None)).reshape(tokens, experts, self.expert_size)
+        mask = torch.zeros(tokens, experts, dtype=a.dtype, device=x.device).scatter_(1, self.select(x), 1.0)
+        out = (a * mask.unsqueeze(-1)).reshape(tokens, -1) @ self.w_down.reshape(-1, self.hidden_size)
+        return out + (1.0 - mask).to(out.dtype) @ self.skip_mean.to(out.dtype)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert computed, unselected ones masked out: differentiable, same value as inference."""
@@ -270,6 +283,11 @@ class MoEFeedForward(nn.Module):
             y = self._neurons(x.index_select(0, tokens), expert) @ self.w_down[expert]  # (n, hidden)
             out.index_add_(0, tokens, y.to(out.dtype))
             start += n
+
+
+def _tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing this call (no Python lists of tensor values then)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 # -- the structure of a converted model, and installing it ----------------------------------------------

@@ -207,3 +207,60 @@ def test_fine_tuning_adds_the_load_balancing_loss_as_transformers_moe_models_do(
     balanced.loss.backward()  # the balance term reaches the routers
     config = json.loads((classifier_once / "config.json").read_text())
     assert config["output_router_logits"] is False and config["router_aux_loss_coef"] == moe.ROUTER_AUX_LOSS_COEF
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_converted_decoder_compiles_in_one_graph_and_exports(tiny_decoders, texts_file, family):
+    """``torch.compile(fullgraph=True)`` and ``torch.export`` trace the MoE (every expert, masked:
+    no routing-dependent shapes) and compute what eager does (selected experts only). The aot_eager
+    backend captures the same graph as inductor without compiling C++ kernels."""
+    import torch
+
+    conversion = densetomoe.convert(quick_recipe(tiny_decoders[family], texts_file, top_k=2, router_steps=5), show_progress=False)
+    model = conversion.model.eval()
+    ids = torch.randint(5, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "use_cache": False}  # no cache object in the outputs: export returns tensors
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs).logits
+        exported = torch.export.export(model, (), inputs).module()(**inputs).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(exported, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_on_the_experts_trains_merges_and_reloads(tiny_decoders, texts_file, tmp_path):
+    """PEFT's ``target_parameters`` reaches the experts' 3-D weights (``target_modules`` cannot: they
+    are parameters of one module): a few steps change what the experts compute, ``merge_and_unload``
+    gives a plain converted model with the same outputs, and its saved folder reloads to them."""
+    import torch
+    import transformers
+
+    peft = pytest.importorskip("peft", reason="needs peft (make test installs it)")
+    out = tmp_path / "moe"
+    densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, top_k=2, router_steps=5), out, show_progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    ids = torch.randint(5, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.eval()(input_ids=ids).logits
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=["w_up", "w_gate", "w_down"])
+    tuned = peft.get_peft_model(model, config)
+    trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and ".mlp." in n for n in trainable)  # the experts' adapters, nothing else
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    tuned.train()
+    for _ in range(3):
+        tuned(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        adapted = tuned.eval()(input_ids=ids).logits
+    assert (adapted - before).abs().max() > 1e-3  # the adapters changed the experts
+    merged = tuned.merge_and_unload()
+    assert type(merged).__name__ == "MoELlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
