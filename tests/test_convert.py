@@ -25,6 +25,16 @@ def dense(folder):
     return getattr(transformers, folder.name).from_pretrained(folder).eval()
 
 
+def test_the_same_recipe_gives_the_same_weights_twice_in_one_process(tiny_decoders):
+    """The same recipe and seed make the same model, also on two threads (where calibration's
+    reservoir sample once depended on thread timing) and after a first conversion has run."""
+    torch.set_num_threads(2)
+    recipe = quick_recipe(tiny_decoders["llama"])
+    first, second = [densetomoe.convert(recipe, show_progress=False).model.state_dict() for _ in range(2)]
+    assert list(first) == list(second)
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []
+
+
 @pytest.mark.parametrize("family,class_name", CASES)
 def test_all_experts_active_reproduces_dense(tiny_models, texts_file, family, class_name):
     folder = tiny_models[class_name]

@@ -68,6 +68,26 @@ def test_reservoir_is_bounded_and_uniform():
     assert 3000 < sample.mean() < 7000  # drawn from the whole stream, not its start
 
 
+def test_reservoir_keeps_the_last_row_drawn_for_a_slot_on_any_number_of_threads():
+    """Rows of one batch that draw the same slot: the last wins, as row by row (Vitter's algorithm R).
+    An assignment with repeated indices left the winner to thread timing, so the sample (and every
+    expert split and router trained on it) changed from one conversion to the next."""
+    torch.set_num_threads(2)
+    stream = torch.randn(40_000, 64, generator=torch.Generator().manual_seed(1))
+    for seed in range(5):
+        reservoir = Reservoir(256, torch.Generator().manual_seed(seed))
+        reservoir.add(stream[:256])
+        reservoir.add(stream[256:])  # about 1,100 rows replace one, most slots drawn several times
+        draws = torch.Generator().manual_seed(seed)
+        index = torch.arange(256, len(stream), dtype=torch.float64)
+        slots = (torch.rand(len(index), generator=draws, dtype=torch.float64) * (index + 1)).long().tolist()
+        expected = stream[:256].clone()
+        for row, slot in enumerate(slots, 256):
+            if slot < 256:
+                expected[slot] = stream[row]
+        assert torch.equal(reservoir.sample(), expected)
+
+
 def test_calibration_counts_real_tokens_only_and_stops_at_budget(tiny_models, texts_file):
     folder = tiny_models["BertModel"]
     source = load.resolve(str(folder))

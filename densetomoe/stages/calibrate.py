@@ -39,8 +39,13 @@ class Reservoir:
         if len(rest):
             index = torch.arange(self.seen, self.seen + len(rest), dtype=torch.float64)
             slot = (torch.rand(len(rest), generator=self.generator, dtype=torch.float64) * (index + 1)).long()
-            keep = slot < self.size
-            self.rows[slot[keep]] = rest[keep]
+            # Several rows of one batch can draw the same slot. Row by row, the last of them would win;
+            # an assignment with repeated indices (rows[slot] = rest) leaves the winner undefined, and on
+            # several threads it changes from run to run. Pick the last row per slot explicitly.
+            keep = (slot < self.size).nonzero().squeeze(1)  # positions in rest
+            last = torch.full((self.size,), -1, dtype=torch.long).scatter_reduce_(0, slot[keep], keep, "amax")
+            taken = (last >= 0).nonzero().squeeze(1)  # slots replaced
+            self.rows[taken] = rest[last[taken]]
             self.seen += len(rest)
 
     def sample(self) -> torch.Tensor:
