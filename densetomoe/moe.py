@@ -52,7 +52,16 @@ class Router(nn.Module):
             self.layers = nn.Sequential(nn.Linear(hidden_size, num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (tokens, hidden) -> (tokens, experts)
-        return self.layers(x)
+        """Scores in float32 whatever the model's dtype (autocast included): in bfloat16, with 8 bits
+        of mantissa, experts whose scores are close tie or swap places."""
+        h = x.float()
+        with torch.autocast(x.device.type, enabled=False):
+            for layer in self.layers:
+                if isinstance(layer, nn.Linear):
+                    h = nn.functional.linear(h, layer.weight.float(), None if layer.bias is None else layer.bias.float())
+                else:
+                    h = layer(h)
+        return h
 
 
 class MoEFeedForward(nn.Module):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -216,3 +218,34 @@ def test_inference_under_autocast_keeps_the_input_dtype(shared, tokens, monkeypa
         y = moe(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, expected(x), rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_in_half_precision_a_moe_layer_is_as_exact_as_the_dense_ffn(dtype):
+    """The MoE forward loses no more to bfloat16/float16 than the dense FFN does (measured: 0.0053 vs
+    0.0051 relative error in bfloat16, 0.00067 vs 0.00065 in float16), and keeps the routes of at
+    least 98% of the tokens (the rest are near-ties that the rounded input flips). A whole converted
+    model can drift much further (issue 13, item 3: a training-free SmolLM2 8x2 agrees with itself
+    in float32 on 67% of next-token argmaxes in bfloat16, the dense model on 96%) because it routes
+    many tokens on a thin margin: rounding only its embeddings to bfloat16, all else in float32,
+    already leaves 88%. That is routing quality (issue 11), not the arithmetic checked here."""
+    ffn = random_ffn(hidden=256, d_ff=1024, gated=True, bias=False, seed=1)
+    labels = at_random(ffn, None, 8, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    router = Router(256, 8)
+    moe = surgery.moe_from_dense(ffn, labels, router, 8, 2, "silu", torch.randn(512, 256), None).eval()
+    x = torch.randn(400, 256)
+    low = copy.deepcopy(moe).to(dtype)
+    same = (low.select(x.to(dtype)).sort(-1).values == moe.select(x).sort(-1).values).all(-1)  # (tokens,)
+    assert same.float().mean() > 0.98  # routes kept; the rest are near-ties the rounded input flips
+
+    def rel(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    moe_error = rel(low(x.to(dtype))[same], moe(x)[same])
+    w_up, w_gate, w_down = (w.to(dtype) for w in (ffn.w_up, ffn.w_gate, ffn.w_down))
+    xl = x.to(dtype)
+    dense_low = (nn.functional.silu(xl @ w_gate.T) * (xl @ w_up.T)) @ w_down.T
+    dense_error = rel(dense_low, ffn.neurons(x) @ ffn.w_down.T)
+    assert moe_error < 1.5 * dense_error, (moe_error, dense_error)
