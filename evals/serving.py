@@ -83,8 +83,8 @@ def converted(workdir: Path, experts: int, top_k: int, fmt: str, settings: dict,
     )
     out = workdir / f"{fmt}-{experts}x{top_k}"
     workdir.mkdir(parents=True, exist_ok=True)
-    recorded = out / RECIPE_FILE
-    if recorded.is_file() and recorded.read_text() == recipe.to_yaml():
+    recorded = out / RECIPE_FILE  # the published recipe: the model by its file name
+    if recorded.is_file() and recorded.read_text() == recipe.published(GGUF).to_yaml():
         return out
     log(f"converting: {experts} experts, top-{top_k}, format {fmt}")
     start = time.perf_counter()
