@@ -202,7 +202,7 @@ def _print_summary(result) -> None:
 def evaluate(
     moe_dir: Annotated[Path, typer.Argument(help="A folder written by densetomoe convert.")],
     base: Annotated[Optional[str], typer.Option(help="Dense model to compare with. Default: the one recorded in the folder.")] = None,
-    suite: Annotated[Optional[list[str]], typer.Option("--suite", "-s", help="Suite name (evals/suites/NAME.yaml) or YAML file; repeatable. Default: wiki-prose.")] = None,
+    suite: Annotated[Optional[list[str]], typer.Option("--suite", "-s", help="A suite by name (shipped: wiki-prose, wiki-perplexity, rotten-tomatoes-sentiment; also ./evals/suites/NAME.yaml) or a YAML file of your own; repeatable. Default: wiki-prose.")] = None,
     top_k: Annotated[Optional[str], typer.Option("--top-k", "-k", help="Comma-separated top-k values to sweep, e.g. 1,2,4. Default: the folder's own.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (report.json, report.md, figures): new, empty, or an earlier report, which is replaced. Default: MOE_DIR/eval, where `densetomoe push` looks for it.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the timings. Default: torch's.")] = None,
