@@ -57,6 +57,7 @@ def task_of(head: str) -> str:
     """The Hub task of a model saved as class ``head`` (e.g. ``MoEBertForMaskedLM``: fill-mask)."""
     return next((task for suffix, task in TASKS.items() if head.endswith(suffix)), DEFAULT_TASK)
 
+
 # Auto classes a converted folder can be loaded with, and transformers' table for each.
 AUTO_CLASSES = {
     "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,

@@ -54,6 +54,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (tokens, hidden) -> (tokens, experts)
         """Scores in float32 whatever the model's dtype (autocast included): in bfloat16, with 8 bits
         of mantissa, experts whose scores are close tie or swap places."""
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return self.layers(x)  # already float32: the plain modules (on the decode path, per token)
         h = x.float()
         with torch.autocast(x.device.type, enabled=False):
             for layer in self.layers:
@@ -213,10 +215,14 @@ class MoEFeedForward(nn.Module):
         ``torch.compile(fullgraph=True)`` and ``torch.export``: every expert runs and the unselected
         ones are masked out, so it costs the dense FFN's FLOPs (sparse speed in a graph: ``--format
         native``, whose transformers kernels group tokens by expert)."""
-        tokens, experts = len(x), self.num_experts
-        a = self._neurons(x, slice(None)).reshape(tokens, experts, self.expert_size)
-        mask = torch.zeros(tokens, experts, dtype=a.dtype, device=x.device).scatter_(1, self.select(x), 1.0)
-        out = (a * mask.unsqueeze(-1)).reshape(tokens, -1) @ self.w_down.reshape(-1, self.hidden_size)
+        a = self._neurons(x, slice(None)).reshape(len(x), self.num_experts, self.expert_size)
+        mask = torch.zeros(len(x), self.num_experts, dtype=a.dtype, device=x.device).scatter_(1, self.select(x), 1.0)
+        return self._masked_sum(a, mask, mask)
+
+    def _masked_sum(self, a: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs from all their activations ``a`` ``(tokens, experts, size)``, each
+        weighted by ``gate`` ``(tokens, experts)``, plus the mean output of the experts ``mask`` leaves out."""
+        out = (a * gate.to(a.dtype).unsqueeze(-1)).reshape(len(a), -1) @ self.w_down.reshape(-1, self.hidden_size)
         return out + (1.0 - mask).to(out.dtype) @ self.skip_mean.to(out.dtype)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,9 +239,8 @@ class MoEFeedForward(nn.Module):
         routed = mask
         if self.expert_dropout > 0:
             mask = mask * (torch.rand_like(mask) >= self.expert_dropout)
-        gate = (mask * (1.0 + probs - probs.detach())).to(a.dtype)  # straight-through: 1 in the forward
-        out = (a * gate.unsqueeze(-1)).reshape(tokens, -1) @ self.w_down.reshape(-1, self.hidden_size)
-        out = out + (1.0 - mask).to(out.dtype) @ self.skip_mean.to(out.dtype)
+        gate = mask * (1.0 + probs - probs.detach())  # straight-through: 1 in the forward
+        out = self._masked_sum(a, gate, mask)
         with torch.no_grad():  # each expert's |output|: sqrt(a_e^T (W_e W_e^T) a_e)
             gram = self.w_down @ self.w_down.transpose(1, 2)  # (experts, size, size)
             norms = torch.einsum("ted,edf,tef->te", a, gram, a).clamp_min(0).sqrt().float()
@@ -482,16 +487,17 @@ def moe_model_class(dense: type) -> type:
         # ``router_aux_loss_coef`` times it is added to ``loss``.
         @functools.wraps(dense.forward)
         def forward(self, *args, **kwargs):
-            layers = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+            if not (self.training and getattr(self.config, "output_router_logits", False)):
+                return dense.forward(self, *args, **kwargs)  # inference: nothing added per call
+            layers = moe_modules(self).values()
             for layer in layers:
                 layer.aux = {}  # only this forward's losses count
             output = dense.forward(self, *args, **kwargs)
-            if self.training and getattr(self.config, "output_router_logits", False) and isinstance(output, dict):
-                balance = [m.aux["balance"] for m in layers if m.aux]
-                if balance:
-                    output["aux_loss"] = torch.stack(balance).mean()
-                    if output.get("loss") is not None:
-                        output["loss"] = output["loss"] + self.config.router_aux_loss_coef * output["aux_loss"].to(output["loss"].device)
+            balance = [m.aux["balance"] for m in layers if m.aux]
+            if balance and isinstance(output, dict):
+                output["aux_loss"] = torch.stack(balance).mean()
+                if output.get("loss") is not None:
+                    output["loss"] = output["loss"] + self.config.router_aux_loss_coef * output["aux_loss"].to(output["loss"].device)
             return output
 
         attrs = {

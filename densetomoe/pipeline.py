@@ -48,7 +48,6 @@ class Dense:
     held_out_texts: list[str] = field(default_factory=list)
     held_out_separate: bool = False
     probe: evaluate.Probe | None = None  # the dense outputs on the held-out texts
-    card: dict = field(default_factory=dict)  # what its model card says that a converted model inherits
 
     @classmethod
     def describe(cls, model: str, allow_pickle: bool) -> Dense:
@@ -60,7 +59,7 @@ class Dense:
         _, ffn_size = archs.ffn_sizes(config, arch)
         if not source.gguf_file:
             load.check_weights(source.path, allow_pickle)
-        return cls(source, config, arch, ffn_size, archs.num_layers(config, arch), card=load.source_card(source))
+        return cls(source, config, arch, ffn_size, archs.num_layers(config, arch))
 
     def load(self, recipe: Recipe, log: Callable[[str], None] = lambda message: None) -> Dense:
         """The recipe's text split, the weights, the tokenizer, and the dense outputs on held-out text."""
@@ -133,7 +132,7 @@ class Conversion:
         return card.render(
             name=self.source.hub_id or Path(self.source.name).name,  # never publish a local path
             hub_id=self.source.hub_id,
-            inherited=self.dense.card,
+            inherited=load.source_card(self.source),  # read only when a card is written
             family=self.dense.arch.family,
             decoder=self.dense.arch.decoder,
             head=self.model.__class__.__name__,
