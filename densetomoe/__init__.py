@@ -2,9 +2,11 @@
 
 from ._version import __version__
 from .errors import UsageError
-from .loading import load
+from .loading import load, register_configs
 from .moe import MoEFeedForward, set_top_k
 from .pipeline import Conversion, convert, distill
 from .recipe import Distill, Recipe
+
+register_configs()  # AutoTokenizer.from_pretrained(folder) needs no trust_remote_code where densetomoe is imported
 
 __all__ = ["Conversion", "Distill", "MoEFeedForward", "Recipe", "UsageError", "convert", "distill", "load", "set_top_k", "__version__"]

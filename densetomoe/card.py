@@ -149,8 +149,9 @@ For llama.cpp: `python convert_hf_to_gguf.py path/to/this/folder --outtype f16` 
     return f"""## Use
 
 ```python
-from transformers import {auto}
+from transformers import {auto}, AutoTokenizer
 model = {auto}.from_pretrained("path/to/this/folder", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", trust_remote_code=True)  # runs the config class only
 # use more or fewer experts per token without reconverting:
 model = {auto}.from_pretrained("path/to/this/folder", trust_remote_code=True, num_experts_per_tok=4)
 ```

@@ -1,4 +1,5 @@
-"""Load a converted folder with densetomoe's own classes (no remote code)."""
+"""Load a converted folder with densetomoe's own classes (no remote code), and make transformers'
+``AutoConfig`` know those classes in any process that imports densetomoe."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import transformers
 
+from . import archs, moe
 from . import folder as folders
-from . import moe
 from .errors import UsageError
 
 
@@ -39,3 +40,19 @@ def load(folder: str | Path, top_k: int | None = None, **kwargs):
     if top_k is not None:  # every layer, replacing any per-layer top-k a budget chose
         moe.set_top_k(model, top_k)
     return model.eval()
+
+
+def register_configs() -> None:
+    """Register every family's ``MoE<Name>Config`` with ``AutoConfig`` under its ``densetomoe_*`` model type.
+
+    A remote-code folder's config names its class through ``auto_map``, and transformers asks before
+    running it, even for ``AutoTokenizer.from_pretrained(folder)``, which needs no model code but
+    reads the config first (a prompt that waits 15 s). With the types registered, a process that has
+    imported densetomoe resolves the config locally: the tokenizer loads silently, and
+    ``AutoModel.from_pretrained`` still asks for ``trust_remote_code`` (only the config is registered).
+    Without densetomoe, ``trust_remote_code=True`` on the tokenizer runs only the config class.
+    """
+    for arch in archs.ARCHS:
+        for model_type in arch.model_types:
+            config_class = moe.moe_config_class(transformers.CONFIG_MAPPING[model_type])
+            transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)

@@ -4,6 +4,8 @@ results reach the Hub card, and the CLI follows the usual conventions."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,27 @@ def test_version_and_short_help():
     assert short.exit_code == 0 and "convert" in short.output
     sub = CliRunner().invoke(app, ["convert", "-h"])
     assert sub.exit_code == 0 and "--experts" in sub.output
+
+
+def _python(script: str, without_densetomoe: bool = False) -> subprocess.CompletedProcess:
+    """``script`` in a fresh process whose stdin stays open: a remote-code prompt would wait for an answer."""
+    prelude = "import sys\nsys.modules['densetomoe'] = None\n" if without_densetomoe else ""
+    return subprocess.run([sys.executable, "-c", prelude + script], stdin=subprocess.PIPE, capture_output=True, text=True, timeout=120)
+
+
+def test_the_tokenizer_of_a_remote_code_folder_loads_without_a_prompt(classifier_once):
+    load_tokenizer = f"from transformers import AutoTokenizer\nprint(type(AutoTokenizer.from_pretrained({str(classifier_once)!r}{{}})).__name__)"
+    plain = load_tokenizer.format("")
+    for run in (
+        _python("import densetomoe\n" + plain),  # the MoE config types are registered on import
+        _python(load_tokenizer.format(", trust_remote_code=True"), without_densetomoe=True),  # runs the config class only
+    ):
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.strip() == "BertTokenizer"
+        assert "custom code" not in run.stdout + run.stderr and "model of type" not in run.stderr
+    # registering the config does not make the model load without consent
+    refused = _python(f"import densetomoe\nfrom transformers import AutoModel\nAutoModel.from_pretrained({str(classifier_once)!r}, trust_remote_code=False)")
+    assert refused.returncode != 0 and "trust_remote_code" in refused.stderr
 
 
 def test_a_native_folder_is_a_densetomoe_folder_for_push(tiny_decoders, tmp_path):
