@@ -107,6 +107,7 @@ def convert(
     seed: Annotated[int, typer.Option(help="Seed for shuffling, clustering and router training.")] = _default("seed"),
     dtype: Annotated[DType, typer.Option(help="Load the model in float32, bfloat16 or float16.")] = _default("dtype"),
     format: Annotated[FormatName, _explained(FORMATS, "How the folder holds the model.", "--format")] = _default("format"),
+    sequential: Annotated[bool, typer.Option("--sequential/--in-memory", help="Convert one block at a time, reading each block's weights from the safetensors files: peak memory is one block plus the calibration activations, whatever the depth (same result as in memory; not for GGUF sources, --ffn-budget or --distill).")] = _default("sequential"),
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: ./<model>-moe-<experts>x<top-k>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML; flags given on the command line win over its keys.")] = None,
@@ -128,7 +129,7 @@ def convert(
             "model": model, "experts": experts, "top_k": top_k, "partition": partition, "router": router,
             "calib": calib, "calib_tokens": calib_tokens, "compensate": compensate, "seed": seed,
             "dtype": dtype, "allow_pickle": allow_pickle, "shared_experts": shared_experts,
-            "ffn_budget": ffn_budget, "budget": budget, "prune": prune, "format": format,
+            "ffn_budget": ffn_budget, "budget": budget, "prune": prune, "format": format, "sequential": sequential,
         }  # fmt: skip
         given = {k: v for k, v in settings.items() if _given(ctx, k) or k == "model"}
         flags = {"steps": distill_steps, "minutes": distill_minutes, "data": distill_data}

@@ -114,6 +114,21 @@ def write_remote_code(model: nn.Module, staging: Path) -> None:
     shutil.copyfile(Path(moe.__file__), staging / MODELING_FILE)
 
 
+def write_beside_weights(model: nn.Module, staging: Path, format: str) -> None:
+    """What ``format`` writes besides the weights, for weights written elsewhere (sequential conversion,
+    whose ``model`` is a skeleton on the meta device): the config, the generation config of a model
+    that generates, and for remote code the modeling file."""
+    if format == "remote-code":
+        moe_config(model).save_pretrained(staging)
+        shutil.copyfile(Path(moe.__file__), staging / MODELING_FILE)
+    else:  # what save_pretrained records about the model
+        model.config.architectures = [type(model).__name__]
+        model.config.dtype = model.dtype
+        model.config.save_pretrained(staging)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(staging)
+
+
 @FORMATS.register(
     "native",
     "a LLaMA/Mistral/Qwen2/Qwen3 decoder as a standard qwen2_moe/qwen3_moe checkpoint that transformers, vLLM and llama.cpp run without remote code",

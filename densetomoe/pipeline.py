@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,10 +24,10 @@ from .console import progress
 from .data import batches
 from .errors import UsageError
 from .ffn import DenseFFN, dense_ffn, expert_size
-from .moe import MoEFeedForward, blocks_of, moe_modules, structure_of
+from .moe import MoEFeedForward, blocks_of, moe_modules, replace_ffn, structure_of
 from .recipe import Distill, Recipe, check_against_model
-from .stages import budget, evaluate, export, load, native
-from .stages.calibrate import ActivationStats, LayerStats, calibrate
+from .stages import blockwise, budget, evaluate, export, load, native
+from .stages.calibrate import ActivationStats, LayerRecorder, LayerStats, calibrate, calibration_batches, layer_generator
 from .stages.distill import History, distill_model
 from .stages.partition import PARTITIONS
 from .stages.router import ROUTERS, RouterSettings
@@ -61,10 +63,15 @@ class Dense:
             load.check_weights(source.path, allow_pickle)
         return cls(source, config, arch, ffn_size, archs.num_layers(config, arch))
 
-    def load(self, recipe: Recipe, log: Callable[[str], None] = lambda message: None) -> Dense:
-        """The recipe's text split, the weights, the tokenizer, and the dense outputs on held-out text."""
+    def split(self, recipe: Recipe) -> Dense:
+        """The recipe's text, split into calibration and held-out documents."""
         texts = data.load_texts(recipe.calib)
         self.calibration_texts, self.held_out_texts, self.held_out_separate = split_texts(texts, recipe.seed)
+        return self
+
+    def load(self, recipe: Recipe, log: Callable[[str], None] = lambda message: None) -> Dense:
+        """The recipe's text split, the weights, the tokenizer, and the dense outputs on held-out text."""
+        self.split(recipe)
         log(f"{self.source.name}: {self.arch.family}, {self.num_layers} layers, FFN {self.ffn_size}")
         self.model, self.tokenizer = load.load_model(
             self.source, self.config, recipe.dtype, recipe.allow_pickle, causal_lm=self.arch.decoder
@@ -87,6 +94,7 @@ class Conversion:
     history: History | None = None  # when distilled
     out: Path | None = None
     native: native.NativeReport | None = None  # format native: what the native export did
+    weights: Path | None = None  # sequential: the folder the weights were written to as blocks converted
 
     @property
     def source(self) -> load.Source:
@@ -163,6 +171,7 @@ class Conversion:
             gguf_file=self.source.gguf_file,
             extras=self._extras,
             format=self.format,
+            weights=self.weights,
         )
         self.out = out
 
@@ -205,6 +214,8 @@ def convert(
     With ``recipe.distill``, the MoE model is then distilled from the dense one; its checkpoints go
     to ``<out>.checkpoints`` and ``resume`` continues from the latest of them.
     """
+    if recipe.sequential:
+        return convert_sequential(recipe, out, overwrite, show_progress, log)
     clock = _Clock()
     out = Path(out) if out is not None else None
     if out is not None:
@@ -285,6 +296,167 @@ def convert(
         result.write(out, overwrite)
         clock.lap("export")
     return result
+
+
+def convert_sequential(
+    recipe: Recipe,
+    out: str | Path | None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> Conversion:
+    """:func:`convert` one block at a time (:mod:`.stages.blockwise`): the same stages, the same result,
+    with one block of the dense model in memory instead of all of them.
+
+    Each block is read from the checkpoint, calibrated on the dense hidden states that reach it, split
+    and routed, written to the output's weight shards, and released. Held-out text travels two ways
+    at once, through the dense blocks and through the converted ones, for the quick evaluation.
+    """
+    clock = _Clock()
+    if out is None:
+        raise UsageError("sequential conversion writes each block as it goes: give an output folder (--out)")
+    out = Path(out)
+    export.check_destination(out, overwrite)
+    dense = Dense.describe(recipe.model, recipe.allow_pickle)
+    if dense.source.gguf_file:
+        raise UsageError("--sequential reads safetensors tensor by tensor, and transformers reads a GGUF file whole: convert it without --sequential")
+    arch, ffn_size, num_layers = dense.arch, dense.ffn_size, dense.num_layers
+    check_against_model(recipe, ffn_size, num_layers)
+    target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
+    dense.split(recipe)
+    log(f"{dense.source.name}: {arch.family}, {num_layers} layers, FFN {ffn_size}, one block at a time")
+    dtype = load.DTYPES[recipe.dtype]
+    cls = load.model_class(dense.config, arch.decoder)
+    checkpoint = blockwise.Checkpoint(dense.source.path)
+    frame = blockwise.frame(cls, dense.config, arch, checkpoint, dtype)
+    shell = blockwise.skeleton(cls, dense.config).to(dtype)
+    dense.tokenizer = data.for_batches(load.load_tokenizer(dense.source))
+    calibration = blockwise.capture(
+        frame, arch, list(calibration_batches(dense.tokenizer, dense.calibration_texts, recipe.seq_len, recipe.batch_size, recipe.calib_tokens))
+    )  # fmt: skip
+    held_out = blockwise.capture(frame, arch, list(batches(dense.tokenizer, dense.held_out_texts, recipe.seq_len, recipe.batch_size)))
+    converted_stream = held_out.copy()
+    masks = calibration.masks()
+    stats = ActivationStats(tokens=sum(int(m.sum()) for m in masks), sequences=sum(len(m) for m in masks))
+    if stats.tokens < recipe.calib_tokens:
+        log(f"warning: the calibration text ran out after {stats.tokens:,} of {recipe.calib_tokens:,} tokens")
+    clock.lap("load")
+
+    layers = set(recipe.layers) if recipe.layers else set(range(num_layers))
+    activation_name = archs.activation(dense.config, arch)
+    activation = ACT2FN[activation_name]
+    generator = torch.Generator().manual_seed(recipe.seed)
+    settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps)
+    modules: dict[int, MoEFeedForward] = {}  # kept on the meta device: their shapes describe the model
+    fits = []
+    native_shell = None
+    weights = out.parent / f".{out.name}.weights-{os.getpid()}"
+    writer = blockwise.ShardWriter(weights)
+    try:
+        with progress(show_progress) as bar:
+            task = bar.add_task("blocks", total=num_layers)
+            for i in range(num_layers):
+                block = blockwise.load_block(shell, arch, i, checkpoint, dtype)
+                module = ffn = sample = None
+                if i in layers:
+                    ffn = dense_ffn(block, arch, activation)
+                    layer_stats = _calibrate_block(block, arch, ffn, calibration, recipe, i, stats.tokens)
+                    split = split_layer(ffn, layer_stats, recipe, activation_name, settings, generator)
+                    module, sample = split.build(recipe.top_k), layer_stats.inputs
+                else:
+                    blockwise.run_block(block, calibration)
+                blockwise.run_block(block, held_out)
+                if target is None:
+                    if module is not None:
+                        replace_ffn(block, arch.moe_at, list(arch.identity), module.to(dtype))
+                    state, prefix = block.state_dict(), blockwise.block_prefix(shell, arch)
+                else:  # the native block: a dense one computes what it did; a converted one is built anew
+                    state, fit = native.native_block(block.state_dict(), target, module, ffn, sample)
+                    prefix = f"model.{arch.layers}."
+                    if module is not None:
+                        fits.append(fit)
+                        if native_shell is None:
+                            mlp_only = [j for j in range(num_layers) if j not in layers]
+                            native_shell = _native_shell(dense.config, target, ffn_size, module, mlp_only)
+                        blockwise.release(block)
+                        block = _materialise(native_shell, arch, i, state, dtype)
+                blockwise.run_block(block, converted_stream)
+                names = shell if target is None or module is None else native_shell  # whose checkpoint names to write
+                writer.add(blockwise.as_saved(names, {f"{prefix}{i}.{name}": t.to(dtype) for name, t in state.items()}))
+                blockwise.release(block)
+                if module is not None:
+                    modules[i] = module.to("meta")
+                bar.advance(task)
+        if not modules:
+            raise UsageError("no layer was converted")
+        model = shell if target is None else native_shell
+        writer.add(blockwise.as_saved(model, _outside_blocks(frame, arch, untie=target is not None and target.untied_head)))
+        writer.close()
+        clock.lap("partition+route")
+
+        with blockwise.replay(frame, arch, held_out):
+            probe = evaluate.record(frame, held_out.batches, causal_lm=arch.decoder)
+        with blockwise.replay(frame, arch, converted_stream):
+            report = evaluate.compare(frame, probe, ffn_size, num_layers, converted=list(modules.values()))
+        clock.lap("evaluate")
+
+        native_report = None
+        if target is not None:
+            first = next(iter(modules.values()))
+            native_report = native.NativeReport.from_fits(target.model_type, model.config.mlp_only_layers, first.shared_size, fits)
+        else:
+            surgery.swap_in(model, arch, modules)
+        model.generation_config = frame.generation_config if model.can_generate() else None
+        dense.probe = probe
+        result = Conversion(recipe, dense, model, report, stats, clock.seconds, native=native_report, weights=weights)
+        result.write(out, overwrite)
+        clock.lap("export")
+    finally:
+        shutil.rmtree(weights, ignore_errors=True)
+    return result
+
+
+def _calibrate_block(block, arch, ffn: DenseFFN, stream, recipe: Recipe, index: int, tokens: int) -> LayerStats:
+    """Run ``stream`` through a dense ``block`` with its FFN's inputs recorded: the layer's statistics."""
+    recorder = LayerRecorder(ffn, recipe.sample_tokens, layer_generator(recipe.seed, index))
+    mask: dict[str, torch.Tensor] = {}
+    handle = block.get_submodule(arch.up).register_forward_pre_hook(recorder.hook(mask))
+    try:
+        blockwise.run_block(block, stream, before=lambda n: mask.update(tokens=stream.batches[n]["attention_mask"].bool()))
+    finally:
+        handle.remove()
+    return recorder.stats(tokens)
+
+
+def _outside_blocks(frame: nn.Module, arch: archs.Arch, untie: bool) -> dict[str, torch.Tensor]:
+    """The frame's tensors outside the blocks, as the output names them: a tied head is written once
+    (as ``save_pretrained`` does), or as its own matrix when the target needs it (``untie``)."""
+    inside = blockwise.block_prefix(frame, arch)
+    state = {name: t for name, t in frame.state_dict().items() if not name.startswith(inside)}
+    tied = getattr(frame.config, "tie_word_embeddings", False) and frame.get_output_embeddings() is not None
+    head = next((name for name in state if name.endswith("lm_head.weight")), None)
+    if tied and head is not None and not untie:
+        del state[head]
+    return state
+
+
+def _native_shell(config, target, ffn_size: int, module: MoEFeedForward, mlp_only: list[int]) -> nn.Module:
+    """The native model on the meta device, its config made from the first converted ``module``."""
+    from transformers import AutoModelForCausalLM
+
+    native_config = native.native_config(config, target, ffn_size, module, module.top_k, mlp_only)
+    if target.untied_head:
+        native_config.tie_word_embeddings = False
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(native_config).to(module.w_up.dtype).eval()
+
+
+def _materialise(model: nn.Module, arch: archs.Arch, index: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """Block ``index`` of the meta ``model`` with ``state`` as its weights."""
+    block = blocks_of(model, arch.layers)[index]
+    block.to_empty(device="cpu")
+    block.load_state_dict({name: t.to(dtype) for name, t in state.items()})
+    return block.to(dtype)
 
 
 def distill(

@@ -72,6 +72,46 @@ class ActivationStats:
     sequences: int = 0
 
 
+def layer_generator(seed: int, index: int) -> torch.Generator:
+    """The reservoir's random stream for layer ``index``: its own, so that a layer's sample does not
+    depend on the order in which layers are calibrated (all at once, or one block at a time)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+class LayerRecorder:
+    """Running per-neuron statistics and a reservoir sample of one FFN layer's inputs."""
+
+    def __init__(self, ffn: DenseFFN, sample_tokens: int, generator: torch.Generator):
+        self.ffn = ffn
+        self.reservoir = Reservoir(sample_tokens, generator)
+        self.sums = torch.zeros(ffn.size, dtype=torch.float64)
+        self.fired = torch.zeros(ffn.size, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        """``x`` ``(real tokens, hidden)``: FFN inputs, padding already removed."""
+        a = self.ffn.neurons(x)  # (real tokens, d_ff)
+        self.sums += a.abs().sum(0, dtype=torch.float64)
+        self.fired += (a > 0).sum(0, dtype=torch.float64)
+        self.reservoir.add(x)
+
+    def stats(self, tokens: int) -> LayerStats:
+        return LayerStats(
+            inputs=self.reservoir.sample(),
+            tokens=tokens,
+            mean_abs=(self.sums / max(tokens, 1)).float(),
+            fire_rate=(self.fired / max(tokens, 1)).float(),
+        )
+
+    def hook(self, mask: dict[str, torch.Tensor]):
+        """A forward pre-hook for the FFN's input projection; ``mask["tokens"]`` marks the real tokens."""
+
+        def record(module, args):
+            x = args[0].float()
+            self.add(x.reshape(-1, x.shape[-1])[mask["tokens"].reshape(-1)])  # OPT passes (tokens, hidden)
+
+        return record
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -89,47 +129,33 @@ def calibrate(
 ) -> ActivationStats:
     """Feed ``texts`` until ``tokens`` real (non-padding) tokens have passed; hook the FFN inputs of the
     layers in ``ffns``."""
-    generator = torch.Generator().manual_seed(seed)
     blocks = blocks_of(model, arch.layers)
     mask: dict[str, torch.Tensor] = {}
-    reservoirs = {i: Reservoir(sample_tokens, generator) for i in ffns}
-    sums = {i: torch.zeros(f.size, dtype=torch.float64) for i, f in ffns.items()}
-    fired = {i: torch.zeros(f.size, dtype=torch.float64) for i, f in ffns.items()}
-
-    def hook(index):
-        def record(module, args):
-            x = args[0].float()
-            x = x.reshape(-1, x.shape[-1])[mask["tokens"].reshape(-1)]  # (real tokens, hidden); OPT passes (tokens, hidden)
-            a = ffns[index].neurons(x)  # (real tokens, d_ff)
-            sums[index] += a.abs().sum(0, dtype=torch.float64)
-            fired[index] += (a > 0).sum(0, dtype=torch.float64)
-            reservoirs[index].add(x)
-
-        return record
-
-    handles = [blocks[i].get_submodule(arch.up).register_forward_pre_hook(hook(i)) for i in ffns]
+    recorders = {i: LayerRecorder(ffn, sample_tokens, layer_generator(seed, i)) for i, ffn in ffns.items()}
+    handles = [blocks[i].get_submodule(arch.up).register_forward_pre_hook(r.hook(mask)) for i, r in recorders.items()]
     stats = ActivationStats()
     device = next(model.parameters()).device
     try:
         with progress(show_progress) as bar:
             task = bar.add_task("calibrating", total=tokens)
-            for batch in batches(tokenizer, texts, seq_len, batch_size):
+            for batch in calibration_batches(tokenizer, texts, seq_len, batch_size, tokens):
                 mask["tokens"] = batch["attention_mask"].bool().to(device)
                 model(**{k: v.to(device) for k, v in batch.items()})
-                seen = int(batch["attention_mask"].sum())
-                stats.tokens += seen
+                stats.tokens += int(batch["attention_mask"].sum())
                 stats.sequences += len(batch["input_ids"])
                 bar.update(task, completed=min(stats.tokens, tokens))
-                if stats.tokens >= tokens:
-                    break
     finally:
         for handle in handles:
             handle.remove()
-    for i in ffns:
-        stats.layers[i] = LayerStats(
-            inputs=reservoirs[i].sample(),
-            tokens=stats.tokens,
-            mean_abs=(sums[i] / max(stats.tokens, 1)).float(),
-            fire_rate=(fired[i] / max(stats.tokens, 1)).float(),
-        )
+    stats.layers = {i: r.stats(stats.tokens) for i, r in recorders.items()}
     return stats
+
+
+def calibration_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int, tokens: int):
+    """The batches calibration runs: as many as it takes to pass ``tokens`` real tokens."""
+    seen = 0
+    for batch in batches(tokenizer, texts, seq_len, batch_size):
+        yield batch
+        seen += int(batch["attention_mask"].sum())
+        if seen >= tokens:
+            return

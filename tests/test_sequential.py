@@ -1,0 +1,118 @@
+"""Sequential (one block at a time) conversion gives the folder the in-memory conversion gives, and
+bad uses of it are answered with one line (issue 10)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import densetomoe
+from conftest import quick_recipe, sample_inputs
+from densetomoe.cli import app
+from densetomoe.errors import UsageError
+from densetomoe.stages import blockwise
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def same_folders(a: Path, b: Path) -> None:
+    """The same tensors under the same names, and the same config."""
+    ta, tb = tensors(a), tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+    ca, cb = (json.loads((f / "config.json").read_text()) for f in (a, b))
+    assert ca == cb
+
+
+CASES = [
+    ("BertForSequenceClassification", "remote-code", {}),
+    ("DistilBertModel", "remote-code", {}),
+    ("llama", "remote-code", {"experts": 3, "shared_experts": 1, "layers": [1]}),
+    ("gpt2", "remote-code", {}),
+    ("llama", "native", {}),
+    ("qwen3", "native", {}),
+]
+
+
+@pytest.mark.parametrize("name,format,settings", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_one_block_at_a_time_writes_what_the_whole_model_in_memory_writes(tiny_models, tiny_decoders, texts_file, tmp_path, name, format, settings):
+    source = tiny_models.get(name) or tiny_decoders[name]
+    outs = {}
+    reports = {}
+    for sequential in (False, True):
+        recipe = quick_recipe(source, texts_file, format=format, sequential=sequential, **settings)
+        outs[sequential] = tmp_path / f"seq-{sequential}"
+        reports[sequential] = densetomoe.convert(recipe, outs[sequential], show_progress=False).report
+    same_folders(outs[False], outs[True])
+    assert reports[False] == reports[True]  # the quick evaluation too, from the two held-out streams
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    model = densetomoe.load(outs[True])
+    inputs = sample_inputs(outs[True])
+    assert torch.isfinite(model(**inputs)[0]).all()
+
+
+def test_a_sharded_source_is_read_and_a_large_output_is_written_in_shards(tiny_decoders, texts_file, tmp_path, monkeypatch):
+    source = tmp_path / "sharded"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_decoders["llama"])
+    model.save_pretrained(source, max_shard_size="20KB")
+    transformers.AutoTokenizer.from_pretrained(tiny_decoders["llama"]).save_pretrained(source)
+    assert (source / blockwise.INDEX_FILE).is_file()
+    monkeypatch.setattr(blockwise, "MAX_SHARD_BYTES", 20_000)
+    out = tmp_path / "moe"
+    densetomoe.convert(quick_recipe(source, texts_file, format="native", sequential=True), out, show_progress=False)
+    index = json.loads((out / blockwise.INDEX_FILE).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and all((out / f).is_file() for f in files)
+    assert sorted(index["weight_map"]) == sorted(tensors(out))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    assert torch.isfinite(reloaded(ids).logits).all()
+
+
+def test_sequential_refuses_what_it_cannot_do_in_one_line(tiny_decoders, texts_file, tmp_path):
+    with pytest.raises(UsageError, match="--out"):
+        densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, sequential=True), None, show_progress=False)
+    with pytest.raises(UsageError, match="densetomoe distill"):
+        quick_recipe(tiny_decoders["llama"], texts_file, sequential=True, distill={"steps": 2})
+    result = CliRunner().invoke(app, ["convert", str(tiny_decoders["llama"]), "--sequential", "--ffn-budget", "0.5", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "top_k instead" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_the_cli_converts_sequentially(tiny_decoders, texts_file, tmp_path):
+    out = tmp_path / "moe"
+    result = CliRunner().invoke(
+        app, ["convert", str(tiny_decoders["llama"]), "--sequential", "--experts", "4", "--top-k", "2", "--calib", str(texts_file),
+              "--calib-tokens", "512", "--out", str(out), "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert densetomoe.Recipe.from_yaml(out / "densetomoe_recipe.yaml", model="x").sequential is True
+
+
+def test_no_more_than_one_block_is_materialised_at_a_time(tiny_decoders, texts_file, tmp_path, monkeypatch):
+    from densetomoe.moe import blocks_of
+
+    in_memory = []
+    load_block = blockwise.load_block
+
+    def counting(model, arch, index, checkpoint, dtype):
+        block = load_block(model, arch, index, checkpoint, dtype)
+        in_memory.append(sum(any(not p.is_meta for p in b.parameters()) for b in blocks_of(model, arch.layers)))
+        return block
+
+    monkeypatch.setattr(blockwise, "load_block", counting)
+    densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, sequential=True), tmp_path / "moe", show_progress=False)
+    assert in_memory == [1, 1]  # two blocks, each alone when loaded
