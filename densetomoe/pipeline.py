@@ -229,6 +229,7 @@ def convert(
     arch, ffn_size, num_layers = dense.arch, dense.ffn_size, dense.num_layers
     check_against_model(recipe, ffn_size, num_layers)
     target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
+    load.check_memory(dense.source, recipe.dtype, copies=2 if recipe.distill is not None else 1)
     dense.load(recipe, log)
     model = dense.model
     clock.lap("load")

@@ -116,3 +116,15 @@ def test_no_more_than_one_block_is_materialised_at_a_time(tiny_decoders, texts_f
     monkeypatch.setattr(blockwise, "load_block", counting)
     densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, sequential=True), tmp_path / "moe", show_progress=False)
     assert in_memory == [1, 1]  # two blocks, each alone when loaded
+
+
+def test_a_model_too_large_for_memory_is_refused_in_one_line_that_names_the_sequential_path(tiny_decoders, tmp_path, monkeypatch):
+    from densetomoe.stages import load
+
+    needed = load.parameter_count(tiny_decoders["llama"]) * 4
+    assert needed == sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(tiny_decoders["llama"]).parameters()) * 4
+    monkeypatch.setattr(load, "available_memory", lambda: needed - 1)
+    out = tmp_path / "moe"
+    result = CliRunner().invoke(app, ["convert", str(tiny_decoders["llama"]), "--experts", "4", "--out", str(out)])
+    assert result.exit_code == 2 and "--sequential" in result.output and "Traceback" not in result.output
+    assert not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,3 +223,41 @@ def load_tokenizer(source: Source):
         return AutoTokenizer.from_pretrained(source.path, **source.files)
     except (OSError, ValueError) as e:
         raise UsageError(f"{source.name} has no usable tokenizer: {str(e).splitlines()[0]}") from None
+
+
+def parameter_count(folder: Path) -> int:
+    """Elements in a folder's safetensors files, read from their headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (``MemAvailable``), or None where it cannot tell."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(source: Source, dtype: str, copies: int = 1) -> None:
+    """Refuse an in-memory conversion that cannot fit, before the OS kills it: ``copies`` full models
+    (2 with a distillation teacher) of a safetensors checkpoint's size in ``dtype``."""
+    available = available_memory()
+    if source.gguf_file or available is None or not any(source.path.glob("*.safetensors")):
+        return
+    needed = parameter_count(source.path) * DTYPES[dtype].itemsize * copies
+    if needed > available:
+        raise UsageError(
+            f"{source.name} needs about {needed / 1e9:.1f} GB in memory as {dtype}"
+            f"{' (the model and its distillation teacher)' if copies > 1 else ''} and {available / 1e9:.1f} GB is available: "
+            "convert it one block at a time with --sequential"
+        )
