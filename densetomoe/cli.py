@@ -255,7 +255,7 @@ def distill_command(
     minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget; training stops at whichever of steps and minutes comes first.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Unlabelled text (.txt, .jsonl, .csv, datasets name). Default: the folder's calibration text.")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, cosine decay).")] = _default("lr", Distill),
-    batch_size: Annotated[int, typer.Option(help="Texts per step (per process under accelerate launch).")] = _default("batch_size", Distill),
+    batch_size: Annotated[int, typer.Option(help="Texts per step (split between the processes under accelerate launch).")] = _default("batch_size", Distill),
     seq_len: Annotated[int, typer.Option(help="Tokens per text; longer ones are cut.")] = _default("seq_len", Distill),
     expert_dropout: Annotated[float, typer.Option(help="Probability of dropping each selected expert per token while training.")] = _default("expert_dropout", Distill),
     train: Annotated[Trainable, typer.Option(help="moe: only experts, routers and corrections learn. all: every weight.")] = _default("train", Distill),

@@ -214,6 +214,7 @@ def convert(
     With ``recipe.distill``, the MoE model is then distilled from the dense one; its checkpoints go
     to ``<out>.checkpoints`` and ``resume`` continues from the latest of them.
     """
+    processes()  # before any Accelerator: see processes()
     if recipe.sequential:
         return convert_sequential(recipe, out, overwrite, show_progress, log)
     clock = _Clock()
@@ -242,15 +243,7 @@ def convert(
         log(f"warning: the calibration text ran out after {stats.tokens:,} of {recipe.calib_tokens:,} tokens")
 
     # partition and route, layer by layer: the split does not depend on top-k
-    activation = archs.activation(dense.config, arch)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps)
-    splits = {}
-    with progress(show_progress) as bar:
-        task = bar.add_task("experts", total=len(layers))
-        for i in layers:
-            splits[i] = split_layer(ffns[i], stats.layers[i], recipe, activation, settings, generator)
-            bar.advance(task)
+    splits = split_layers(ffns, stats, layers, recipe, archs.activation(dense.config, arch), show_progress, log)
     clock.lap("partition+route")
 
     # budget: each layer's top-k, or dense
@@ -346,7 +339,6 @@ def convert_sequential(
     layers = set(recipe.layers) if recipe.layers else set(range(num_layers))
     activation_name = archs.activation(dense.config, arch)
     activation = ACT2FN[activation_name]
-    generator = torch.Generator().manual_seed(recipe.seed)
     settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps)
     modules: dict[int, MoEFeedForward] = {}  # kept on the meta device: their shapes describe the model
     fits = []
@@ -362,7 +354,7 @@ def convert_sequential(
                 if i in layers:
                     ffn = dense_ffn(block, arch, activation)
                     layer_stats = _calibrate_block(block, arch, ffn, calibration, recipe, i, stats.tokens)
-                    split = split_layer(ffn, layer_stats, recipe, activation_name, settings, generator)
+                    split = split_layer(ffn, layer_stats, recipe, activation_name, settings, layer_generator(recipe.seed, i, "split"))
                     module, sample = split.build(recipe.top_k), layer_stats.inputs
                 else:
                     blockwise.run_block(block, calibration)
@@ -481,6 +473,7 @@ def distill(
     """
     from .loading import load as load_moe
 
+    processes()  # before the Accelerator: see processes()
     clock = _Clock()
     source_folder = Path(moe_dir)
     out = Path(out) if out is not None else source_folder
@@ -561,16 +554,57 @@ def _native_from_folder(student, teacher, tokenizer, recipe: Recipe, arch, texts
     return native.to_native(teacher, target, arch.layers, modules, ffns, samples, ffn_size, show_progress)
 
 
-def is_main_process() -> bool:
-    """False in the secondary processes of an ``accelerate launch`` run (True otherwise)."""
+def processes():
+    """accelerate's state of this process (one process unless started by ``accelerate launch``).
+
+    Made here first, so that on a machine without an accelerator the processes of
+    ``accelerate launch --multi_gpu --num_processes N`` talk over gloo on CPU (accelerate's own
+    ``--cpu`` starts a single process unless MPI is set up); distillation's ``Accelerator`` then
+    shares this state.
+    """
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.accelerator.is_available())
+
+
+def is_main_process() -> bool:
+    """False in the secondary processes of an ``accelerate launch`` run (True otherwise)."""
+    return processes().is_main_process
 
 
 def checkpoint_folder(out: Path) -> Path:
     """Where distillation keeps its checkpoints for an output folder ``out``."""
     return out.with_name(out.name + ".checkpoints")
+
+
+def split_layers(
+    ffns: dict[int, DenseFFN],
+    stats: ActivationStats,
+    layers: list[int],
+    recipe: Recipe,
+    activation: str,
+    show_progress: bool,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[int, surgery.LayerSplit]:
+    """Every layer's :func:`split_layer`. Under ``accelerate launch`` the layers are shared out between
+    the processes (layer ``i`` to process ``i mod n``) and the splits gathered back in every process;
+    each layer has its own random stream, so the result does not depend on the number of processes."""
+    state = processes()
+    mine = layers[state.process_index :: state.num_processes]
+    if state.num_processes > 1:
+        log(f"partition and routing: layers shared out between {state.num_processes} processes")
+    settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps)
+    splits = {}
+    with progress(show_progress and state.is_main_process) as bar:
+        task = bar.add_task("experts", total=len(mine))
+        for i in mine:
+            splits[i] = split_layer(ffns[i], stats.layers[i], recipe, activation, settings, layer_generator(recipe.seed, i, "split"))
+            bar.advance(task)
+    if state.num_processes > 1:
+        gathered = [None] * state.num_processes
+        torch.distributed.all_gather_object(gathered, splits)
+        splits = {i: split for part in gathered for i, split in part.items()}
+    return {i: splits[i] for i in layers}
 
 
 def split_layer(

@@ -40,7 +40,7 @@ class Distill(BaseModel):
     data: str | None = Field(None, description="unlabelled training text (as calib); None: the calibration text")
     steps: int | None = Field(300, gt=0, description="optimisation steps; None: until minutes run out")
     minutes: float | None = Field(None, gt=0, description="wall-clock budget; training stops at whichever comes first")
-    batch_size: int = Field(16, gt=0, description="texts per step (per process under accelerate launch)")
+    batch_size: int = Field(16, gt=0, description="texts per step (split between the processes under accelerate launch)")
     seq_len: int = Field(128, ge=8, description="tokens per text, longer ones are cut")
     lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW, warm-up then cosine decay)")
     warmup: int = Field(20, ge=0, description="warm-up steps")

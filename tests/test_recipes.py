@@ -44,3 +44,13 @@ def test_minilm_recipe_runs_end_to_end(minilm, tmp_path):
     figures = json.loads((out / "densetomoe_conversion.json").read_text())
     assert figures["distillation"]["step"] == 3
     assert densetomoe.Recipe.from_yaml(out / "densetomoe_recipe.yaml").distill.minutes == 10
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES[0].parent / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_accelerate_configs_are_what_accelerate_reads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.distributed_type.value in {"NO", "MULTI_GPU", "FSDP"}
+    if config.distributed_type.value == "FSDP":
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"

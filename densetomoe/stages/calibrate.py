@@ -72,10 +72,14 @@ class ActivationStats:
     sequences: int = 0
 
 
-def layer_generator(seed: int, index: int) -> torch.Generator:
-    """The reservoir's random stream for layer ``index``: its own, so that a layer's sample does not
-    depend on the order in which layers are calibrated (all at once, or one block at a time)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+STREAMS = ("sample", "split")  # what a layer draws random numbers for: its calibration sample, its split
+
+
+def layer_generator(seed: int, index: int, stream: str = "sample") -> torch.Generator:
+    """Layer ``index``'s own random stream for ``stream`` (:data:`STREAMS`), so that what a layer draws
+    does not depend on which layers were handled before it, or where: all at once, one block at a
+    time, or shared out between the processes of an ``accelerate launch``."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) * len(STREAMS) + STREAMS.index(stream))
 
 
 class LayerRecorder:

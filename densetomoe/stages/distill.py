@@ -195,14 +195,24 @@ def distill_model(
     ``settings.checkpoint_every`` steps and removed once training has finished.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
     texts = load_texts(settings.data) if settings.data else list(default_texts)
     unseen = set(held_out_texts)
     texts = [t for t in texts if t not in unseen]  # the held-out points must stay held out
     if not texts:
         raise UsageError("distillation has no training text")
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
+    # One batch of ``settings.batch_size`` texts per step, split between the processes of an
+    # ``accelerate launch``: every process takes the same number of steps (uneven shards of a small
+    # text would leave one process waiting in a collective for ever), and N processes train as one.
+    # An expert that no token of a process's share picked has no gradient there: DDP must expect that.
+    accelerator = Accelerator(
+        mixed_precision=settings.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if settings.batch_size % accelerator.num_processes:
+        raise UsageError(f"distillation batch size {settings.batch_size} does not split between {accelerator.num_processes} processes")
     set_seed(seed)
     home = next(student.parameters()).device
     params = trainable(student, settings)
@@ -289,7 +299,7 @@ def distill_model(
                 optimizer.zero_grad(set_to_none=True)
                 history.step += 1
                 history.elapsed += time.perf_counter() - started
-                history.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                history.tokens += int(accelerator.gather(batch["attention_mask"].sum().reshape(1)).sum())
                 for name, value in [("loss", loss), *parts.items()]:
                     window.setdefault(name, []).append(float(value.detach()))
                 if history.step % settings.log_every == 0:

@@ -1,0 +1,80 @@
+"""Under ``accelerate launch`` the layers are shared out between processes and the result is the one
+process's result (issue 10): run for real, two CPU processes talking over gloo."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import densetomoe
+from conftest import quick_recipe
+from densetomoe import folder
+from test_sequential import tensors
+
+pytestmark = pytest.mark.slow
+
+
+def launch(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    if processes == 1:
+        return subprocess.run([sys.executable, "-m", "densetomoe.cli", *args], capture_output=True, text=True, timeout=600)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.is_file():
+        pytest.skip("accelerate's launcher is not installed beside this Python")
+    # --multi_gpu: torchrun's launcher, which starts the processes (they talk over gloo on a machine without GPUs)
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "densetomoe.cli", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def convert_args(source: Path, texts: Path, out: Path, *extra: str) -> list[str]:
+    return ["convert", str(source), "--experts", "4", "--top-k", "2", "--calib", str(texts), "--calib-tokens", "1024",
+            "--out", str(out), "--no-progress", *extra]  # fmt: skip
+
+
+def test_two_processes_convert_what_one_process_converts(tiny_decoders, texts_file, tmp_path):
+    one = tmp_path / "one"
+    densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, sample_tokens=8192, router_steps=400, router_hidden=128), one, show_progress=False)
+    two = tmp_path / "two"
+    run = launch(convert_args(tiny_decoders["llama"], texts_file, two))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "layers shared out between 2 processes" in run.stdout + run.stderr
+    a, b = tensors(one), tensors(two)
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_two_processes_distill_and_write_one_folder(tiny_decoders, texts_file, tmp_path):
+    out = tmp_path / "moe"
+    run = launch(convert_args(tiny_decoders["llama"], texts_file, out, "--distill-steps", "4"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = folder.read_figures(out)
+    assert figures["distillation"]["steps"][-1] == 4
+    assert torch.isfinite(densetomoe.load(out)(torch.tensor([[1, 2, 3, 4]])).logits).all()
+    shutil.rmtree(out)
+
+
+def test_two_processes_distill_as_one_process_does(tiny_decoders, texts_file, tmp_path):
+    """One global batch per step, split in two: the same training as one process, up to how each
+    process normalises its share of the loss."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("distill:\n  steps: 4\n  lr: 0.01\n  warmup: 0\n  eval_texts: 0\n")
+    outs = {}
+    for name, processes, extra in (("untrained", 1, ["--no-distill"]), ("one", 1, []), ("two", 2, [])):
+        outs[name] = tmp_path / name
+        run = launch(convert_args(tiny_decoders["llama"], texts_file, outs[name], "--recipe", str(recipe), *extra), processes)
+        assert run.returncode == 0, run.stderr[-3000:]
+    trained = {n: folder.read_figures(outs[n])["distillation"] for n in ("one", "two")}
+    assert trained["one"]["tokens"] == trained["two"]["tokens"]  # one global batch per step: the same texts
+    untrained, one, two = (tensors(outs[n]) for n in ("untrained", "one", "two"))
+    moved = {n: float((one[n] - untrained[n]).norm()) for n in one}
+    assert max(moved.values()) > 0.1  # training moved the experts and routers
+    # Each process computes the loss on its half (the load-balancing term sees half the tokens), and
+    # Adam's first steps follow the gradient's sign: close, not bit-identical.
+    apart = {n: float((one[n] - two[n]).norm()) / moved[n] for n in one if moved[n] > 0}
+    assert max(apart.values()) < 0.35, sorted(apart.items(), key=lambda kv: -kv[1])[:3]
