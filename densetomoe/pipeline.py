@@ -33,6 +33,7 @@ from .stages.partition import PARTITIONS
 from .stages.router import ROUTERS, RouterSettings
 
 HELD_OUT_TEXTS = 64
+LOGITS_BYTES = 256 * 1024**2  # the most logits one held-out batch may produce (float32)
 
 
 @dataclass
@@ -69,6 +70,13 @@ class Dense:
         self.calibration_texts, self.held_out_texts, self.held_out_separate = split_texts(texts, recipe.seed)
         return self
 
+    def held_out_batches(self, recipe: Recipe) -> list[dict]:
+        """The held-out texts in batches small enough that a batch's logits stay within
+        :data:`LOGITS_BYTES` (a 128k vocabulary gives 1 GB of logits for 16 texts of 128 tokens)."""
+        vocab = getattr(self.config, "vocab_size", 0) or 0
+        size = max(1, min(recipe.batch_size, LOGITS_BYTES // max(4 * recipe.seq_len * vocab, 1)))
+        return list(batches(self.tokenizer, self.held_out_texts, recipe.seq_len, size))
+
     def load(self, recipe: Recipe, log: Callable[[str], None] = lambda message: None) -> Dense:
         """The recipe's text split, the weights, the tokenizer, and the dense outputs on held-out text."""
         self.split(recipe)
@@ -76,7 +84,7 @@ class Dense:
         self.model, self.tokenizer = load.load_model(
             self.source, self.config, recipe.dtype, recipe.allow_pickle, causal_lm=self.arch.decoder
         )
-        held_out = list(batches(self.tokenizer, self.held_out_texts, recipe.seq_len, recipe.batch_size))
+        held_out = self.held_out_batches(recipe)
         self.probe = evaluate.record(self.model, held_out, causal_lm=self.arch.decoder)
         return self
 
@@ -322,13 +330,13 @@ def convert_sequential(
     dtype = load.DTYPES[recipe.dtype]
     cls = load.model_class(dense.config, arch.decoder)
     checkpoint = blockwise.Checkpoint(dense.source.path)
-    frame = blockwise.frame(cls, dense.config, arch, checkpoint, dtype)
+    frame = blockwise.frame(cls, dense.source.path, dense.config, arch, dtype)
     shell = blockwise.skeleton(cls, dense.config).to(dtype)
     dense.tokenizer = data.for_batches(load.load_tokenizer(dense.source))
     calibration = blockwise.capture(
         frame, arch, list(calibration_batches(dense.tokenizer, dense.calibration_texts, recipe.seq_len, recipe.batch_size, recipe.calib_tokens))
     )  # fmt: skip
-    held_out = blockwise.capture(frame, arch, list(batches(dense.tokenizer, dense.held_out_texts, recipe.seq_len, recipe.batch_size)))
+    held_out = blockwise.capture(frame, arch, dense.held_out_batches(recipe))
     converted_stream = held_out.copy()
     masks = calibration.masks()
     stats = ActivationStats(tokens=sum(int(m.sum()) for m in masks), sequences=sum(len(m) for m in masks))

@@ -5,7 +5,8 @@ layer hooked at once. The sequential path (``--sequential``), as GPTQ-style tool
 more than one block:
 
 * :func:`frame` loads what surrounds the blocks (embeddings, final norm, head) into a model of the
-  same class with a single block, whose forward is used twice: up to the first block, to
+  same class with a single block (transformers' own loading, which reads only those tensors), whose
+  forward is used twice: up to the first block, to
   :func:`capture` each batch's hidden states and the keyword arguments every block receives
   (attention mask, rotary embeddings), and after the last block, to :func:`replay` stored final
   hidden states through the norm and head;
@@ -87,30 +88,19 @@ def block_prefix(model: nn.Module, arch: Arch) -> str:
     return f"{base}{arch.layers}."
 
 
-@torch.no_grad()
-def frame(cls: type, config, arch: Arch, checkpoint: Checkpoint, dtype: torch.dtype) -> nn.Module:
-    """The model of class ``cls`` with one block: every tensor outside the blocks loaded from
-    ``checkpoint``, its block left as initialised (it is never used for its weights)."""
-    model = cls(one_block_config(config, arch)).to(dtype).eval()
-    inside = block_prefix(model, arch)
-    state = model.state_dict()
-    for name, tensor in state.items():
-        if name.startswith(inside):
-            continue
-        stored = _in_checkpoint(name, model, checkpoint)
-        if stored is None:
-            if _tied(model, name):
-                continue
-            raise UsageError(f"the checkpoint has no tensor {name!r} for {cls.__name__}")
-        tensor.copy_(checkpoint.get(stored, dtype))
-    model.tie_weights()
-    return model
+def frame(cls: type, folder: Path, config, arch: Arch, dtype: torch.dtype) -> nn.Module:
+    """The model of class ``cls`` with one block, loaded by transformers from ``folder``: every tensor
+    outside the blocks is the checkpoint's, the block is block 0 (only its class and arguments are
+    used). transformers reads only the tensors this small model has, straight into place."""
+    from transformers.utils import logging
 
-
-def _tied(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` is a tied copy (``lm_head.weight`` with tied embeddings)."""
-    out = model.get_output_embeddings()
-    return out is not None and name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the other blocks' tensors are left unread on purpose
+    try:
+        model = cls.from_pretrained(folder, config=one_block_config(config, arch), dtype=dtype)
+    finally:
+        logging.set_verbosity(verbosity)
+    return model.eval()
 
 
 def skeleton(cls: type, config) -> nn.Module:
