@@ -33,7 +33,7 @@ from .stages.partition import PARTITIONS
 from .stages.router import ROUTERS, RouterSettings
 
 HELD_OUT_TEXTS = 64
-LOGITS_BYTES = 256 * 1024**2  # the most logits one held-out batch may produce (float32)
+LOGITS_BYTES = 64 * 1024**2  # the most logits one held-out batch may produce (float32; scoring copies them twice)
 
 
 @dataclass
