@@ -107,7 +107,7 @@ def convert(
     seed: Annotated[int, typer.Option(help="Seed for shuffling, clustering and router training.")] = _default("seed"),
     dtype: Annotated[DType, typer.Option(help="Load the model in float32, bfloat16 or float16.")] = _default("dtype"),
     format: Annotated[FormatName, _explained(FORMATS, "How the folder holds the model.", "--format")] = _default("format"),
-    sequential: Annotated[bool, typer.Option("--sequential/--in-memory", help="Convert one block at a time, reading each block's weights from the safetensors files: peak memory is one block plus the calibration activations, whatever the depth (same result as in memory; not for GGUF sources, --ffn-budget or --distill).")] = _default("sequential"),
+    sequential: Annotated[Optional[bool], typer.Option("--sequential/--in-memory", help="Convert one block at a time, reading each block's weights from the safetensors files: peak memory is one block plus the calibration activations, whatever the depth (the same folder as in memory; not for GGUF sources, --ffn-budget or --distill). Default: one block at a time for decoders of 1B parameters and more.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: ./<model>-moe-<experts>x<top-k>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML; flags given on the command line win over its keys.")] = None,

@@ -97,7 +97,7 @@ class Recipe(BaseModel):
     router_steps: int = Field(400, ge=0, description="optimisation steps per MLP router")
     compensate: bool = Field(True, description="add unselected experts' mean output (training-free correction)")
     layers: list[int] | None = Field(None, description="indices of the layers to convert; None converts all")
-    sequential: bool = Field(False, description="convert one block at a time, reading its weights from the checkpoint: memory stays one block whatever the depth")
+    sequential: bool | None = Field(None, description="convert one block at a time, reading its weights from the checkpoint: memory stays one block whatever the depth; None: for decoders of 1B parameters and more, where the recipe allows")
     seed: int = 0
     dtype: DType = "float32"
     allow_pickle: bool = Field(False, description="accept a checkpoint stored only as pickle (.bin)")
@@ -122,9 +122,9 @@ class Recipe(BaseModel):
             raise ValueError(f"top_k ({self.top_k}) cannot exceed experts ({self.experts})")
         if self.ffn_budget is not None and "top_k" in self.model_fields_set:
             raise ValueError("give top_k or ffn_budget, not both: with ffn_budget each layer's top-k is chosen")
-        if self.sequential and self.distill is not None:
+        if self.sequential is True and self.distill is not None:
             raise ValueError("sequential conversion holds one block at a time and cannot distill: convert, then run densetomoe distill on the folder")
-        if self.sequential and self.ffn_budget is not None:
+        if self.sequential is True and self.ffn_budget is not None:
             raise ValueError("sequential conversion takes one top-k for every layer: use top_k instead of ffn_budget")
         if self.format == "native" and self.dtype == "float16":
             raise ValueError("format native needs dtype float32 or bfloat16: its scaled router weights (~1e-7) underflow in float16")

@@ -128,3 +128,20 @@ def test_a_model_too_large_for_memory_is_refused_in_one_line_that_names_the_sequ
     result = CliRunner().invoke(app, ["convert", str(tiny_decoders["llama"]), "--experts", "4", "--out", str(out)])
     assert result.exit_code == 2 and "--sequential" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_large_decoders_convert_one_block_at_a_time_by_default(tiny_models, tiny_decoders, texts_file, tmp_path, monkeypatch):
+    from densetomoe import pipeline
+
+    monkeypatch.setattr(pipeline, "SEQUENTIAL_FROM", 1)  # every tiny model counts as large
+    cases = {
+        "decoder": (quick_recipe(tiny_decoders["llama"], texts_file), True),
+        "encoder": (quick_recipe(tiny_models["BertModel"], texts_file), False),
+        "distilled": (quick_recipe(tiny_decoders["llama"], texts_file, distill={"steps": 1, "eval_texts": 0}), False),
+        "asked in memory": (quick_recipe(tiny_decoders["llama"], texts_file, sequential=False), False),
+    }
+    for name, (recipe, expected) in cases.items():
+        result = densetomoe.convert(recipe, tmp_path / name.replace(" ", "-"), show_progress=False)
+        assert result.recipe.sequential is expected, name  # the recipe written to the folder says which ran
+    monkeypatch.setattr(pipeline, "SEQUENTIAL_FROM", 10**12)
+    assert pipeline.sequential_by_default(quick_recipe(tiny_decoders["llama"], texts_file)) is False
