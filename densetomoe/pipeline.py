@@ -163,6 +163,7 @@ class Conversion:
             held_out_separate=self.dense.held_out_separate,
             history=self.history,
             native=self.native,
+            seq2seq=self.dense.arch.seq2seq,
         )
 
     def write(self, out: Path, overwrite: bool) -> None:
