@@ -142,3 +142,25 @@ def test_what_encoder_decoders_cannot_do_yet_is_refused(tiny_seq2seq, texts_file
         densetomoe.convert(quick_recipe(folder, texts_file, sequential=True), out=tmp_path / "seq", show_progress=False)
     with pytest.raises(UsageError, match="encoder-decoder"):
         densetomoe.convert(quick_recipe(folder, texts_file, distill={"steps": 1}), show_progress=False)
+
+
+def test_eval_measures_teacher_forced_fidelity(tiny_seq2seq, texts_file, tmp_path):
+    from densetomoe.evaluation import Settings, evaluate
+
+    out = tmp_path / "moe"
+    densetomoe.convert(quick_recipe(tiny_seq2seq["bart"], texts_file, top_k=2), out=out, show_progress=False)
+    suites = []
+    for name, task in (("prose", "embedding"), ("perplexity", "perplexity")):  # the shipped suites' tasks, on 16 texts
+        suites.append(str(tmp_path / f"{name}.yaml"))
+        (tmp_path / f"{name}.yaml").write_text(f"name: wiki-{name}\ntask: {task}\ndata: {{file: {texts_file}}}\nlimit: 16\n")
+    settings = Settings(top_ks=[2, 4], suites=suites, speed=False, fidelity_texts=16)
+    report = evaluate(out, settings, show_progress=False)
+    sweep = {entry["top_k"]: entry for entry in report["sweep"]}
+    exact, sparse = sweep[4]["fidelity"], sweep[2]["fidelity"]
+    assert len(exact["layer_rel_error"]) == 4 and max(exact["layer_rel_error"]) < 1e-4  # encoder 0, 1; decoder 2, 3
+    assert exact["head_agreement"] == 1.0 and exact["perplexity"] == pytest.approx(exact["dense_perplexity"], rel=1e-5)
+    assert sparse["perplexity"] != pytest.approx(sparse["dense_perplexity"], rel=1e-5) and sparse["head_agreement"] < 1.0
+    dense_ppl = report["dense"]["quality"]["wiki-perplexity"]["teacher_forced_perplexity"]
+    assert sweep[4]["quality"]["wiki-perplexity"]["teacher_forced_perplexity"] == pytest.approx(dense_ppl, rel=1e-5)
+    assert sweep[4]["quality"]["wiki-prose"]["cosine_to_dense"] == pytest.approx(1.0, abs=1e-5)
+    assert [layer["layer"] for layer in report["routing"]["layers"]] == [0, 1, 2, 3]
