@@ -28,7 +28,7 @@ from .data import batches, teacher_forced
 from .efficiency import cost, random_inputs, time_models
 from .errors import UsageError
 from .loading import load
-from .metrics import perplexity
+from .metrics import chrf_bleu, perplexity
 from .pipeline import Dense
 from .moe import MoEFeedForward, blocks_of, check_top_k, moe_modules, set_top_k
 from .stages import load as dense_loading
@@ -168,7 +168,25 @@ def _suite_quality(suite: Suite, model, dense, tokenizer, dense_cache: dict) -> 
         if dense_cache.get(suite.name) is None:
             dense_cache[suite.name] = score(dense).value
         return {"perplexity": dense_cache[suite.name]}, {"perplexity": score(model).value}
+    if suite.task == "translation":
+        if not archs.arch_for(dense.config).seq2seq:
+            raise UsageError(f"suite {suite.name} is a translation suite and needs an encoder-decoder model")
+        if dense_cache.get(suite.name) is None:
+            dense_cache[suite.name] = _translate(dense, tokenizer, texts, suite)
+        dense_out, moe_out = dense_cache[suite.name], _translate(model, tokenizer, texts, suite)
+        to_dense = chrf_bleu(moe_out, dense_out)  # how far the MoE's outputs moved from the dense ones
+        return chrf_bleu(dense_out, labels), {**chrf_bleu(moe_out, labels), "chrf_to_dense": to_dense["chrf"], "bleu_to_dense": to_dense["bleu"]}
     raise UsageError(f"suite {suite.name}: unknown task {suite.task!r}")
+
+
+@torch.no_grad()
+def _translate(model: nn.Module, tokenizer, texts: list[str], suite: Suite) -> list[str]:
+    """What ``model`` generates for each source text (greedy, or beam search with ``suite.num_beams``)."""
+    outputs = []
+    for batch in batches(tokenizer, texts, suite.max_length, 16):
+        tokens = model.generate(**batch, max_new_tokens=suite.max_new_tokens, num_beams=suite.num_beams, do_sample=False)
+        outputs += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return outputs
 
 
 @torch.no_grad()

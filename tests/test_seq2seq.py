@@ -164,3 +164,21 @@ def test_eval_measures_teacher_forced_fidelity(tiny_seq2seq, texts_file, tmp_pat
     assert sweep[4]["quality"]["wiki-perplexity"]["teacher_forced_perplexity"] == pytest.approx(dense_ppl, rel=1e-5)
     assert sweep[4]["quality"]["wiki-prose"]["cosine_to_dense"] == pytest.approx(1.0, abs=1e-5)
     assert [layer["layer"] for layer in report["routing"]["layers"]] == [0, 1, 2, 3]
+
+
+def test_eval_translation_suite_scores_chrf_and_bleu(tiny_seq2seq, texts_file, tmp_path):
+    pytest.importorskip("sacrebleu")
+    from densetomoe.evaluation import Settings, evaluate
+
+    out = tmp_path / "moe"
+    densetomoe.convert(quick_recipe(tiny_seq2seq["marian"], texts_file, top_k=2), out=out, show_progress=False)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"en": s, "de": s.upper()}) + "\n" for s in texts_file.read_text().splitlines()[:8]))
+    suite = tmp_path / "en-de.yaml"
+    suite.write_text(f"name: en-de\ntask: translation\ndata: {{file: {pairs}}}\ntext: en\ntarget: de\nmax_new_tokens: 8\n")
+    report = evaluate(out, Settings(top_ks=[2, 4], suites=[str(suite)], speed=False, fidelity_texts=8), show_progress=False)
+    dense = report["dense"]["quality"]["en-de"]
+    sweep = {entry["top_k"]: entry["quality"]["en-de"] for entry in report["sweep"]}
+    assert set(dense) == {"chrf", "bleu"} and set(sweep[2]) == {"chrf", "bleu", "chrf_to_dense", "bleu_to_dense"}
+    assert sweep[4]["chrf_to_dense"] == pytest.approx(100.0) and sweep[4]["chrf"] == pytest.approx(dense["chrf"])
+    assert sweep[2]["chrf_to_dense"] < 100.0  # the test can fail: top-2 of 4 generates something else
