@@ -107,6 +107,7 @@ def test_export_reloads_and_generates_without_densetomoe(tiny_seq2seq, texts_fil
 
     stdout = run_without_densetomoe(f"""
 import torch, transformers
+torch.set_num_threads(1)  # a tiny model: on busy shared cores a second thread costs seconds per call
 case = torch.load({str(tmp_path / "case.pt")!r})
 inputs = case["inputs"]
 def generated(model, beams=1, use_cache=True):
@@ -138,6 +139,8 @@ def test_layers_convert_the_decoder_only(tiny_seq2seq, texts_file):
 
 def test_what_encoder_decoders_cannot_do_yet_is_refused(tiny_seq2seq, texts_file, tmp_path):
     folder = tiny_seq2seq["t5"]
+    with pytest.raises(UsageError, match="native"):
+        densetomoe.convert(quick_recipe(folder, texts_file, format="native"), show_progress=False)
     with pytest.raises(UsageError, match="encoder-decoder"):
         densetomoe.convert(quick_recipe(folder, texts_file, sequential=True), out=tmp_path / "seq", show_progress=False)
     with pytest.raises(UsageError, match="encoder-decoder"):
