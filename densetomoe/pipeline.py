@@ -201,9 +201,9 @@ def check_seq2seq(recipe: Recipe, arch: archs.Arch) -> None:
     """What an encoder-decoder cannot do yet: one block at a time, distillation, the native format."""
     if not arch.seq2seq:
         return
-    refused = [name for name, asked in (("--sequential", recipe.sequential), ("--distill", recipe.distill is not None)) if asked]
+    refused = [name for name, asked in (("--sequential", recipe.sequential), ("distillation", recipe.distill is not None)) if asked]
     if refused:
-        raise UsageError(f"{arch.family} is an encoder-decoder: {' and '.join(refused)} handle decoder-only and encoder models only; convert it without")
+        raise UsageError(f"{arch.family} is an encoder-decoder, and {' and '.join(refused)} works on decoder-only and encoder models only so far")
 
 
 def split_texts(texts: list[str], seed: int) -> tuple[list[str], list[str], bool]:
