@@ -45,6 +45,9 @@ def test_every_seq2seq_family_has_a_table_entry():
         assert (arch.gate is not None) == (name == "t5-gated"), name
     for config_class in ("MT5Config", "UMT5Config", "MBartConfig", "PegasusConfig"):
         assert archs.arch_for(getattr(transformers, config_class)()).seq2seq
+    uneven = transformers.BartConfig(encoder_ffn_dim=64, decoder_ffn_dim=128)  # one expert size serves both stacks
+    with pytest.raises(UsageError, match="must be equal"):
+        archs.ffn_sizes(uneven, archs.arch_for(uneven))
 
 
 def test_layers_are_numbered_over_encoder_then_decoder(tiny_seq2seq):
