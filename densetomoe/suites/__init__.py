@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import UsageError
 
@@ -68,11 +68,15 @@ class Suite(BaseModel):
     description: str = ""
     source: Path | None = None  # the suite file, set when read
 
+    @model_validator(mode="after")
+    def _reference_column(self) -> Suite:
+        if self.task == "translation" and not self.target:
+            raise ValueError("task translation needs `target`, the column holding the reference text")
+        return self
+
     def examples(self) -> tuple[list[str], list[int] | list[str] | None]:
         """The suite's texts (deduplicated, split, limited) and, for classification, class ids; for
         translation, the reference texts."""
-        if self.task == "translation" and not self.target:
-            raise UsageError(f"suite {self.name}: a translation suite names its reference column in `target`")
         rows = _read_rows(self._data_path())
         texts, labels, seen = [], [], set()
         for row in rows:
@@ -144,5 +148,5 @@ def load_suite(name_or_path: str) -> Suite:
     except (yaml.YAMLError, TypeError) as e:
         raise UsageError(f"suite {path} is not valid YAML: {e}") from None
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" if x["loc"] else x["msg"] for x in e.errors())
         raise UsageError(f"suite {path}: {problems}") from None
