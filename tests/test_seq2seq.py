@@ -107,6 +107,9 @@ def test_export_reloads_and_generates_without_densetomoe(tiny_seq2seq, texts_fil
     assert config["auto_map"]["AutoModelForSeq2SeqLM"] == f"modeling_densetomoe.MoE{SEQ2SEQ[name][2]}"
     assert "AutoModelForCausalLM" not in config["auto_map"]  # a decoder-only class has no encoder to convert
     assert isinstance(config["densetomoe"]["layers"], list) and (out / "generation_config.json").is_file()
+    card = (out / "README.md").read_text()
+    task = "translation" if name == "marian" else "text2text-generation"
+    assert f"pipeline_tag: {task}" in card and "AutoModelForSeq2SeqLM.from_pretrained" in card
 
     stdout = run_without_densetomoe(f"""
 import torch, transformers
@@ -188,3 +191,20 @@ def test_eval_translation_suite_scores_chrf_and_bleu(tiny_seq2seq, texts_file, t
     assert set(dense) == {"chrf", "bleu"} and set(sweep[2]) == {"chrf", "bleu", "chrf_to_dense", "bleu_to_dense"}
     assert sweep[4]["chrf_to_dense"] == pytest.approx(100.0) and sweep[4]["chrf"] == pytest.approx(dense["chrf"])
     assert sweep[2]["chrf_to_dense"] < 100.0  # the test can fail: top-2 of 4 generates something else
+
+
+def test_cli_layers_are_indices_over_both_stacks(tiny_seq2seq, texts_file, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from densetomoe.cli import app
+
+    out, folder = tmp_path / "moe", tiny_seq2seq["marian"]
+    args = ["convert", str(folder), "--experts", "4", "--top-k", "2", "--calib", str(texts_file), "--calib-tokens", "512", "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--layers", "1,3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["densetomoe"]["top_k"] == {"1": 2, "3": 2}  # encoder 1, decoder 1
+    result = CliRunner().invoke(app, [*args, "--layers", "one", "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "comma-separated" in result.output and not (tmp_path / "bad").exists()
+    layers = next(p for p in typer.main.get_command(app).commands["convert"].params if p.name == "layers")
+    assert "encoder 0..n-1, then decoder n..n+m-1" in layers.help  # what --help says
