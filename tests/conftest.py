@@ -263,6 +263,10 @@ SEQ2SEQ = {
     "t5-gated": ("T5Config", dict(_T5_SIZES, feed_forward_proj="gated-gelu"), "T5ForConditionalGeneration"),
     "bart": ("BartConfig", _BART_SIZES, "BartForConditionalGeneration"),
     "marian": ("MarianConfig", dict(_BART_SIZES, share_encoder_decoder_embeddings=True), "MarianMTModel"),
+    "mt5": ("MT5Config", dict(_T5_SIZES, feed_forward_proj="gated-gelu"), "MT5ForConditionalGeneration"),
+    "umt5": ("UMT5Config", dict(_T5_SIZES, feed_forward_proj="gated-gelu"), "UMT5ForConditionalGeneration"),
+    "mbart": ("MBartConfig", _BART_SIZES, "MBartForConditionalGeneration"),
+    "pegasus": ("PegasusConfig", _BART_SIZES, "PegasusForConditionalGeneration"),
 }
 
 
