@@ -18,7 +18,10 @@ class Arch:
 
     family: str
     model_types: tuple[str, ...]
-    layers: str  # ModuleList of blocks
+    # The stacks of blocks, in order, each a ModuleList; layer indices run over the stacks in this order
+    # (an encoder-decoder's encoder 0..n-1, then its decoder n..). A ``*`` step stands for each element:
+    # ``encoder.block.*.layer.1`` is the module at ``layer.1`` of each of ``encoder.block``'s blocks.
+    layers: str | tuple[str, ...]
     up: str  # Linear hidden -> d_ff, relative to a block
     down: str  # Linear d_ff -> hidden
     moe_at: str  # the submodule replaced by the MoE feed-forward
@@ -26,12 +29,23 @@ class Arch:
     gate: str | None = None  # Linear hidden -> d_ff of a gated (GLU) FFN
     fused_gate_up: bool = False  # ``up`` is one Linear hidden -> 2 d_ff: gate rows, then up rows (Phi-3)
     hidden_size_key: str = "hidden_size"
-    ffn_size_key: str = "intermediate_size"
+    ffn_size_key: str | tuple[str, ...] = "intermediate_size"  # several: one per stack, all equal
     ffn_size_default: int = 0  # when the config leaves the FFN size unset (GPT-2 ``n_inner``): this x hidden
     activation_key: str = "hidden_act"
-    num_layers_key: str = "num_hidden_layers"
+    num_layers_key: str | tuple[str, ...] = "num_hidden_layers"  # several: one per stack, summed
     decoder: bool = False  # a causal LM: loaded with its LM head, exported with a generation config
+    seq2seq: bool = False  # an encoder-decoder LM: loaded with its LM head, the decoder teacher-forced
+    when: tuple[str, object] | None = None  # (config key, value): the entry applies only where they match
     examples: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def generates(self) -> bool:
+        """A model that generates text with its LM head: a causal LM or an encoder-decoder."""
+        return self.decoder or self.seq2seq
+
+    @property
+    def stacks(self) -> tuple[str, ...]:
+        return (self.layers,) if isinstance(self.layers, str) else self.layers
 
 
 _BERT_LIKE = dict(
@@ -50,6 +64,33 @@ _LLAMA_LIKE = dict(
     down="mlp.down_proj",
     moe_at="mlp",
     decoder=True,
+)
+
+# T5's blocks are lists of sublayers whose last one holds the FFN (encoder: layer.1; decoder: layer.2,
+# after cross-attention); that sublayer is the "block" here and its DenseReluDense becomes the MoE module.
+_T5_LIKE = dict(
+    layers=("encoder.block.*.layer.1", "decoder.block.*.layer.2"),
+    down="DenseReluDense.wo",
+    moe_at="DenseReluDense",
+    hidden_size_key="d_model",
+    ffn_size_key="d_ff",
+    activation_key="dense_act_fn",
+    num_layers_key=("num_layers", "num_decoder_layers"),
+    seq2seq=True,
+)
+
+# Encoder-decoders whose layers compute ``fc2(act(fc1 x))`` in both stacks, as OPT's do.
+_BART_LIKE = dict(
+    layers=("encoder.layers", "decoder.layers"),
+    up="fc1",
+    down="fc2",
+    moe_at="fc1",
+    identity=("activation_fn", "fc2"),
+    hidden_size_key="d_model",
+    ffn_size_key=("encoder_ffn_dim", "decoder_ffn_dim"),
+    activation_key="activation_function",
+    num_layers_key=("encoder_layers", "decoder_layers"),
+    seq2seq=True,
 )
 
 ARCHS: tuple[Arch, ...] = (
@@ -116,6 +157,20 @@ ARCHS: tuple[Arch, ...] = (
         decoder=True,
         examples=("Phi-3-mini", "Phi-4-mini"),
     ),
+    Arch("T5", ("t5", "mt5", "umt5"), up="DenseReluDense.wi", **_T5_LIKE, when=("is_gated_act", False), examples=("t5-small", "t5-base")),
+    Arch(
+        "T5 (gated)",
+        ("t5", "mt5", "umt5"),
+        up="DenseReluDense.wi_1",
+        gate="DenseReluDense.wi_0",
+        **_T5_LIKE,
+        when=("is_gated_act", True),
+        examples=("flan-t5-base", "mt5-small"),
+    ),
+    Arch("BART", ("bart",), **_BART_LIKE, examples=("facebook/bart-base",)),
+    Arch("mBART", ("mbart",), **_BART_LIKE, examples=("facebook/mbart-large-50",)),
+    Arch("Pegasus", ("pegasus",), **_BART_LIKE, examples=("google/pegasus-xsum",)),
+    Arch("Marian", ("marian",), **_BART_LIKE, examples=("Helsinki-NLP/opus-mt-en-de",)),
 )
 
 
@@ -128,7 +183,7 @@ def arch_for(config) -> Arch:
     """The :class:`Arch` entry for a transformers config, or a :class:`UsageError` naming the supported ones."""
     model_type = getattr(config, "model_type", None)
     for arch in ARCHS:
-        if model_type in arch.model_types:
+        if model_type in arch.model_types and (arch.when is None or getattr(config, arch.when[0], None) == arch.when[1]):
             return arch
     raise UsageError(f"model type {model_type!r} is not supported; supported families: {supported()}")
 
@@ -136,14 +191,20 @@ def arch_for(config) -> Arch:
 def ffn_sizes(config, arch: Arch) -> tuple[int, int]:
     """``(hidden_size, ffn_size)`` read from ``config`` through the family's keys."""
     hidden = getattr(config, arch.hidden_size_key)
-    ffn = getattr(config, arch.ffn_size_key, None)
+    keys = (arch.ffn_size_key,) if isinstance(arch.ffn_size_key, str) else arch.ffn_size_key
+    sizes = {getattr(config, key, None) for key in keys}
+    if len(sizes) > 1:
+        raise UsageError(f"the stacks' FFNs differ in size ({', '.join(f'{k}={getattr(config, k)}' for k in keys)}): they must be equal")
+    ffn = sizes.pop()
     if ffn is None and arch.ffn_size_default:
         ffn = arch.ffn_size_default * hidden
     return hidden, ffn
 
 
 def num_layers(config, arch: Arch) -> int:
-    return getattr(config, arch.num_layers_key)
+    """Blocks with an FFN, all stacks together (``--layers`` indices are 0 to this, less 1)."""
+    keys = (arch.num_layers_key,) if isinstance(arch.num_layers_key, str) else arch.num_layers_key
+    return sum(getattr(config, key) for key in keys)
 
 
 def activation(config, arch: Arch) -> str:

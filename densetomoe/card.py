@@ -33,6 +33,7 @@ def render(
     held_out_separate: bool,
     history: History | None = None,
     native: NativeReport | None = None,
+    seq2seq: bool = False,
 ) -> str:
     """The card of a model converted from ``name`` (never a local path) of ``family``, saved as class
     ``head``: ``inherited`` is what the source's card says that this model inherits
@@ -51,12 +52,12 @@ def render(
     meta = {k: v for k, v in meta.items() if v}
     agreement = "n/a (no head)" if q.head_agreement is None else f"{q.head_agreement:.3f}"
     perplexity = (
-        f"| next-token perplexity, dense -> this model | {q.dense_perplexity:.2f} -> {q.perplexity:.2f} |\n"
+        f"| {'teacher-forced' if seq2seq else 'next-token'} perplexity, dense -> this model | {q.dense_perplexity:.2f} -> {q.perplexity:.2f} |\n"
         if q.perplexity is not None
         else ""
     )
     where = "held-out documents of the calibration source" if held_out_separate else "the calibration documents"
-    auto = "AutoModelForCausalLM" if decoder else "AutoModel"
+    auto = "AutoModelForCausalLM" if decoder else "AutoModelForSeq2SeqLM" if seq2seq else "AutoModel"
     layers = "all" if not r.layers else ", ".join(map(str, r.layers))
     nominal = nominal_top_k(top_k)
     per_layer = {i: k for i, k in top_k.items() if k != nominal}

@@ -98,6 +98,7 @@ def convert(
     shared_experts: Annotated[int, typer.Option(help="Always-on experts made of the most important neurons; the FFN splits into experts + shared equal parts.")] = _default("shared_experts"),
     ffn_budget: Annotated[Optional[float], typer.Option(help="Average share of FFN neurons per token over all layers (e.g. 0.5); each layer's top-k, or dense, is then chosen. Replaces --top-k.")] = None,
     budget: Annotated[BudgetName, _explained(BUDGETS, "How --ffn-budget is shared out.")] = _default("budget"),
+    layers: Annotated[Optional[str], typer.Option(help="Comma-separated indices of the FFN layers to convert (e.g. 0,1,5); the others stay dense. Default: all. An encoder-decoder's layers are numbered over both stacks: encoder 0..n-1, then decoder n..n+m-1.", show_default=False)] = None,
     prune: Annotated[float, typer.Option(help="Share of each expert's neurons to remove by activation x weight importance (0 keeps all).")] = _default("prune"),
     distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="Recover quality by distilling from the dense model (settings: --distill-* flags or the recipe's distill: section).", show_default=False)] = None,
     distill_steps: Annotated[Optional[int], typer.Option(help="Distillation steps (implies --distill).")] = None,
@@ -130,6 +131,7 @@ def convert(
             "calib": calib, "calib_tokens": calib_tokens, "compensate": compensate, "seed": seed,
             "dtype": dtype, "allow_pickle": allow_pickle, "shared_experts": shared_experts,
             "ffn_budget": ffn_budget, "budget": budget, "prune": prune, "format": format, "sequential": sequential,
+            "layers": _indices(layers),
         }  # fmt: skip
         given = {k: v for k, v in settings.items() if _given(ctx, k) or k == "model"}
         flags = {"steps": distill_steps, "minutes": distill_minutes, "data": distill_data}
@@ -166,6 +168,18 @@ def _push_converted(out: Path, repo_id: str) -> None:
     except UsageError as e:
         retry = f"densetomoe push {out} --repo-id {repo_id}"
         raise UsageError(f"{e} (the converted folder is in {out}: retry with `{retry}`)") from None
+
+
+def _indices(text: str | None) -> list[int] | None:
+    """``--layers 0,1,5`` as ``[0, 1, 5]``."""
+    from .errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--layers takes comma-separated layer indices (e.g. 0,1,5), got {text!r}") from None
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

@@ -129,6 +129,15 @@ def encode(tokenizer, texts: list[str], seq_len: int):
     return tokenizer(texts, truncation=True, max_length=seq_len, padding=True, padding_side="right", return_tensors="pt")
 
 
+def teacher_forced(batch):
+    """``batch`` with ``labels``: its own tokens, padding ignored (-100). An encoder-decoder LM given
+    ``labels`` feeds its decoder those tokens shifted right (``decoder_start_token_id`` first), so the
+    encoder reads the text and the decoder is teacher-forced on the same text; with right padding the
+    decoder's real positions are the encoder's (``attention_mask``)."""
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
 def for_batches(tokenizer):
     """Give a tokenizer without a padding token (most decoders) its end-of-text token as padding."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -24,15 +24,15 @@ from . import archs
 from . import folder as folders
 from ._version import __version__
 from .console import progress
-from .data import batches
+from .data import batches, teacher_forced
 from .efficiency import cost, random_inputs, time_models
 from .errors import UsageError
 from .loading import load
-from .metrics import perplexity
+from .metrics import chrf_bleu, perplexity
 from .pipeline import Dense
 from .moe import MoEFeedForward, blocks_of, check_top_k, moe_modules, set_top_k
 from .stages import load as dense_loading
-from .stages.evaluate import Probe, active_ffn_share, fidelity, mean_pool, record
+from .stages.evaluate import Probe, active_ffn_share, fidelity, mean_pool, record, scored_tokens, token_nll
 from .suites import Suite, load_suite
 
 SCHEMA = "densetomoe.report/1"
@@ -72,14 +72,38 @@ def routing_summary(counts: torch.Tensor) -> dict:
 
 
 # -- running models on text --------------------------------------------------------------------------
+def _seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def _text_batches(model: nn.Module, tokenizer, texts: list[str], max_length: int, size: int):
+    """:func:`~densetomoe.data.batches`, teacher-forced for an encoder-decoder (its decoder reads the text too)."""
+    for batch in batches(tokenizer, texts, max_length, size):
+        yield teacher_forced(batch) if _seq2seq(model) else batch
+
+
 @torch.no_grad()
 def _pooled(model: nn.Module, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    """Mean-pooled final hidden states of ``texts``, ``(texts, hidden)``."""
+    """Mean-pooled final hidden states of ``texts``, ``(texts, hidden)`` (an encoder-decoder's: its
+    decoder's, teacher-forced on the same text)."""
     pooled = []
-    for batch in batches(tokenizer, texts, max_length, 32):
-        hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
+    for batch in _text_batches(model, tokenizer, texts, max_length, 32):
+        out = model(**batch, output_hidden_states=True)
+        hidden = (out.decoder_hidden_states if _seq2seq(model) else out.hidden_states)[-1].float()
         pooled.append(mean_pool(hidden, batch["attention_mask"].bool()))
     return torch.cat(pooled)
+
+
+@torch.no_grad()
+def _teacher_forced_perplexity(model: nn.Module, tokenizer, texts: list[str], max_length: int) -> float:
+    """An encoder-decoder's perplexity of each text given itself as the source (its decoder
+    teacher-forced): how well the converted decoder still reads what the converted encoder saw."""
+    nll, tokens = 0.0, 0
+    for batch in _text_batches(model, tokenizer, texts, max_length, 32):
+        targets = scored_tokens(batch)
+        nll += token_nll(model(**batch).logits, batch)[targets].sum().item()
+        tokens += int(targets.sum())
+    return math.exp(nll / max(tokens, 1))
 
 
 class RoutingRecorder:
@@ -132,13 +156,37 @@ def _suite_quality(suite: Suite, model, dense, tokenizer, dense_cache: dict) -> 
         cosine = nn.functional.cosine_similarity(moe, dense_cache[suite.name], dim=-1)
         return {"cosine_to_dense": 1.0}, {"cosine_to_dense": float(cosine.mean())}
     if suite.task == "perplexity":
-        if not archs.arch_for(dense.config).decoder:
-            raise UsageError(f"suite {suite.name} measures perplexity and needs a causal language model")
+        arch = archs.arch_for(dense.config)
+        if not arch.generates:
+            raise UsageError(f"suite {suite.name} measures perplexity and needs a causal language model or an encoder-decoder")
+        if arch.seq2seq:
+            score = lambda m: _teacher_forced_perplexity(m, tokenizer, texts, suite.max_length)  # noqa: E731
+            if dense_cache.get(suite.name) is None:
+                dense_cache[suite.name] = score(dense)
+            return {"teacher_forced_perplexity": dense_cache[suite.name]}, {"teacher_forced_perplexity": score(model)}
         score = lambda m: perplexity(m, tokenizer, texts, suite.window, suite.stride, max_tokens=suite.max_tokens)  # noqa: E731
         if dense_cache.get(suite.name) is None:
             dense_cache[suite.name] = score(dense).value
         return {"perplexity": dense_cache[suite.name]}, {"perplexity": score(model).value}
+    if suite.task == "translation":
+        if not archs.arch_for(dense.config).seq2seq:
+            raise UsageError(f"suite {suite.name} is a translation suite and needs an encoder-decoder model")
+        if dense_cache.get(suite.name) is None:
+            dense_cache[suite.name] = _translate(dense, tokenizer, texts, suite)
+        dense_out, moe_out = dense_cache[suite.name], _translate(model, tokenizer, texts, suite)
+        to_dense = chrf_bleu(moe_out, dense_out)  # how far the MoE's outputs moved from the dense ones
+        return chrf_bleu(dense_out, labels), {**chrf_bleu(moe_out, labels), "chrf_to_dense": to_dense["chrf"], "bleu_to_dense": to_dense["bleu"]}
     raise UsageError(f"suite {suite.name}: unknown task {suite.task!r}")
+
+
+@torch.no_grad()
+def _translate(model: nn.Module, tokenizer, texts: list[str], suite: Suite) -> list[str]:
+    """What ``model`` generates for each source text (greedy, or beam search with ``suite.num_beams``)."""
+    outputs = []
+    for batch in batches(tokenizer, texts, suite.max_length, 16):
+        tokens = model.generate(**batch, max_new_tokens=suite.max_new_tokens, num_beams=suite.num_beams, do_sample=False)
+        outputs += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return outputs
 
 
 @torch.no_grad()
@@ -155,13 +203,16 @@ def _predict(model, tokenizer, texts: list[str], suite: Suite) -> torch.Tensor:
 def _fidelity(model, probe: Probe, on_batch=None) -> dict:
     """The report's fidelity entry: :func:`densetomoe.stages.evaluate.fidelity` on the suite's texts."""
     f = fidelity(model, probe, on_batch)
-    return {
+    entry = {
         "texts": f.texts,
         "tokens": f.tokens,
         "layer_rel_error": [round(x, 5) for x in f.layer_rel_error],
         "pooled_cosine": f.embedding_cosine,
         "head_agreement": f.head_agreement,
     }
+    if f.perplexity is not None:  # an encoder-decoder's, teacher-forced on the probe's texts
+        entry["dense_perplexity"], entry["perplexity"] = f.dense_perplexity, f.perplexity
+    return entry
 
 
 def _weights_mb(model: nn.Module) -> float:
@@ -202,7 +253,7 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
     fidelity_texts = (suites[0].examples()[0] if suites else [])[: settings.fidelity_texts]
     if not fidelity_texts:
         raise UsageError("fidelity needs text: give at least one --suite")
-    probe = record(dense, list(batches(tokenizer, fidelity_texts, settings.seq_len, 32)), all_layers=True)
+    probe = record(dense, list(_text_batches(dense, tokenizer, fidelity_texts, settings.seq_len, 32)), causal_lm=arch.seq2seq, all_layers=True)
     dense_cost = cost(dense, settings.seq_len, ffn_linears)
     dense_cache: dict = {}
     report = {
@@ -270,6 +321,8 @@ def _speed(dense: nn.Module, model: nn.Module, settings: Settings) -> dict:
     result = {}
     for name, batch in (("throughput", settings.batch), ("latency", 1)):
         inputs = random_inputs(vocab, batch, settings.seq_len)
+        if _seq2seq(dense):
+            inputs = teacher_forced(inputs)
         t = time_models({"dense": dense, "moe": model}, inputs, repeats=settings.repeats)
         result[name] = {
             "batch": f"{batch}x{settings.seq_len}",

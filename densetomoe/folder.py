@@ -45,6 +45,8 @@ TASKS = {
     "ForMaskedLM": "fill-mask",
     "ForPreTraining": "fill-mask",
     "ForCausalLM": "text-generation",
+    "ForConditionalGeneration": "text2text-generation",
+    "MTModel": "translation",  # Marian
     "ForSequenceClassification": "text-classification",
     "ForTokenClassification": "token-classification",
     "ForQuestionAnswering": "question-answering",
@@ -64,6 +66,7 @@ AUTO_CLASSES = {
     "AutoModelForPreTraining": modeling_auto.MODEL_FOR_PRETRAINING_MAPPING_NAMES,
     "AutoModelForMaskedLM": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "AutoModelForSeq2SeqLM": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     "AutoModelForTokenClassification": modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
     "AutoModelForQuestionAnswering": modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
@@ -77,12 +80,15 @@ WriteFn = Callable[[nn.Module, Path], None]
 FORMATS: Registry[WriteFn] = Registry("format")
 
 
-def auto_map(model_type: str) -> dict[str, str]:
+def auto_map(model_type: str, encoder_decoder: bool = False) -> dict[str, str]:
     """``auto_map`` entries: the config and every head class the family has (so a bare encoder loads
-    as a classifier for fine-tuning, and a fine-tuned folder reloads through its own head)."""
+    as a classifier for fine-tuning, and a fine-tuned folder reloads through its own head). An
+    encoder-decoder's decoder-only ``...ForCausalLM`` is left out: it has no encoder to convert."""
     entries = {"AutoConfig": CONFIG_MAPPING_NAMES[model_type]}
     for auto, names in AUTO_CLASSES.items():
         name = names.get(model_type)
+        if encoder_decoder and auto == "AutoModelForCausalLM":
+            continue
         if isinstance(name, str):
             entries[auto] = name
     return {auto: f"{Path(MODELING_FILE).stem}.{moe.CLASS_PREFIX}{name}" for auto, name in entries.items()}
@@ -99,7 +105,7 @@ def moe_config(model: nn.Module):
         settings.pop(key, None)
     config = cls(**settings)
     config.architectures = [moe.CLASS_PREFIX + dense_model]
-    config.auto_map = auto_map(dense_config.model_type)
+    config.auto_map = auto_map(dense_config.model_type, getattr(config, "is_encoder_decoder", False))
     return config
 
 

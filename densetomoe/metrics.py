@@ -87,3 +87,19 @@ def perplexity(
         begin += stride
     mean = total / scored
     return Perplexity(math.exp(mean), mean, scored, windows, window, stride, add_bos)
+
+
+def chrf_bleu(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus chrF (Popovic 2015: F-score of character n-grams, n <= 6, beta = 2) and BLEU (Papineni et
+    al. 2002; 13a tokenisation), 0-100, of ``hypotheses`` against one reference each, as sacrebleu
+    computes them (its default settings, so the figures compare with published ones)."""
+    try:
+        import sacrebleu
+    except ImportError:
+        from .errors import UsageError
+
+        raise UsageError("translation suites score with sacrebleu: pip install sacrebleu") from None
+    return {
+        "chrf": float(sacrebleu.corpus_chrf(hypotheses, [references]).score),
+        "bleu": float(sacrebleu.corpus_bleu(hypotheses, [references]).score),
+    }

@@ -12,7 +12,8 @@ How a converted checkpoint is described
   common per-layer top-k; ``from_pretrained(..., num_experts_per_tok=4)`` sets every layer to 4.
 * ``densetomoe``: the :class:`Structure`, so that this file needs no table of architectures::
 
-      {"layers": "encoder.layer",        # ModuleList of transformer blocks, relative to base_model
+      {"layers": "encoder.layer",        # ModuleList of transformer blocks, relative to base_model;
+                                         # a list of them for an encoder-decoder (see blocks_of)
        "moe_at": "intermediate",         # the submodule that becomes the MoE feed-forward
        "identity": ["output.dense"],     # submodules whose work the MoE module now does
        "hidden_size": 384, "expert_size": 192, "activation": "gelu",
@@ -309,7 +310,7 @@ def _tracing() -> bool:
 class Structure:
     """Where a model's MoE feed-forwards sit, their shape, and each one's top-k (``config.densetomoe``)."""
 
-    layers: str  # ModuleList of transformer blocks, relative to base_model
+    layers: str | list[str]  # ModuleList(s) of transformer blocks, relative to base_model (see blocks_of)
     moe_at: str  # the submodule of a block that becomes the MoE feed-forward
     identity: list[str]  # submodules of a block whose work the MoE module now does
     hidden_size: int
@@ -383,10 +384,18 @@ def record_structure(config, structure: Structure, num_experts: int) -> None:
     config.router_aux_loss_coef = getattr(config, "router_aux_loss_coef", ROUTER_AUX_LOSS_COEF)
 
 
-def blocks_of(model: nn.Module, layers: str) -> list[nn.Module]:
-    """The transformer blocks of ``model`` (a base model or a model with a head) at path ``layers``."""
+def blocks_of(model: nn.Module, layers: str | list[str] | tuple[str, ...]) -> list[nn.Module]:
+    """The transformer blocks of ``model`` (a base model or a model with a head) at path ``layers``:
+    one ModuleList, or several (an encoder's, then a decoder's) whose blocks are numbered on in order.
+    A ``*`` step stands for each element of the ModuleList before it: ``encoder.block.*.layer.1`` is
+    the sublayer ``layer.1`` of every block of ``encoder.block`` (T5)."""
     base = getattr(model, "base_model", model)
-    return list(base.get_submodule(layers))
+    blocks = []
+    for stack in [layers] if isinstance(layers, str) else layers:
+        outer, _, inner = stack.partition(".*.")
+        elements = list(base.get_submodule(outer))
+        blocks += [element.get_submodule(inner) for element in elements] if inner else elements
+    return blocks
 
 
 def replace_ffn(block: nn.Module, moe_at: str, identity: list[str], module: nn.Module) -> None:

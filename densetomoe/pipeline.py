@@ -76,7 +76,8 @@ class Dense:
         :data:`LOGITS_BYTES` (a 128k vocabulary gives 1 GB of logits for 16 texts of 128 tokens)."""
         vocab = getattr(self.config, "vocab_size", 0) or 0
         size = max(1, min(recipe.batch_size, LOGITS_BYTES // max(4 * recipe.seq_len * vocab, 1)))
-        return list(batches(self.tokenizer, self.held_out_texts, recipe.seq_len, size))
+        held_out = list(batches(self.tokenizer, self.held_out_texts, recipe.seq_len, size))
+        return [data.teacher_forced(b) for b in held_out] if self.arch.seq2seq else held_out
 
     def load(self, recipe: Recipe, log: Callable[[str], None] = lambda message: None) -> Dense:
         """The recipe's text split, the weights, the tokenizer, and the dense outputs on held-out text."""
@@ -86,7 +87,7 @@ class Dense:
             self.source, self.config, recipe.dtype, recipe.allow_pickle, causal_lm=self.arch.decoder
         )
         held_out = self.held_out_batches(recipe)
-        self.probe = evaluate.record(self.model, held_out, causal_lm=self.arch.decoder)
+        self.probe = evaluate.record(self.model, held_out, causal_lm=self.arch.generates)
         return self
 
 
@@ -163,6 +164,7 @@ class Conversion:
             held_out_separate=self.dense.held_out_separate,
             history=self.history,
             native=self.native,
+            seq2seq=self.dense.arch.seq2seq,
         )
 
     def write(self, out: Path, overwrite: bool) -> None:
@@ -194,6 +196,15 @@ class Conversion:
             from .report import FIGURE_LOSS, loss_figure
 
             loss_figure(self.history.as_dict(), staging / FIGURE_LOSS)
+
+
+def check_seq2seq(recipe: Recipe, arch: archs.Arch) -> None:
+    """What an encoder-decoder cannot do yet: one block at a time, distillation, the native format."""
+    if not arch.seq2seq:
+        return
+    refused = [name for name, asked in (("--sequential", recipe.sequential), ("distillation", recipe.distill is not None)) if asked]
+    if refused:
+        raise UsageError(f"{arch.family} is an encoder-decoder, and {' and '.join(refused)} works on decoder-only and encoder models only so far")
 
 
 def split_texts(texts: list[str], seed: int) -> tuple[list[str], list[str], bool]:
@@ -240,6 +251,7 @@ def convert(
     dense = Dense.describe(recipe.model, recipe.allow_pickle)
     arch, ffn_size, num_layers = dense.arch, dense.ffn_size, dense.num_layers
     check_against_model(recipe, ffn_size, num_layers)
+    check_seq2seq(recipe, arch)
     target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
     load.check_memory(dense.source, recipe.dtype, copies=2 if recipe.distill is not None else 1)
     dense.load(recipe, log)
@@ -340,6 +352,7 @@ def convert_sequential(
         raise UsageError("--sequential reads safetensors tensor by tensor, and transformers reads a GGUF file whole: convert it without --sequential")
     arch, ffn_size, num_layers = dense.arch, dense.ffn_size, dense.num_layers
     check_against_model(recipe, ffn_size, num_layers)
+    check_seq2seq(recipe, arch)
     target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
     dense.split(recipe)
     log(f"{dense.source.name}: {arch.family}, {num_layers} layers, FFN {ffn_size}, one block at a time")
@@ -525,6 +538,7 @@ def distill(
 
     dense = Dense.describe(base or folder.recorded_base(source_folder), recipe.allow_pickle).load(recipe, log)
     teacher, arch = dense.model, dense.arch
+    check_seq2seq(recipe, arch)
     student = load_moe(source_folder)
     clock.lap("load")
     converted = [m for m in student.modules() if isinstance(m, MoEFeedForward)]  # their shapes give the costs

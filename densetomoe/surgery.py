@@ -152,7 +152,7 @@ def structure(arch: Arch, modules: dict[int, moe.MoEFeedForward]) -> moe.Structu
     converted, as ``config.densetomoe`` records it for :func:`densetomoe.moe.install_moe`."""
     first = next(iter(modules.values()))
     return moe.Structure(
-        layers=arch.layers,
+        layers=arch.layers if isinstance(arch.layers, str) else list(arch.layers),
         moe_at=arch.moe_at,
         identity=list(arch.identity),
         hidden_size=first.hidden_size,

@@ -245,3 +245,58 @@ def run_without_densetomoe(script: str, timeout: int = 300) -> str:
     run = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
+
+
+# -- encoder-decoders ----------------------------------------------------------------------------------
+# T5's and Marian's special tokens and ids (padding 0, also the decoder's start; end of text 1), and
+# BART's beginning of text: id 3 here.
+SEQ2SEQ_SPECIAL = ["<pad>", "</s>", "<unk>", "<s>"]
+_SEQ2SEQ_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=3, decoder_start_token_id=0)
+_BART_SIZES = dict(
+    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+    encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256, init_std=0.2, forced_eos_token_id=1, **_SEQ2SEQ_IDS,
+)  # fmt: skip
+_T5_SIZES = dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, **_SEQ2SEQ_IDS)
+# Encoder-decoder LMs: name -> (config class, settings, LM class). Hidden 32, 2 + 2 layers, FFN 64.
+SEQ2SEQ = {
+    "t5": ("T5Config", dict(_T5_SIZES, feed_forward_proj="relu"), "T5ForConditionalGeneration"),
+    "t5-gated": ("T5Config", dict(_T5_SIZES, feed_forward_proj="gated-gelu"), "T5ForConditionalGeneration"),
+    "bart": ("BartConfig", _BART_SIZES, "BartForConditionalGeneration"),
+    "marian": ("MarianConfig", dict(_BART_SIZES, share_encoder_decoder_embeddings=True), "MarianMTModel"),
+    "mt5": ("MT5Config", dict(_T5_SIZES, feed_forward_proj="gated-gelu"), "MT5ForConditionalGeneration"),
+    "umt5": ("UMT5Config", dict(_T5_SIZES, feed_forward_proj="gated-gelu"), "UMT5ForConditionalGeneration"),
+    "mbart": ("MBartConfig", _BART_SIZES, "MBartForConditionalGeneration"),
+    "pegasus": ("PegasusConfig", _BART_SIZES, "PegasusForConditionalGeneration"),
+}
+
+
+def seq2seq_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB) -> transformers.PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer that ends each text with ``</s>``, as T5's and Marian's sentencepiece
+    tokenizers do (no sentencepiece model is trained here: the conversion only needs the ids)."""
+    from tokenizers import processors
+
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SEQ2SEQ_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer, len(texts))
+    bpe.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    pad, eos, unk, bos = SEQ2SEQ_SPECIAL
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=pad, eos_token=eos, unk_token=unk, bos_token=bos)
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq(tmp_path_factory) -> dict[str, Path]:
+    """``{name: folder}`` for every model in :data:`SEQ2SEQ`: random weights, a byte-level BPE tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_seq2seq")
+    tokenizer = seq2seq_tokenizer(default_corpus())
+    folders = {}
+    for name, (config_class, settings, class_name) in SEQ2SEQ.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_class)(vocab_size=len(tokenizer), **settings)
+        if config_class == "MarianConfig":
+            config.decoder_vocab_size = len(tokenizer)
+        getattr(transformers, class_name)(config).eval().save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        folders[name] = root / name
+    return folders

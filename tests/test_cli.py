@@ -34,8 +34,8 @@ def assert_clean_failure(result, message, out=None):
 
 @pytest.fixture
 def unsupported_model(tmp_path):
-    folder = tmp_path / "t5"
-    transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2).save_pretrained(folder)
+    folder = tmp_path / "gpt_neox"  # (T5, the example until issue 12, is supported now)
+    transformers.GPTNeoXConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(folder)
     return folder
 
 
@@ -74,7 +74,7 @@ def test_folder_that_is_not_a_model(tmp_path):
 def test_unsupported_architecture_lists_the_supported_ones(unsupported_model, tmp_path):
     out = tmp_path / "out"
     result = invoke("convert", unsupported_model, "--out", out)
-    assert_clean_failure(result, "model type 't5' is not supported", out)
+    assert_clean_failure(result, "model type 'gpt_neox' is not supported", out)
     assert "BERT" in result.output and "DistilBERT" in result.output
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..archs import Arch
 from ..console import progress
-from ..data import batches
+from ..data import batches, teacher_forced
 from ..ffn import DenseFFN
 from ..moe import blocks_of
 
@@ -143,6 +143,8 @@ def calibrate(
         with progress(show_progress) as bar:
             task = bar.add_task("calibrating", total=tokens)
             for batch in calibration_batches(tokenizer, texts, seq_len, batch_size, tokens):
+                if arch.seq2seq:  # the decoder's FFNs see the same text, teacher-forced
+                    batch = teacher_forced(batch)
                 mask["tokens"] = batch["attention_mask"].bool().to(device)
                 model(**{k: v.to(device) for k, v in batch.items()})
                 stats.tokens += int(batch["attention_mask"].sum())

