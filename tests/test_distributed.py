@@ -3,6 +3,7 @@ process's result (issue 10): run for real, two CPU processes talking over gloo."
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,15 +21,16 @@ pytestmark = pytest.mark.slow
 
 
 def launch(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores: one thread each
     if processes == 1:
-        return subprocess.run([sys.executable, "-m", "densetomoe.cli", *args], capture_output=True, text=True, timeout=600)
+        return subprocess.run([sys.executable, "-m", "densetomoe.cli", *args], capture_output=True, text=True, timeout=600, env=env)
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.is_file():
         pytest.skip("accelerate's launcher is not installed beside this Python")
     # --multi_gpu: torchrun's launcher, which starts the processes (they talk over gloo on a machine without GPUs)
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "densetomoe.cli", *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
 def convert_args(source: Path, texts: Path, out: Path, *extra: str) -> list[str]:
