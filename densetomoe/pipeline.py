@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import shutil
@@ -28,7 +27,7 @@ from .moe import MoEFeedForward, blocks_of, moe_modules, replace_ffn, structure_
 from .recipe import Distill, Recipe, check_against_model
 from .stages import blockwise, budget, evaluate, export, load, native
 from .stages.calibrate import ActivationStats, LayerRecorder, LayerStats, calibrate, calibration_batches, layer_generator
-from .stages.distill import History, distill_model
+from .stages.distill import History, dense_teacher, distill_model, share_frozen
 from .stages.partition import PARTITIONS
 from .stages.router import ROUTERS, RouterSettings
 
@@ -278,11 +277,12 @@ def convert(
         clock.lap("budget")
         log("per-layer top-k: " + ", ".join(f"{i}:{'dense' if k is None else k}" for i, k in plan.items()))
 
+    # the teacher, made before the student changes the dense model (or is built on its parameters)
+    teacher = dense_teacher(model, recipe.distill) if recipe.distill is not None else None
     native_report = None
-    if target is not None:  # a new native model; the dense one stays as it is (the teacher, if distilling)
+    if target is not None:  # a new native model, built on the dense one's parameters
         native.check_plan(plan, recipe.experts)
         samples = {i: stats.layers[i].inputs for i in modules}
-        teacher = model
         model, native_report = native.to_native(
             model, target, arch.layers, modules, {i: ffns[i] for i in modules}, samples, ffn_size, show_progress
         )
@@ -290,8 +290,7 @@ def convert(
         if not native_report.llama_cpp:
             log(f"note: layers {', '.join(map(str, native_report.mlp_only_layers))} stay dense (mlp_only_layers): "
                 "transformers and vLLM run this folder, llama.cpp (every layer MoE) does not")  # fmt: skip
-    else:  # swap in place; keep the dense model as the teacher when distilling
-        teacher = copy.deepcopy(model) if recipe.distill is not None else None
+    else:  # swap in place (the teacher keeps the dense FFNs swapped out)
         surgery.swap_in(model, arch, modules)
     dense.model = None  # the converted model (or the teacher) holds what is still needed
 
@@ -546,6 +545,8 @@ def distill(
     if format == "native" and was != "native":
         student, native_report = _native_from_folder(student, teacher, dense.tokenizer, recipe, arch, dense.calibration_texts, show_progress)
         clock.lap("native")
+    teacher = share_frozen(teacher, student, settings)  # no second copy of what the student does not train
+    dense.model = None  # the teacher and the student hold what is still needed
     history = distill_model(
         student, teacher, dense.tokenizer, settings, arch, dense.calibration_texts, dense.held_out_texts,
         workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,

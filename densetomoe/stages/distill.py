@@ -19,6 +19,15 @@ the loss?) and the router loss, which keeps it ranking experts by what they actu
 the experts change. A straight-through gate was chosen over learned gate weights because gate
 weights change the function the experts were cut from and must first be learned back to 1.
 
+The teacher holds no second copy of what the student does not train. With ``train: moe`` (the
+default) attention, embeddings, norms and the layers left dense are frozen, so teacher and student
+share them: :func:`dense_teacher` makes the teacher before conversion changes the dense model, as a
+second module tree over the very same parameters, and keeps the dense FFNs that the MoE modules
+replace; :func:`share_frozen` does the same for a teacher loaded apart from its student. Memory is
+one model plus its dense FFNs, not two models. With ``train: all`` every weight learns and the
+teacher is a full copy; :func:`distill_model` refuses a teacher that shares a weight the student
+trains.
+
 Training runs through ``accelerate``: one CPU process by default, the same code under
 ``accelerate launch`` on several GPUs or machines, mixed precision where the hardware has it.
 Budgets are steps and/or wall-clock minutes; checkpoints (``accelerate`` state plus the loss history)
@@ -27,6 +36,7 @@ let ``resume`` continue an interrupted run with the same budget.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -158,6 +168,72 @@ def trainable(model: nn.Module, settings: Distill) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def dense_teacher(dense: nn.Module, settings: Distill) -> nn.Module:
+    """The frozen teacher of a student about to be made from ``dense``: call it *before* conversion
+    swaps MoE modules into ``dense`` (remote code) or builds the native model on its parameters.
+
+    ``train: moe``: a second module tree over the very same parameters (``deepcopy`` with every
+    parameter in its memo: modules, buffers and config are copied, no weight is). The student keeps
+    the attention, embeddings, norms and dense layers it shares with the teacher, frozen; the
+    teacher alone then holds the dense FFNs that the MoE modules replace. Sharing the ``Parameter``
+    objects, not just their storage, keeps the two one model wherever they go: ``.to(device)``
+    replaces a parameter's data in place, so moving the student to a GPU moves the teacher's shared
+    weights too, and moving the teacher after it moves nothing twice.
+
+    This was chosen over swapping the dense FFNs back into the student for each teacher forward:
+    the teacher stays an ordinary module with its own eval mode and no student surgery mid-step
+    (an ``accelerate``-wrapped student, an exception in the forward), and :func:`distill_model`
+    treats every teacher alike. Both cost the same memory.
+
+    ``train: all``: a full copy, since the student trains every weight and the teacher must not move.
+    """
+    if settings.train == "all":
+        return copy.deepcopy(dense)
+    return copy.deepcopy(dense, memo={id(p): p for p in dense.parameters()})
+
+
+def share_frozen(teacher: nn.Module, student: nn.Module, settings: Distill) -> nn.Module:
+    """``teacher``, loaded apart from ``student`` (``densetomoe distill`` on a folder), sharing with it
+    exactly what the student will not train.
+
+    ``train: moe``: each teacher parameter that equals the student's parameter of the same name
+    (shape, dtype, device and every value) outside the MoE layers becomes that very parameter, and
+    the teacher's own copy is freed; whatever differs (a folder trained with ``train: all``, another
+    dtype) keeps its own copy, so the teacher stays the dense model. ``train: all``: a teacher that
+    shares any parameter with the student (a native model built on the dense one's parameters) gets
+    its own copy.
+    """
+    if settings.train == "all":
+        trained = {_storage(p) for p in student.parameters()}
+        return copy.deepcopy(teacher) if any(_storage(p) in trained for p in teacher.parameters()) else teacher
+    learning = {id(p) for m in moe_blocks(student) for p in m.parameters()}
+    theirs = {name: p for name, p in student.named_parameters(remove_duplicate=False) if id(p) not in learning}
+    for name, param in list(teacher.named_parameters(remove_duplicate=False)):  # tied names each
+        other = theirs.get(name)
+        if other is not None and other is not param and _equal(param, other):
+            owner, _, leaf = name.rpartition(".")
+            setattr(teacher.get_submodule(owner), leaf, other)
+    return teacher
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _check_apart(teacher: nn.Module, params: list[nn.Parameter]) -> None:
+    """The teacher must not move as the student trains: it may share no weight the student trains."""
+    trained = {_storage(p) for p in params}
+    if any(_storage(p) in trained for p in teacher.parameters()):
+        raise ValueError(
+            "the teacher shares weights that the student trains (train: all needs a teacher of its own: "
+            "make it with dense_teacher() before conversion, or share_frozen())"
+        )
+
+
 def _tokenize(tokenizer, seq_len: int):
     """A DataLoader collate function: the batches that calibration and evaluation use."""
     return lambda texts: dict(encode(tokenizer, texts, seq_len))
@@ -190,6 +266,9 @@ def distill_model(
 ) -> History:
     """Train ``student`` in place to match ``teacher``; returns the loss history.
 
+    ``teacher`` is frozen and put in eval mode here; it may share any weight the student does not
+    train (:func:`dense_teacher`, :func:`share_frozen`), and none that it does.
+
     ``default_texts`` are used when ``settings.data`` is None; ``held_out_texts`` give the held-out
     points of the curve and are removed from the training text. With ``workdir``, checkpoints are written there every
     ``settings.checkpoint_every`` steps and removed once training has finished.
@@ -216,6 +295,7 @@ def distill_model(
     set_seed(seed)
     home = next(student.parameters()).device
     params = trainable(student, settings)
+    _check_apart(teacher, params)
     moe_modules = moe_blocks(student)
     if not moe_modules:
         raise UsageError("the model has no MoE layers to distill")

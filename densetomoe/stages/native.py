@@ -302,8 +302,18 @@ def to_native(
     ffn_size: int,
     show_progress: bool = True,
 ) -> tuple[nn.Module, NativeReport]:
-    """The native MoE model for ``dense`` (left unchanged) with ``modules`` at their block indices;
-    ``ffns`` and ``samples`` are the converted layers' dense FFNs and calibration FFN inputs."""
+    """The native MoE model for ``dense`` with ``modules`` at their block indices; ``ffns`` and
+    ``samples`` are the converted layers' dense FFNs and calibration FFN inputs.
+
+    The native model is built on ``dense``'s own parameters: its attention, embeddings, norms and
+    dense layers *are* the dense model's ``Parameter`` objects (nothing is allocated for them, not even
+    at construction), so only the experts, the zero q/k/v biases and an untied head are new memory.
+    ``dense`` is left unchanged, but training those shared weights changes it: a teacher that must
+    stay dense while they train is a copy (:func:`~densetomoe.stages.distill.dense_teacher`). The
+    folder ``save_pretrained`` writes holds only the native model's own tensors, so the sharing
+    never reaches it."""
+    from accelerate import init_empty_weights
+
     from ..console import progress
 
     top_k = next(iter(modules.values())).top_k
@@ -316,7 +326,7 @@ def to_native(
     state = {}
     prefix = f"model.{layers_attr}."
     blocks: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in dense.state_dict().items():
+    for name, tensor in dense.state_dict(keep_vars=True).items():  # the Parameters themselves, to be shared
         if name.startswith(prefix):
             index, rest = name[len(prefix) :].split(".", 1)
             blocks.setdefault(int(index), {})[rest] = tensor
@@ -331,8 +341,12 @@ def to_native(
             if fit is not None:
                 fits.append(fit)
                 bar.advance(task)
-    model = AutoModelForCausalLM.from_config(config, dtype=dense.dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    head = state.get("lm_head.weight")
+    if head is not None and not config.tie_word_embeddings and head is state.get("model.embed_tokens.weight"):
+        state["lm_head.weight"] = nn.Parameter(head.detach().clone())  # tied in the dense model, apart here
+    with init_empty_weights():  # parameters on the meta device: every one is assigned below
+        model = AutoModelForCausalLM.from_config(config, dtype=dense.dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:  # a mapping bug, not bad input
         raise RuntimeError(f"native weights do not match {target.model_type}: missing {missing[:4]}, unexpected {unexpected[:4]}")
