@@ -15,7 +15,8 @@ round and each cancelled cycle (plus a sort of ``n`` prices): a 28,672-neuron la
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -42,7 +43,21 @@ def balanced_assign(similarity: torch.Tensor) -> torch.Tensor:
     if k == 1:
         return torch.zeros(n, dtype=torch.long)
     benefit = similarity.double()  # (n, k): differences of float32 inputs are exact in float64
-    return cancel_exchange_cycles(benefit, auction_assign(benefit))
+    with one_thread():
+        return cancel_exchange_cycles(benefit, auction_assign(benefit))
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block. The assignment makes thousands of small ops on
+    ``(n, k)`` tensors: a second thread gains nothing there, and on a busy machine each parallel op
+    waits milliseconds for a free core (30x slower in all on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def auction_assign(
