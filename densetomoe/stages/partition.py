@@ -43,12 +43,12 @@ def balanced_assign(similarity: torch.Tensor) -> torch.Tensor:
     if k == 1:
         return torch.zeros(n, dtype=torch.long)
     benefit = similarity.double()  # (n, k): differences of float32 inputs are exact in float64
-    with one_thread():
+    with _one_thread():
         return cancel_exchange_cycles(benefit, auction_assign(benefit))
 
 
 @contextmanager
-def one_thread() -> Iterator[None]:
+def _one_thread() -> Iterator[None]:
     """Run torch on one thread inside the block. The assignment makes thousands of small ops on
     ``(n, k)`` tensors: a second thread gains nothing there, and on a busy machine each parallel op
     waits milliseconds for a free core (30x slower in all on 2 shared cores)."""
