@@ -39,7 +39,7 @@ from ..moe import blocks_of
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MAX_SHARD_BYTES = 2 * 1024**3  # a shard is closed once it holds this much (whole blocks: it may hold more)
+MAX_SHARD_BYTES = 512 * 1024**2  # a shard is written once it holds this much (whole blocks): what waits in memory
 
 
 class Checkpoint:
