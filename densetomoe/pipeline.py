@@ -408,7 +408,7 @@ def convert_sequential(
                             mlp_only = [j for j in range(num_layers) if j not in layers]
                             native_shell = _native_shell(dense.config, target, ffn_size, module, mlp_only)
                         blockwise.release(block)
-                        block = _materialise(native_shell, arch, i, state, dtype)
+                        block = blockwise.materialise(native_shell, arch, i, state, dtype)
                 blockwise.run_block(block, converted_stream)
                 names = shell if target is None or module is None else native_shell  # whose checkpoint names to write
                 writer.add(blockwise.as_saved(names, {f"{prefix}{i}.{name}": t.to(dtype) for name, t in state.items()}))
@@ -478,14 +478,6 @@ def _native_shell(config, target, ffn_size: int, module: MoEFeedForward, mlp_onl
         native_config.tie_word_embeddings = False
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(native_config).to(module.w_up.dtype).eval()
-
-
-def _materialise(model: nn.Module, arch: archs.Arch, index: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    """Block ``index`` of the meta ``model`` with ``state`` as its weights."""
-    block = blocks_of(model, arch.layers)[index]
-    block.to_empty(device="cpu")
-    block.load_state_dict({name: t.to(dtype) for name, t in state.items()})
-    return block.to(dtype)
 
 
 def distill(

@@ -53,9 +53,6 @@ class Checkpoint:
         if not self.files:
             raise UsageError(f"--sequential reads safetensors weights, and {folder} has none")
 
-    def names(self) -> list[str]:
-        return list(self.files)
-
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         with safe_open(self.files[name], "pt") as f:
             return f.get_tensor(name).to(dtype)
@@ -112,16 +109,22 @@ def skeleton(cls: type, config) -> nn.Module:
 @torch.no_grad()
 def load_block(model: nn.Module, arch: Arch, index: int, checkpoint: Checkpoint, dtype: torch.dtype) -> nn.Module:
     """Block ``index`` of the meta ``model``, materialised with its weights from ``checkpoint``."""
-    block = blocks_of(model, arch.layers)[index]
     prefix = f"{block_prefix(model, arch)}{index}."
-    block.to_empty(device="cpu")
     state = {}
-    for name in block.state_dict():
+    for name in blocks_of(model, arch.layers)[index].state_dict():
         stored = _in_checkpoint(prefix + name, model, checkpoint)
         if stored is None:
             raise UsageError(f"the checkpoint has no tensor {prefix + name!r}")
         state[name] = checkpoint.get(stored, dtype)
-    block.load_state_dict(state)
+    return materialise(model, arch, index, state, dtype)
+
+
+@torch.no_grad()
+def materialise(model: nn.Module, arch: Arch, index: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """Block ``index`` of the meta ``model`` with ``state`` (block-relative names) as its weights."""
+    block = blocks_of(model, arch.layers)[index]
+    block.to_empty(device="cpu")
+    block.load_state_dict({name: t.to(dtype) for name, t in state.items()})
     return block.to(dtype)
 
 
