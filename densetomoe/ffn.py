@@ -15,6 +15,8 @@ from torch import nn
 
 from .archs import Arch
 
+CHUNK = 1024  # tokens per step wherever a whole sample's activations, (tokens, d_ff), need not exist at once
+
 
 @dataclass
 class DenseFFN:
@@ -55,7 +57,16 @@ class DenseFFN:
     def importance(self, x: torch.Tensor) -> torch.Tensor:
         """Each neuron's mean contribution to the output on inputs ``x``: mean |a_j| x ||W_down[:, j]||
         (activation x weight importance, as MoEBERT uses to rank neurons), ``(d_ff,)``."""
-        return self.neurons(x).abs().mean(0) * self.w_down.norm(dim=0)
+        total = sum(self.neurons(part).abs().sum(0) for part in x.split(CHUNK))
+        return total / len(x) * self.w_down.norm(dim=0)
+
+    def abs_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """``|a|`` transposed, ``(d_ff, tokens)``, built a chunk of tokens at a time (one copy in memory)."""
+        out = x.new_empty(self.size, len(x), dtype=torch.float32)
+        for start in range(0, len(x), CHUNK):
+            part = x[start : start + CHUNK]
+            out[:, start : start + len(part)] = self.neurons(part).abs().T
+        return out
 
     def contributions(self, x: torch.Tensor, labels: torch.Tensor, experts: int) -> torch.Tensor:
         """Each expert's output ``(tokens, experts, hidden)`` under neuron->expert ``labels``."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import moe
 from .archs import Arch
-from .ffn import DenseFFN, expert_members
+from .ffn import CHUNK, DenseFFN, expert_members
 
 
 @dataclass
@@ -63,10 +63,15 @@ def skip_means(
     top-k routing drops; it is zero at ``top_k == experts`` and keeps the dense equivalence exact.
     """
     with torch.no_grad():
-        y = ffn.contributions(sample, labels, experts)  # (tokens, experts, hidden)
-        chosen = router(sample).topk(top_k, dim=-1).indices  # (tokens, top_k)
-        skipped = torch.ones(len(sample), experts).scatter_(1, chosen, 0.0)  # (tokens, experts)
-        return (skipped.unsqueeze(-1) * y).sum(0) / skipped.sum(0).clamp_min(1).unsqueeze(-1)
+        total = torch.zeros(experts, ffn.w_down.shape[0])
+        count = torch.zeros(experts)
+        for part in sample.split(CHUNK):
+            y = ffn.contributions(part, labels, experts)  # (tokens, experts, hidden)
+            chosen = router(part).topk(top_k, dim=-1).indices  # (tokens, top_k)
+            skipped = torch.ones(len(part), experts).scatter_(1, chosen, 0.0)  # (tokens, experts)
+            total += torch.einsum("te,teh->eh", skipped, y)
+            count += skipped.sum(0)
+        return total / count.clamp_min(1).unsqueeze(-1)
 
 
 def shared_neurons(ffn: DenseFFN, sample: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

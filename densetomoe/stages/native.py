@@ -42,9 +42,9 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..errors import UsageError
-from ..ffn import DenseFFN
+from ..ffn import CHUNK, DenseFFN
 from ..moe import MoEFeedForward
-from .refit import relative_error, ridge_down
+from .refit import NormalEquations
 
 ROUTER_SPREAD = 2.0**-6  # largest logit spread of a token after scaling: softmax uniform to ~2%, ranks kept in float32
 ALL_EXPERTS_SPREAD = 2.0**-14  # ... at top_k == experts, where no ranking is needed: uniform to ~1e-4
@@ -191,20 +191,16 @@ def native_layer(
     coef = routing_weights(x @ gate.T, k, target.renormalises)  # (tokens, experts)
     scale = k if target.renormalises else experts  # 1 / the (uniform) weight of a selected expert
     with torch.no_grad():
-        acts = module._neurons(x, slice(None)).float().reshape(len(x), experts, size)  # (tokens, experts, size)
-        features = [(acts * coef.unsqueeze(-1)).reshape(len(x), -1)]
         down = [scale * module.w_down.detach().float().reshape(-1, module.hidden_size).T]  # (hidden, experts*size)
         tensors = {
             "mlp.gate.weight": gate,
             "mlp.experts.gate_up_proj": torch.cat([module.w_gate, module.w_up], dim=1).detach().float(),
         }
+        shared_gate = torch.full((1, module.hidden_size), SHARED_GATE)
         if target.shared_expert:
-            shared_gate = torch.full((1, module.hidden_size), SHARED_GATE)
             tensors["mlp.shared_expert_gate.weight"] = shared_gate
             if module.shared_size:
                 up, gate_w = module.shared_up.detach().float(), module.shared_gate.detach().float()
-                sigmoid = torch.sigmoid(x @ shared_gate.T)  # (tokens, 1)
-                features.append(sigmoid * module.act(x @ gate_w.T) * (x @ up.T))
                 down.append(2.0 * module.shared_down.detach().float().T)  # (hidden, shared)
                 tensors["mlp.shared_expert.gate_proj.weight"] = gate_w
                 tensors["mlp.shared_expert.up_proj.weight"] = up
@@ -213,15 +209,22 @@ def native_layer(
                 tensors["mlp.shared_expert.gate_proj.weight"] = empty
                 tensors["mlp.shared_expert.up_proj.weight"] = empty.clone()
                 tensors["mlp.shared_expert.down_proj.weight"] = empty.T.clone()
-        z = torch.cat(features, dim=1)  # (tokens, routed + shared neurons)
+        with_shared = target.shared_expert and module.shared_size
         initial = torch.cat(down, dim=1)  # (hidden, routed + shared neurons)
-        y = dense.neurons(x) @ dense.w_down.T  # (tokens, hidden): what the dense FFN outputs
-        before = relative_error(z @ initial.T, y)
-        refit = ridge_down(z, y, initial, RIDGE) if k < experts else initial
-        after = relative_error(z @ refit.T, y)
+        equations = NormalEquations(initial.shape[1], module.hidden_size)
+        for part, part_coef in zip(x.split(CHUNK), coef.split(CHUNK)):  # the features, a chunk of tokens at a time
+            acts = module._neurons(part, slice(None)).float().reshape(len(part), experts, size)
+            features = [(acts * part_coef.unsqueeze(-1)).reshape(len(part), -1)]
+            if with_shared:
+                sigmoid = torch.sigmoid(part @ shared_gate.T)  # (tokens, 1)
+                features.append(sigmoid * module.act(part @ gate_w.T) * (part @ up.T))
+            y = dense.neurons(part) @ dense.w_down.T  # (tokens, hidden): what the dense FFN outputs
+            equations.add(torch.cat(features, dim=1), y)
+        refit = equations.solve(initial, RIDGE) if k < experts else initial
+        before, after = equations.error(initial), equations.error(refit)
         routed = experts * size
         tensors["mlp.experts.down_proj"] = refit[:, :routed].reshape(module.hidden_size, experts, size).permute(1, 0, 2).contiguous()
-        if target.shared_expert and module.shared_size:
+        if with_shared:
             tensors["mlp.shared_expert.down_proj.weight"] = refit[:, routed:].contiguous()
     return tensors, LayerFit(before, after)
 

@@ -193,13 +193,17 @@ def cancel_exchange_cycles(benefit: torch.Tensor, labels: torch.Tensor, tol: flo
             labels[item[source, to]] = to
 
 
-def balanced_kmeans(features: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 12) -> torch.Tensor:
+def balanced_kmeans(
+    features: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 12, in_place: bool = False
+) -> torch.Tensor:
     """Spherical k-means with equal cluster sizes over the rows of ``features`` ``(n, f)``.
 
-    Rows are unit-normalised, similarity is the cosine, and each assignment step is
+    Rows are unit-normalised (``in_place``: in ``features`` itself, a float32 tensor the caller no
+    longer needs, so that no copy exists), similarity is the cosine, and each assignment step is
     :func:`balanced_assign`; starts from ``k`` rows picked by k-means++ seeding.
     """
-    x = torch.nn.functional.normalize(features.float(), dim=1)  # (n, f)
+    x = features if in_place else features.float().clone()
+    x.div_(x.norm(dim=1, keepdim=True).clamp_min(1e-12))  # (n, f)
     n = x.shape[0]
     first = int(torch.randint(n, (1,), generator=generator))
     centroids = [x[first]]
@@ -231,8 +235,8 @@ def by_coactivation(ffn: DenseFFN, stats: LayerStats, experts: int, generator: t
     spherical k-means groups neurons whose large activations fall on the same tokens, so a token's
     activation mass concentrates in few experts.
     """
-    activations = ffn.neurons(stats.inputs).abs()  # (samples, d_ff)
-    return balanced_kmeans(activations.T, experts, generator)
+    activations = ffn.abs_activations(stats.inputs)  # (d_ff, samples)
+    return balanced_kmeans(activations, experts, generator, in_place=True)
 
 
 @PARTITIONS.register("parameters", "neurons with similar input weights share an expert (balanced k-means on weight rows)")
