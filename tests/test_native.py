@@ -15,7 +15,7 @@ import densetomoe
 from conftest import DECODERS, quick_recipe, run_without_densetomoe, slow_except
 from densetomoe.cli import app
 from densetomoe.stages import native
-from densetomoe.stages.refit import relative_error, ridge_down
+from densetomoe.stages.refit import NormalEquations, relative_error, ridge_down
 
 NATIVE = {"llama": "qwen2_moe", "mistral": "qwen2_moe", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 PROMPTS = ["The river floods every spring because", "Markets fell sharply on Monday after"]
@@ -129,6 +129,22 @@ def test_ridge_down_solves_an_exact_system_and_pulls_towards_the_initial_weights
     # with a huge ridge the answer is the initial weights
     initial = torch.randn(6, 24)
     assert torch.allclose(ridge_down(z, y, initial, ridge=1e9), initial, atol=1e-4)
+
+
+def test_normal_equations_give_the_errors_of_the_fit_from_their_sums_alone():
+    torch.manual_seed(0)
+    z, y = torch.randn(700, 40), torch.randn(700, 6)
+    initial = torch.randn(6, 40)
+    equations = NormalEquations(40, 6)
+    for part_z, part_y in zip(z.split(128), y.split(128)):  # chunks, as a layer's tokens come
+        equations.add(part_z, part_y)
+    assert equations.error(initial) == pytest.approx(relative_error(z @ initial.T, y), rel=1e-6)
+    fitted = equations.solve(initial, ridge=0.1)  # the Gram matrix now holds its Cholesky factor
+    assert equations.error(fitted) == pytest.approx(relative_error(z @ fitted.T, y), rel=1e-6)
+    assert equations.error(initial) == pytest.approx(relative_error(z @ initial.T, y), rel=1e-6)
+    assert equations.error(fitted) < equations.error(initial)
+    with pytest.raises(RuntimeError, match="solved"):
+        equations.add(z, y)
 
 
 def test_router_scale_keeps_the_ranking_and_flattens_the_softmax():

@@ -39,7 +39,7 @@ from ..moe import blocks_of
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MAX_SHARD_BYTES = 512 * 1024**2  # a shard is written once it holds this much (whole blocks): what waits in memory
+MAX_SHARD_BYTES = 512 * 1024**2  # the most a shard holds (whole blocks; one larger block alone): what waits in memory
 
 
 class Checkpoint:
@@ -238,11 +238,14 @@ class ShardWriter:
         self.total = 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Queue ``tensors`` (a block's, say); what waits is written first if they would take it past
+        the shard size, so at most one shard's worth (or one block, if larger) waits in memory."""
+        incoming = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending_bytes + incoming > self.max_shard_bytes:
+            self._flush()
         for name, tensor in tensors.items():
             self.pending[name] = tensor.detach().contiguous().clone()  # no storage shared with the model
-            self.pending_bytes += tensor.numel() * tensor.element_size()
-        if self.pending_bytes >= self.max_shard_bytes:
-            self._flush()
+        self.pending_bytes += incoming
 
     def _flush(self) -> None:
         if not self.pending:

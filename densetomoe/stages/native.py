@@ -220,8 +220,9 @@ def native_layer(
                 features.append(sigmoid * module.act(part @ gate_w.T) * (part @ up.T))
             y = dense.neurons(part) @ dense.w_down.T  # (tokens, hidden): what the dense FFN outputs
             equations.add(torch.cat(features, dim=1), y)
+        before = equations.error(initial)
         refit = equations.solve(initial, RIDGE) if k < experts else initial
-        before, after = equations.error(initial), equations.error(refit)
+        after = equations.error(refit)
         routed = experts * size
         tensors["mlp.experts.down_proj"] = refit[:, :routed].reshape(module.hidden_size, experts, size).permute(1, 0, 2).contiguous()
         if with_shared:

@@ -22,38 +22,52 @@ import torch
 
 class NormalEquations:
     """The sums a least-squares fit of ``targets ~ features W^T`` needs, gathered a chunk of tokens at a
-    time, so that the ``(tokens, neurons)`` feature matrix never exists whole: ``Z^T Z``, ``Z^T Y`` and
-    ``||Y||^2``. Products are summed in float32 per chunk (twice as fast as float64: at 8,192 neurons
-    the Gram matrix is most of a layer's refit time) and accumulated in float64."""
+    time, so that the ``(tokens, neurons)`` feature matrix never exists whole: ``G = Z^T Z``,
+    ``C = Z^T Y`` and ``||Y||^2``. Products are computed in float32 per chunk (twice as fast as
+    float64: at 8,192 neurons the Gram matrix is most of a layer's refit time) and summed in float64.
+
+    Memory is the float64 Gram matrix, once: :meth:`solve` factorises it in place (512 MB at 8,192
+    neurons), and :meth:`error` works before and after."""
 
     def __init__(self, neurons: int, outputs: int):
-        self.gram = torch.zeros(neurons, neurons, dtype=torch.float64)
+        self.gram = torch.zeros(neurons, neurons, dtype=torch.float64)  # G, or after solve() the factor L of G + ridge I
         self.cross = torch.zeros(neurons, outputs, dtype=torch.float64)
         self.target_norm2 = 0.0
+        self.ridge = None  # the lambda of solve(), once the Gram matrix holds its factor
 
     def add(self, features: torch.Tensor, targets: torch.Tensor) -> None:
         """``features`` ``(tokens, neurons)``, ``targets`` ``(tokens, outputs)``."""
+        if self.ridge is not None:
+            raise RuntimeError("the equations were solved: nothing can be added")
         z, y = features.float(), targets.float()
-        self.gram += (z.T @ z).double()
-        self.cross += (z.T @ y).double()
+        self.gram.add_(z.T @ z)  # summed in float64 without a float64 copy of the product
+        self.cross.add_(z.T @ y)
         self.target_norm2 += float(y.double().square().sum())
 
     def solve(self, initial: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
-        """``argmin_W ||Y - Z W^T||^2 + lambda ||W - initial||^2`` in float64 (Cholesky: the system is
-        symmetric positive definite), ``initial`` ``(outputs, neurons)``; returned in its dtype. The
-        ridge keeps the system well conditioned (solutions agree with an all-float64 refit to ~1e-7)."""
-        gram = self.gram.clone()
-        lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-        gram.diagonal().add_(lam)
-        factor = torch.linalg.cholesky(gram)
-        solution = torch.cholesky_solve(self.cross + lam * initial.double().T, factor)  # (neurons, outputs)
+        """``argmin_W ||Y - Z W^T||^2 + lambda ||W - initial||^2``, ``lambda = ridge * mean(diag G)``,
+        ``initial`` ``(outputs, neurons)``; returned in its dtype. Solved in float64 by a Cholesky
+        factorisation (the ridged system is symmetric positive definite, and well conditioned:
+        solutions agree with an all-float64 refit to ~1e-7)."""
+        if self.ridge is not None:
+            raise RuntimeError("the equations were solved already")
+        lam = ridge * float(self.gram.diagonal().mean().clamp_min(1e-12))
+        self.gram.diagonal().add_(lam)
+        torch.linalg.cholesky_ex(self.gram, out=(self.gram, torch.empty((), dtype=torch.int32)))  # in place: L, lower
+        self.ridge = lam
+        solution = torch.cholesky_solve(self.cross + lam * initial.double().T, self.gram)  # (neurons, outputs)
         return solution.T.to(initial.dtype).contiguous()
 
     def error(self, weights: torch.Tensor) -> float:
         """``||Z W^T - Y|| / ||Y||`` over the tokens added, from the sums alone (no second pass):
-        ``||Z W^T - Y||^2 = tr(W G W^T) - 2 tr(W C) + ||Y||^2``."""
+        ``||Z W^T - Y||^2 = tr(W G W^T) - 2 tr(W C) + ||Y||^2``, where after :meth:`solve`
+        ``tr(W G W^T) = ||W L||^2 - lambda ||W||^2``."""
         w = weights.double()
-        residual = float(((w @ self.gram) * w).sum() - 2 * (w * self.cross.T).sum()) + self.target_norm2
+        if self.ridge is None:
+            quadratic = float(((w @ self.gram) * w).sum())
+        else:
+            quadratic = float((w @ self.gram).square().sum()) - self.ridge * float(w.square().sum())
+        residual = quadratic - 2 * float((w * self.cross.T).sum()) + self.target_norm2
         return max(residual, 0.0) ** 0.5 / max(self.target_norm2, 1e-60) ** 0.5
 
 
