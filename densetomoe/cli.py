@@ -95,6 +95,7 @@ def convert(
     calib: Annotated[Optional[str], typer.Option(help="Calibration text: .txt (a document per line), .jsonl, .csv, or a datasets name NAME\\[:CONFIG]\\[@SPLIT]. Default: embedded Wikipedia sample.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to run through the dense model.")] = _default("calib_tokens"),
     compensate: Annotated[bool, typer.Option(help="Add each unselected expert's mean output (training-free correction).")] = _default("compensate"),
+    refit: Annotated[Optional[bool], typer.Option("--refit/--no-refit", help="Refit the experts' down projections by least squares to the dense FFN's output on the calibration tokens, under the routing inference uses (training-free, closed form; the folder is then tuned for its top-k, and all experts no longer give the dense model exactly). Default: on for decoder LMs.", show_default=False)] = None,
     shared_experts: Annotated[int, typer.Option(help="Always-on experts made of the most important neurons; the FFN splits into experts + shared equal parts.")] = _default("shared_experts"),
     ffn_budget: Annotated[Optional[float], typer.Option(help="Average share of FFN neurons per token over all layers (e.g. 0.5); each layer's top-k, or dense, is then chosen. Replaces --top-k.")] = None,
     budget: Annotated[BudgetName, _explained(BUDGETS, "How --ffn-budget is shared out.")] = _default("budget"),
@@ -128,7 +129,7 @@ def convert(
 
         settings = {
             "model": model, "experts": experts, "top_k": top_k, "partition": partition, "router": router,
-            "calib": calib, "calib_tokens": calib_tokens, "compensate": compensate, "seed": seed,
+            "calib": calib, "calib_tokens": calib_tokens, "compensate": compensate, "refit": refit, "seed": seed,
             "dtype": dtype, "allow_pickle": allow_pickle, "shared_experts": shared_experts,
             "ffn_budget": ffn_budget, "budget": budget, "prune": prune, "format": format, "sequential": sequential,
             "layers": _indices(layers),

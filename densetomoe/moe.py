@@ -157,14 +157,16 @@ class MoEFeedForward(nn.Module):
             b_gate = None if self.b_gate is None else self.b_gate.reshape(-1)
         return self.act(nn.functional.linear(x, w_gate, b_gate)) * h
 
-    def _shared(self, x: torch.Tensor) -> torch.Tensor:
-        """The always-on shared expert's output ``(tokens, hidden)``."""
+    def _shared_neurons(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations of the always-on shared expert's neurons ``(tokens, shared_size)``."""
         h = nn.functional.linear(x, self.shared_up, self.shared_b_up)
         if self.gated:
-            h = self.act(nn.functional.linear(x, self.shared_gate, self.shared_b_gate)) * h
-        else:
-            h = self.act(h)
-        return h @ self.shared_down
+            return self.act(nn.functional.linear(x, self.shared_gate, self.shared_b_gate)) * h
+        return self.act(h)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The always-on shared expert's output ``(tokens, hidden)``."""
+        return self._shared_neurons(x) @ self.shared_down
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """Indices of each token's ``top_k`` experts, ``(tokens, top_k)``."""

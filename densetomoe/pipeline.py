@@ -234,8 +234,7 @@ def convert(
     to ``<out>.checkpoints`` and ``resume`` continues from the latest of them.
     """
     processes()  # before any Accelerator: see processes()
-    if recipe.sequential is None:
-        recipe = recipe.model_copy(update={"sequential": sequential_by_default(recipe)})
+    recipe = with_model_defaults(recipe)
     if recipe.sequential:
         return convert_sequential(recipe, out, overwrite, show_progress, log)
     clock = _Clock()
@@ -314,17 +313,25 @@ def convert(
     return result
 
 
-def sequential_by_default(recipe: Recipe) -> bool:
-    """Whether a recipe that leaves ``sequential`` unset converts one block at a time: for decoders of
-    :data:`SEQUENTIAL_FROM` parameters and more, from safetensors, when nothing asks for the whole
-    model (distillation, a sensitivity budget). One block at a time gives the same folder in less
-    memory, and was no slower on SmolLM2 (README, Large models)."""
-    if recipe.distill is not None or recipe.ffn_budget is not None:
-        return False
+def with_model_defaults(recipe: Recipe) -> Recipe:
+    """``recipe`` with the settings it leaves to the model (None) decided:
+
+    * ``sequential``: one block at a time for decoders of :data:`SEQUENTIAL_FROM` parameters and more,
+      from safetensors, when nothing asks for the whole model (distillation, a sensitivity budget).
+      One block at a time gives the same folder in less memory, and was no slower on SmolLM2
+      (README, Large models);
+    * ``refit``: on for decoder LMs, where training-free conversion loses most (README, Measured).
+    """
+    if recipe.sequential is not None and recipe.refit is not None:
+        return recipe
     dense = Dense.describe(recipe.model, recipe.allow_pickle)
-    if not dense.arch.decoder or dense.source.gguf_file:
-        return False
-    return load.parameter_count(dense.source.path) >= SEQUENTIAL_FROM
+    decided = {}
+    if recipe.sequential is None:
+        big = dense.arch.decoder and not dense.source.gguf_file and load.parameter_count(dense.source.path) >= SEQUENTIAL_FROM
+        decided["sequential"] = big and recipe.distill is None and recipe.ffn_budget is None
+    if recipe.refit is None:
+        decided["refit"] = dense.arch.decoder
+    return recipe.model_copy(update=decided)
 
 
 def convert_sequential(
@@ -641,8 +648,10 @@ def split_layers(
 def split_layer(
     ffn: DenseFFN, stats: LayerStats, recipe: Recipe, activation: str, settings: RouterSettings, generator: torch.Generator
 ) -> surgery.LayerSplit:
-    """Shared expert out, the rest partitioned into experts (pruned if asked), and the router trained."""
-    sample = stats.inputs
+    """Shared expert out, the rest partitioned into experts (pruned if asked), and the router trained;
+    the experts' down projections are refit to the whole ``ffn`` when the split is built (a native
+    export refits its own way)."""
+    sample, whole = stats.inputs, ffn
     shared = None
     if recipe.shared_experts:
         shared_idx, routed_idx = surgery.shared_neurons(ffn, sample, recipe.shared_experts * expert_size(ffn.size, recipe.experts, recipe.shared_experts))
@@ -652,7 +661,8 @@ def split_layer(
         keep = expert_size(ffn.size, recipe.experts, prune=recipe.prune)
         labels = surgery.prune_experts(labels, ffn.importance(sample), recipe.experts, keep)
     router = ROUTERS[recipe.router](ffn, stats, labels, recipe.experts, settings, generator)
-    return surgery.LayerSplit(ffn, labels, router, recipe.experts, activation, sample if recipe.compensate else None, shared)
+    refit_to = whole if recipe.refit and recipe.format != "native" else None
+    return surgery.LayerSplit(ffn, labels, router, recipe.experts, activation, sample, shared, recipe.compensate, refit_to)
 
 
 def plan_layers(

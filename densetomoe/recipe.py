@@ -96,6 +96,7 @@ class Recipe(BaseModel):
     router_hidden: int = Field(128, ge=0, description="hidden width of the MLP router")
     router_steps: int = Field(400, ge=0, description="optimisation steps per MLP router")
     compensate: bool = Field(True, description="add unselected experts' mean output (training-free correction)")
+    refit: bool | None = Field(None, description="refit the experts' down projections (and the unselected experts' means) by least squares to the dense FFN output on the calibration tokens, under the routing inference uses; None: for decoder LMs. A refit folder is tuned for its top-k")
     layers: list[int] | None = Field(None, description="indices of the layers to convert; None converts all. An encoder-decoder's run over both stacks: encoder 0..n-1, then decoder n..")
     sequential: bool | None = Field(None, description="convert one block at a time, reading its weights from the checkpoint: memory stays one block whatever the depth; None: for decoders of 1B parameters and more, where the recipe allows")
     seed: int = 0

@@ -12,6 +12,7 @@ from torch import nn
 from . import moe
 from .archs import Arch
 from .ffn import CHUNK, DenseFFN, expert_members
+from .stages.refit import refit_experts
 
 
 @dataclass
@@ -23,8 +24,10 @@ class LayerSplit:
     router: moe.Router
     experts: int
     activation: str
-    sample: torch.Tensor | None  # calibration FFN inputs for the unselected-expert correction
+    sample: torch.Tensor  # calibration FFN inputs (tokens, hidden)
     shared: DenseFFN | None = None  # the always-on expert's neurons
+    compensate: bool = True  # unselected experts stand in by their mean output on the sample
+    refit_to: DenseFFN | None = None  # the whole dense FFN, when the down projections are refit to its output
 
     @property
     def expert_size(self) -> int:
@@ -35,9 +38,14 @@ class LayerSplit:
         return 0 if self.shared is None else self.shared.size
 
     def build(self, top_k: int) -> moe.MoEFeedForward:
-        return moe_from_dense(
-            self.routed, self.labels, self.router, self.experts, top_k, self.activation, self.sample, self.shared
-        )
+        """The MoE feed-forward at ``top_k``, refit to the dense output under that routing if asked."""
+        module = moe_from_dense(
+            self.routed, self.labels, self.router, self.experts, top_k, self.activation,
+            self.sample if self.compensate else None, self.shared,
+        )  # fmt: skip
+        if self.refit_to is not None:
+            refit_experts(module, self.refit_to, self.sample, offsets=self.compensate)
+        return module
 
 
 @contextmanager

@@ -144,4 +144,4 @@ def test_large_decoders_convert_one_block_at_a_time_by_default(tiny_models, tiny
         result = densetomoe.convert(recipe, tmp_path / name.replace(" ", "-"), show_progress=False)
         assert result.recipe.sequential is expected, name  # the recipe written to the folder says which ran
     monkeypatch.setattr(pipeline, "SEQUENTIAL_FROM", 10**12)
-    assert pipeline.sequential_by_default(quick_recipe(tiny_decoders["llama"], texts_file)) is False
+    assert pipeline.with_model_defaults(quick_recipe(tiny_decoders["llama"], texts_file)).sequential is False

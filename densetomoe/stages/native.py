@@ -44,13 +44,12 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from ..errors import UsageError
 from ..ffn import CHUNK, DenseFFN
 from ..moe import MoEFeedForward
-from .refit import NormalEquations
+from .refit import LayerFit, NormalEquations, RIDGE
 
 ROUTER_SPREAD = 2.0**-6  # largest logit spread of a token after scaling: softmax uniform to ~2%, ranks kept in float32
 ALL_EXPERTS_SPREAD = 2.0**-14  # ... at top_k == experts, where no ranking is needed: uniform to ~1e-4
 SHARED_GATE = 2.0**-20  # the shared expert's gate weight (every entry): sigmoid(g.x) = 1/2 + O(1e-5)
 EMPTY_SHARED = 32  # neurons of the all-zero shared expert a qwen2_moe block gets without --shared-experts
-RIDGE = 0.1  # ridge of the refit, relative to the Gram matrix's mean diagonal (SmolLM2 layer 10, held-out: best of 1e-4..1)
 
 
 @dataclass(frozen=True)
@@ -120,14 +119,6 @@ def check_plan(plan: dict[int, int | None], experts: int) -> int:
             "use --top-k, or --format remote-code for per-layer top-k"
         )
     return used[0] if used else experts
-
-
-@dataclass
-class LayerFit:
-    """What the native conversion did to one MoE layer."""
-
-    error_before: float  # relative FFN output error on calibration tokens, native weights before refit
-    error_after: float  # ... and after the refit
 
 
 @dataclass

@@ -1,14 +1,22 @@
-"""Closed-form refit of the experts' down projections (pure tensor math, no hooks or I/O).
+"""Closed-form refit of the experts' down projections, per layer, under the routing inference uses.
 
 Routing drops the unselected experts' output. Rather than only adding back a constant, the down
 projections of the experts a token does use can be refit so that the sparse layer reproduces the
-*dense* FFN output on calibration tokens, under exactly the routing and expert weights inference
-will use. With the neurons fixed, the layer output is linear in the down projections:
+*dense* FFN output on calibration tokens, under exactly the routing (and expert weights) inference
+will use. With the neurons and the routing fixed, the layer output is linear in the down projections:
 
-    y(x) = W z(x),   z(x) = [w_1(x) 1{1 selected} a_1(x); ...; w_E(x) 1{E selected} a_E(x); a_shared(x)]
+    y(x) = W z(x)
 
-(``a_e`` the activations of expert ``e``'s neurons, ``w_e`` its routing weight), so the best ``W`` is a
-ridge regression, solved per layer from the ``d_ff x d_ff`` Gram matrix:
+* densetomoe's own module (:func:`refit_experts`): ``z(x) = [1{1 selected} a_1(x); ...;
+  1{E selected} a_E(x); 1{1 unselected}; ...; 1{E unselected}; a_shared(x)]``, so the experts' down
+  projections, the mean outputs that stand in for unselected experts (any constant offset lies in
+  their span: a token always skips ``E - k`` of them) and the shared expert's down projection are fit
+  jointly;
+* a native MoE (:func:`densetomoe.stages.native.native_layer`): ``z(x) = [w_1(x) 1{1 selected} a_1(x);
+  ...; a_shared(x)]`` with ``w_e`` the engines' routing weight;
+
+(``a_e`` the activations of expert ``e``'s neurons), so the best ``W`` is a ridge regression, solved
+per layer from the ``d_ff x d_ff`` Gram matrix:
 
     W^T = (Z^T Z + lambda I)^-1 (Z^T Y + lambda W0^T),   lambda = ridge * mean(diag(Z^T Z))
 
@@ -17,7 +25,22 @@ pulled towards the original weights ``W0``. At ``top_k == experts`` ``W0`` is al
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from ..ffn import CHUNK, DenseFFN
+from ..moe import MoEFeedForward
+
+RIDGE = 0.1  # relative to the Gram matrix's mean diagonal (SmolLM2 layer 10, held-out: best of 1e-4..1)
+
+
+@dataclass
+class LayerFit:
+    """What the refit did to one MoE layer: relative FFN output error on the calibration tokens."""
+
+    error_before: float
+    error_after: float
 
 
 class NormalEquations:
@@ -69,6 +92,59 @@ class NormalEquations:
             quadratic = float((w @ self.gram).square().sum()) - self.ridge * float(w.square().sum())
         residual = quadratic - 2 * float((w * self.cross.T).sum()) + self.target_norm2
         return max(residual, 0.0) ** 0.5 / max(self.target_norm2, 1e-60) ** 0.5
+
+
+@torch.no_grad()
+def refit_experts(
+    module: MoEFeedForward,
+    ffn: DenseFFN,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    ridge: float = RIDGE,
+    offsets: bool = True,
+) -> LayerFit:
+    """Refit, in place, ``module``'s experts' down projections, its ``skip_mean`` and its shared expert's
+    down projection to reproduce ``targets`` (default: the dense ``ffn``'s output, less its down bias,
+    which the module adds as it is) on the FFN ``inputs`` ``(tokens, hidden)``, under the module's own
+    top-k routing (``offsets=False``: ``skip_mean`` is left as it is). Nothing changes at ``top_k ==
+    num_experts``, where the module is already exact. The errors reported are relative to the FFN
+    output without its down bias."""
+    experts, size, hidden = module.num_experts, module.expert_size, module.hidden_size
+    parts = [module.w_down.detach().float().reshape(-1, hidden).T]
+    if offsets:
+        parts.append(module.skip_mean.detach().float().T)
+    if module.shared_size:
+        parts.append(module.shared_down.detach().float().T)
+    initial = torch.cat(parts, dim=1)  # (hidden, routed neurons + experts + shared neurons)
+    equations = NormalEquations(initial.shape[1], hidden)
+    for start in range(0, len(inputs), CHUNK):
+        x = inputs[start : start + CHUNK].float()
+        if targets is None:
+            y = ffn.neurons(x) @ ffn.w_down.T
+        else:
+            y = targets[start : start + CHUNK].float()
+        selected = torch.zeros(len(x), experts).scatter_(1, module.select(x), 1.0)  # (tokens, experts)
+        a = module._neurons(x, slice(None)).float().reshape(len(x), experts, size)
+        features = [(a * selected.unsqueeze(-1)).reshape(len(x), -1)]
+        if offsets:
+            features.append(1.0 - selected)
+        else:  # the fixed means of the unselected experts are part of the output, not of the fit
+            y = y - (1.0 - selected) @ module.skip_mean.detach().float()
+        if module.shared_size:
+            features.append(module._shared_neurons(x).float())
+        equations.add(torch.cat(features, dim=1), y)
+    before = equations.error(initial)
+    if module.top_k >= experts:
+        return LayerFit(before, before)
+    fitted = equations.solve(initial, ridge)
+    routed = experts * size
+    module.w_down.copy_(fitted[:, :routed].T.reshape(experts, size, hidden))
+    if offsets:
+        module.skip_mean.copy_(fitted[:, routed : routed + experts].T)
+        routed += experts
+    if module.shared_size:
+        module.shared_down.copy_(fitted[:, routed:].T)
+    return LayerFit(before, equations.error(fitted))
 
 
 def ridge_down(

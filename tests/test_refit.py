@@ -1,0 +1,58 @@
+"""The least-squares refit of a converted layer, on small random FFNs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from densetomoe import surgery
+from densetomoe.ffn import DenseFFN
+from densetomoe.moe import Router
+from densetomoe.stages.partition import at_random
+from densetomoe.stages.refit import refit_experts, relative_error
+
+
+def layer(gated: bool, shared: bool, top_k: int):
+    """A dense FFN (hidden 16, 64 neurons) and an MoE of it: 4 experts, 16 shared neurons if asked."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    bias = not gated
+    ffn = DenseFFN(
+        w_up=r(64, 16), b_up=r(64) if bias else None, w_down=r(16, 64), b_down=r(16) if bias else None,
+        activation=nn.SiLU() if gated else nn.GELU(), w_gate=r(64, 16) if gated else None,
+    )  # fmt: skip
+    shared_ffn, routed = (ffn.subset(torch.arange(16), with_bias=False), ffn.subset(torch.arange(16, 64))) if shared else (None, ffn)
+    labels = at_random(routed, None, 4, g)
+    torch.manual_seed(0)
+    moe = surgery.moe_from_dense(routed, labels, Router(16, 4, hidden=8), 4, top_k, "silu" if gated else "gelu", torch.randn(256, 16), shared_ffn)
+    return ffn, moe.eval()
+
+
+def without_bias(ffn: DenseFFN, out: torch.Tensor) -> torch.Tensor:
+    return out if ffn.b_down is None else out - ffn.b_down
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_refit_lowers_the_error_the_module_really_makes(gated, shared):
+    ffn, moe = layer(gated, shared, top_k=2)
+    calibration, held_out = torch.randn(4096, 16), torch.randn(1024, 16)
+    error = lambda x: relative_error(without_bias(ffn, moe(x).detach()), ffn.neurons(x) @ ffn.w_down.T)  # noqa: E731
+    before, held_out_before = error(calibration), error(held_out)
+    routing = moe.select(held_out)
+    fit = refit_experts(moe, ffn, calibration)
+    # the fit's own figures are those of the module's real forward: its features are what inference computes
+    assert fit.error_before == pytest.approx(before, rel=1e-4)
+    assert fit.error_after == pytest.approx(error(calibration), rel=1e-4)
+    assert fit.error_after < 0.95 * before
+    assert error(held_out) < held_out_before  # not an overfit of the calibration tokens
+    assert torch.equal(moe.select(held_out), routing)  # the routing is left as it is
+
+
+def test_the_refit_leaves_a_layer_with_every_expert_active_as_it_is():
+    ffn, moe = layer(gated=True, shared=True, top_k=4)
+    weights = {k: v.clone() for k, v in moe.state_dict().items()}
+    fit = refit_experts(moe, ffn, torch.randn(512, 16))
+    assert fit.error_before < 1e-3 and fit.error_after == fit.error_before
+    assert all(torch.equal(weights[k], v) for k, v in moe.state_dict().items())
