@@ -76,6 +76,11 @@ def render(
         change = f"; held-out distillation loss {start:.4f} -> {end:.4f}" if start is not None else ""
         rows.append(f"| recovery | distilled from the dense model: {h.step} steps, {h.tokens:,} tokens, {h.elapsed / 60:.1f} min{change} |")
         combination = "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output; experts and routers distilled"
+    elif r.refit:
+        combination = (
+            "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output; down projections "
+            f"and means refit by least squares to the dense FFN output on calibration tokens under top-{nominal} routing (no training)"
+        )
     else:
         combination = "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output (no training of the experts)"
     if native is not None:
@@ -96,7 +101,7 @@ Converted with [densetomoe](https://pypi.org/project/densetomoe/) from the dense
 ({family}, `{head}`): every converted feed-forward layer's neurons were split into
 **{r.experts} experts**, and a router sends each token to **{nominal}** of them{" (per layer, see below)" if per_layer else ""},
 so a token computes {q.active_ffn_share:.0%} of the FFN neurons on average over all layers.
-{"With `num_experts_per_tok=" + str(r.experts) + "` the model computes exactly what the dense model did." if history is None and not r.prune else ""}
+{"With `num_experts_per_tok=" + str(r.experts) + "` the model computes exactly what the dense model did." if history is None and not r.prune and not r.refit else ""}
 
 ## How
 

