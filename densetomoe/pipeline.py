@@ -33,6 +33,7 @@ from .stages.router import ROUTERS, RouterSettings
 
 HELD_OUT_TEXTS = 64
 SEQUENTIAL_FROM = 1_000_000_000  # parameters from which a decoder converts one block at a time by default
+DECODER_BUDGET_EXPERTS = 32  # a decoder's experts under --ffn-budget when none are asked for
 LOGITS_BYTES = 64 * 1024**2  # the most logits one held-out batch may produce (float32; scoring copies them twice)
 
 
@@ -320,12 +321,21 @@ def with_model_defaults(recipe: Recipe) -> Recipe:
       from safetensors, when nothing asks for the whole model (distillation, a sensitivity budget).
       One block at a time gives the same folder in less memory, and was no slower on SmolLM2
       (README, Large models);
-    * ``refit``: on for decoder LMs, where training-free conversion loses most (README, Measured).
+    * ``refit``: on for decoder LMs, where training-free conversion loses most (README, Measured);
+    * under ``ffn_budget``, for decoder LMs, unless the recipe names them: :data:`DECODER_BUDGET_EXPERTS`
+      experts and the ``uniform`` budget (SmolLM2 at 50%: the sensitivity budget lost more, with 8
+      experts and with 32, than the same top-k everywhere; README, Measured).
     """
-    if recipe.sequential is not None and recipe.refit is not None:
+    budget_defaults = recipe.ffn_budget is not None and not {"experts", "budget"} <= recipe.model_fields_set
+    if recipe.sequential is not None and recipe.refit is not None and not budget_defaults:
         return recipe
     dense = Dense.describe(recipe.model, recipe.allow_pickle)
     decided = {}
+    if budget_defaults and dense.arch.decoder:
+        if "experts" not in recipe.model_fields_set and dense.ffn_size % (DECODER_BUDGET_EXPERTS + recipe.shared_experts) == 0:
+            decided["experts"] = DECODER_BUDGET_EXPERTS
+        if "budget" not in recipe.model_fields_set:
+            decided["budget"] = "uniform"
     if recipe.sequential is None:
         big = dense.arch.decoder and not dense.source.gguf_file and load.parameter_count(dense.source.path) >= SEQUENTIAL_FROM
         decided["sequential"] = big and recipe.distill is None and recipe.ffn_budget is None
