@@ -8,7 +8,7 @@ against the dense model on the same tokens. FFN share: the average share of FFN 
 computes over all 30 layers (dense layers count 1).
 
     python evals/decoder_ablation.py                                  # every row
-    python evals/decoder_ablation.py --rows budget-8 budget-8-no-refit --max-tokens 4096
+    python evals/decoder_ablation.py --rows default uniform-32-no-refit --max-tokens 4096
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from densetomoe.moe import moe_modules
 from densetomoe.stages import load
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ROWS = {  # name: (what it is, settings on top of the defaults)
-    "32x16-no-refit": ("32 experts, top-16, no refit (the best structure before)", dict(experts=32, top_k=16, refit=False)),
-    "32x16": ("32 experts, top-16, refit", dict(experts=32, top_k=16)),
-    "24x8+8-shared": ("24 routed experts top-8 + 8 shared, refit", dict(experts=24, top_k=8, shared_experts=8)),
-    "budget-8-no-refit": ("--ffn-budget 0.5 (8 experts, per-layer top-k by sensitivity), no refit", dict(ffn_budget=0.5, refit=False)),
-    "budget-8": ("--ffn-budget 0.5, refit: the default method", dict(ffn_budget=0.5)),
-    "budget-32": ("--ffn-budget 0.5 with 32 experts, refit", dict(ffn_budget=0.5, experts=32)),
+ROWS = {  # name: (what it is, settings on top of the defaults); every row at half the FFN
+    "before": ("8 experts, sensitivity budget, no refit (the default before)", dict(ffn_budget=0.5, experts=8, budget="sensitivity", refit=False)),
+    "sensitivity-8": ("8 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=8, budget="sensitivity")),
+    "sensitivity-32": ("32 experts, sensitivity budget, refit", dict(ffn_budget=0.5, budget="sensitivity")),
+    "uniform-32-no-refit": ("32 experts, top-16 everywhere, no refit", dict(ffn_budget=0.5, refit=False)),
+    "default": ("--ffn-budget 0.5: 32 experts, top-16 everywhere, refit", dict(ffn_budget=0.5)),
+    "shared": ("24 routed experts + 8 shared, top-8 everywhere, refit", dict(ffn_budget=0.5, experts=24, shared_experts=8)),
+    "64-experts": ("64 experts, top-32 everywhere, refit", dict(ffn_budget=0.5, experts=64)),
 }
 
 

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens scored")
     parser.add_argument("--calib-tokens", type=int, default=32768)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-refit", dest="refit", action="store_false", help="convert without the least-squares refit (as before it existed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     args = parser.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
 
     for top_k in args.top_k:
         recipe = densetomoe.Recipe.build(
-            model=path, experts=args.experts, top_k=top_k, calib_tokens=args.calib_tokens, seed=args.seed
+            model=path, experts=args.experts, top_k=top_k, calib_tokens=args.calib_tokens, seed=args.seed, refit=args.refit
         )
         start = time.perf_counter()
         conversion = densetomoe.convert(recipe, show_progress=not args.json)

@@ -1,0 +1,197 @@
+"""Exploratory: options for training-free decoder conversion, layer by layer, before they reach the library.
+
+Converts SmolLM2-135M-Instruct (a float32 safetensors folder; `python evals/serving.py` writes
+runs/serving/dense) one layer at a time with the library's stages (calibration, partition, router,
+MoE module), optionally refit in ways the library does not offer (on the converted model's own hidden
+states, to the dense residual stream, with dynamic top-k), and prints the perplexity on held-out
+Wikipedia text (wiki-perplexity's text, the first --eval-tokens tokens) against the dense model.
+Each run appends one JSON line to runs/decoder_prototypes.jsonl. The README's "what else was tried"
+figures come from these commands:
+
+    python evals/decoder_prototypes.py --experts 32 --top-k 16                         # no refit
+    python evals/decoder_prototypes.py --experts 32 --top-k 16 --refit                 # + refit
+    python evals/decoder_prototypes.py --experts 32 --top-k 16 --refit --fit converted
+    python evals/decoder_prototypes.py --experts 32 --top-k 16 --refit --fit converted --target residual
+    python evals/decoder_prototypes.py --experts 32 --top-k 16 --refit --ridge 0.01
+    python evals/decoder_prototypes.py --experts 32 --top-k 16 --refit --calib-tokens 32768 --sample-tokens 32768
+    python evals/decoder_prototypes.py --experts 24 --top-k 8 --shared 8 --refit --fit converted
+    python evals/decoder_prototypes.py --experts 64 --top-k 32 --refit
+    python evals/decoder_prototypes.py --experts 32 --top-k 16 --refit --dynamic
+"""
+import argparse, json, sys, time
+from pathlib import Path
+
+import torch
+from transformers.activations import ACT2FN
+
+from densetomoe import archs, data, metrics, pipeline
+from densetomoe.ffn import CHUNK, dense_ffn, expert_size
+from densetomoe.moe import blocks_of, replace_ffn
+from densetomoe.recipe import Recipe
+from densetomoe.stages import blockwise, load
+from densetomoe.stages.calibrate import LayerRecorder, calibration_batches, layer_generator
+from densetomoe.stages.refit import NormalEquations
+from densetomoe.stages.router import RouterSettings
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--model", default="runs/serving/dense")
+p.add_argument("--experts", type=int, default=32)
+p.add_argument("--top-k", type=int, default=16)
+p.add_argument("--shared", type=int, default=0)
+p.add_argument("--router", default="mlp")
+p.add_argument("--refit", action="store_true")
+p.add_argument("--fit", default="dense", choices=["dense", "converted"])
+p.add_argument("--target", default="local", choices=["local", "residual"])
+p.add_argument("--ridge", type=float, default=0.1)
+p.add_argument("--calib-tokens", type=int, default=16384)
+p.add_argument("--sample-tokens", type=int, default=16384)
+p.add_argument("--eval-tokens", type=int, default=4096)
+p.add_argument("--dense-layers", default="")
+p.add_argument("--tag", default="")
+p.add_argument("--dynamic", action="store_true")
+args = p.parse_args()
+torch.manual_seed(0)
+t0 = time.time()
+recipe = Recipe(model=args.model, experts=args.experts, top_k=args.top_k, shared_experts=args.shared,
+                router=args.router, calib_tokens=args.calib_tokens, sample_tokens=args.sample_tokens)
+dense = pipeline.Dense.describe(recipe.model, False).split(recipe)
+arch = dense.arch
+model, _ = load.load_model(dense.source, dense.config, "float32", False, causal_lm=True)
+tokenizer = data.for_batches(load.load_tokenizer(dense.source))
+heldout = data.heldout_corpus()
+ppl = lambda: metrics.perplexity(model, tokenizer, heldout, 512, 256, max_tokens=args.eval_tokens).value
+base = ppl()
+batches = list(calibration_batches(tokenizer, dense.calibration_texts, 128, 16, args.calib_tokens))
+stream = blockwise.capture(model, arch, batches)
+dense_stream, moe_stream = stream, stream.copy()
+blocks = blocks_of(model, arch.layers)
+act_name = archs.activation(dense.config, arch)
+settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps)
+tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+dense_layers = {int(x) for x in args.dense_layers.split(",") if x}
+errors = []
+
+
+def record(block, ffn, s, i, want_mid=False):
+    rec = LayerRecorder(ffn, recipe.sample_tokens, layer_generator(0, i))
+    mask = {}
+    h = block.get_submodule(arch.up).register_forward_pre_hook(rec.hook(mask))
+    tmp = s.copy()
+    blockwise.run_block(block, tmp, before=lambda n: mask.update(tokens=s.batches[n]["attention_mask"].bool()))
+    h.remove()
+    return rec.stats(tokens), tmp
+
+
+
+
+def dyn_mask(self, x):
+    p = self.router(x).float().softmax(-1)
+    srt, idx = p.sort(-1, descending=True)
+    cum = srt.cumsum(-1)
+    keep = (cum - srt) < self.tau  # take experts until the share covered reaches tau
+    return torch.zeros_like(p).scatter_(1, idx, keep.float())
+
+
+def dyn_forward(self, hidden_states):
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, self.hidden_size)
+    a = self._neurons(x, slice(None)).reshape(len(x), self.num_experts, self.expert_size)
+    mask = dyn_mask(self, x)
+    out = self._masked_sum(a, mask, mask)
+    if self.shared_size:
+        out = out + self._shared(x)
+    return out.reshape(shape)
+
+
+def calibrate_tau(module, x, k):
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        module.tau = (lo + hi) / 2
+        mean_k = float(torch.cat([dyn_mask(module, xp).sum(-1) for xp in x.split(CHUNK)]).mean())
+        if mean_k > k:
+            hi = module.tau
+        else:
+            lo = module.tau
+    module.tau = lo
+    return float(torch.cat([dyn_mask(module, xp).sum(-1) for xp in x.split(CHUNK)]).mean())
+
+
+def refit(module, ffn, x, y):
+    E, size = module.num_experts, module.expert_size
+    hsz = module.hidden_size
+    init = [module.w_down.detach().reshape(-1, hsz).T, module.skip_mean.detach().T]
+    if module.shared_size:
+        init.append(module.shared_down.detach().T)
+    initial = torch.cat(init, 1)
+    eq = NormalEquations(initial.shape[1], hsz)
+    with torch.no_grad():
+        for xp, yp in zip(x.split(CHUNK), y.split(CHUNK)):
+            sel = dyn_mask(module, xp) if args.dynamic else torch.zeros(len(xp), E).scatter_(1, module.select(xp), 1.0)
+            a = module._neurons(xp, slice(None)).reshape(len(xp), E, size)
+            f = [(a * sel[..., None]).reshape(len(xp), -1), 1 - sel]
+            if module.shared_size:
+                hs = torch.nn.functional.linear(xp, module.shared_up)
+                f.append(module.act(torch.nn.functional.linear(xp, module.shared_gate)) * hs)
+            eq.add(torch.cat(f, 1), yp)
+        w = eq.solve(initial, args.ridge)
+        before, after = eq.error(initial), eq.error(w)
+        n = E * size
+        module.w_down.copy_(w[:, :n].T.reshape(E, size, hsz))
+        module.skip_mean.copy_(w[:, n : n + E].T)
+        if module.shared_size:
+            module.shared_down.copy_(w[:, n + E :].T)
+    return before, after
+
+
+def capture_all(block, s, name):
+    """All real tokens' inputs of submodule `name` while running a copy of stream s, plus outputs."""
+    got = []
+    def hook(m, a):
+        got.append(a[0].reshape(-1, a[0].shape[-1])[cur["m"].reshape(-1)].detach().clone())
+    cur = {}
+    h = block.get_submodule(name).register_forward_pre_hook(hook)
+    tmp = s.copy()
+    blockwise.run_block(block, tmp, before=lambda n: cur.update(m=s.batches[n]["attention_mask"].bool()))
+    h.remove()
+    outs = torch.cat([o.reshape(-1, o.shape[-1])[b["attention_mask"].bool().reshape(-1)] for o, b in zip(tmp.hidden, s.batches)])
+    return torch.cat(got), outs
+
+
+for i in range(len(blocks)):
+    block = blocks[i]
+    ffn = dense_ffn(block, arch, ACT2FN[act_name])
+    prev_dense = dense_stream
+    dstats, dense_stream = record(block, ffn, dense_stream, i)
+    if i in dense_layers:
+        blockwise.run_block(block, moe_stream)
+        continue
+    stats = dstats if args.fit == "dense" else record(block, ffn, moe_stream, i)[0]
+    split = pipeline.split_layer(ffn, stats, recipe, act_name, settings, layer_generator(0, i, "split"))
+    module = split.build(args.top_k)
+    if args.dynamic:
+        module.forward = dyn_forward.__get__(module)
+        mk = calibrate_tau(module, stats.inputs, args.top_k)
+        print(f"layer {i} tau {module.tau:.3f} mean k {mk:.2f}", file=sys.stderr)
+    if args.refit and args.target == "residual":
+        with torch.no_grad():
+            x, _ = capture_all(block, moe_stream, arch.up)
+            mid, _ = capture_all(block, moe_stream, "post_attention_layernorm")
+            _, dense_out = capture_all(block, prev_dense, arch.up)
+            y = dense_out - mid
+        errors.append(refit(module, ffn, x, y))
+    elif args.refit:
+        x = stats.inputs
+        with torch.no_grad():
+            y = torch.cat([ffn.neurons(xp) @ ffn.w_down.T for xp in x.split(CHUNK)])
+        errors.append(refit(module, ffn, x, y))
+    replace_ffn(block, arch.moe_at, list(arch.identity), module)
+    blockwise.run_block(block, moe_stream)
+    print(f"layer {i} {errors[-1] if errors else ''} {time.time()-t0:.0f}s", file=sys.stderr, flush=True)
+moe_ppl = ppl()
+share = (args.top_k * expert_size(1536, args.experts, args.shared) + args.shared * expert_size(1536, args.experts, args.shared)) / 1536
+res = dict(vars(args), dense=base, moe=moe_ppl, ratio=moe_ppl / base, share=share, seconds=time.time() - t0,
+           refit_err=[sum(e[0] for e in errors) / max(len(errors), 1), sum(e[1] for e in errors) / max(len(errors), 1)])
+print(json.dumps(res))
+Path("runs").mkdir(exist_ok=True)
+with open("runs/decoder_prototypes.jsonl", "a") as f:
+    f.write(json.dumps(res) + "\n")
