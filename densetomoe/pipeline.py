@@ -436,7 +436,11 @@ def convert_sequential(
         if not modules:
             raise UsageError("no layer was converted")
         model = shell if target is None else native_shell
-        writer.add(blockwise.as_saved(model, _outside_blocks(frame, arch, untie=target is not None and target.untied_head)))
+        # the frame is only read from now on: its tensors go out as they are, one at a time, so that a
+        # head untied from the embeddings (the same storage) is neither copied nor in the same shard
+        outside = blockwise.as_saved(model, _outside_blocks(frame, arch, untie=target is not None and target.untied_head))
+        for name, tensor in outside.items():
+            writer.add({name: tensor}, copy=False)
         writer.close()
         clock.lap("partition+route")
 

@@ -237,14 +237,20 @@ class ShardWriter:
         self.shards: list[list[str]] = []
         self.total = 0
 
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+    def add(self, tensors: dict[str, torch.Tensor], copy: bool = True) -> None:
         """Queue ``tensors`` (a block's, say); what waits is written first if they would take it past
-        the shard size, so at most one shard's worth (or one block, if larger) waits in memory."""
+        the shard size, so at most one shard's worth (or one block, if larger) waits in memory.
+        ``copy=False`` keeps the tensors themselves, for a model that no longer changes; a tensor that
+        shares storage with one already waiting (a tied head) then starts a new shard, as safetensors
+        refuses shared storage within one file."""
         incoming = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.pending_bytes + incoming > self.max_shard_bytes:
+        waiting = {t.untyped_storage().data_ptr() for t in self.pending.values()}
+        shares = not copy and any(t.untyped_storage().data_ptr() in waiting for t in tensors.values())
+        if shares or self.pending_bytes + incoming > self.max_shard_bytes:
             self._flush()
         for name, tensor in tensors.items():
-            self.pending[name] = tensor.detach().contiguous().clone()  # no storage shared with the model
+            tensor = tensor.detach().contiguous()
+            self.pending[name] = tensor.clone() if copy else tensor  # a copy shares no storage with the model
         self.pending_bytes += incoming
 
     def _flush(self) -> None:
