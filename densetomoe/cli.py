@@ -121,6 +121,7 @@ def convert(
     def action():
         from .errors import UsageError
         from .pipeline import convert as run_conversion
+        from .pipeline import with_model_defaults
 
         if push_to_hub:
             from .hub import preflight
@@ -147,7 +148,7 @@ def convert(
             base = {}
         if distill or flags:
             given["distill"] = {**(base.get("distill") or {}), **flags}
-        plan = Recipe.build(**merge(base, given))
+        plan = with_model_defaults(Recipe.build(**merge(base, given)))  # the folder's name shows what will run
         name = Path(plan.model).stem if plan.model.lower().endswith(".gguf") else Path(plan.model).name
         shape = f"{plan.experts}x{plan.top_k}" if plan.ffn_budget is None else f"{plan.experts}-budget{plan.ffn_budget:g}"
         destination = out or Path(f"{name or 'model'}-moe-{shape}")
