@@ -325,17 +325,22 @@ def with_model_defaults(recipe: Recipe) -> Recipe:
     * under ``ffn_budget``, for decoder LMs, unless the recipe names them: :data:`DECODER_BUDGET_EXPERTS`
       experts and the ``uniform`` budget (SmolLM2 at 50%: the sensitivity budget lost more, with 8
       experts and with 32, than the same top-k everywhere; README, Measured).
+
+    What is decided is recorded as set, so a second call (the CLI's, then :func:`convert`'s) reads
+    nothing again.
     """
-    budget_defaults = recipe.ffn_budget is not None and not {"experts", "budget"} <= recipe.model_fields_set
+    given = recipe.model_fields_set
+    budget_defaults = recipe.ffn_budget is not None and not {"experts", "budget"} <= given
     if recipe.sequential is not None and recipe.refit is not None and not budget_defaults:
         return recipe
     dense = Dense.describe(recipe.model, recipe.allow_pickle)
     decided = {}
-    if budget_defaults and dense.arch.decoder:
-        if "experts" not in recipe.model_fields_set and dense.ffn_size % (DECODER_BUDGET_EXPERTS + recipe.shared_experts) == 0:
-            decided["experts"] = DECODER_BUDGET_EXPERTS
-        if "budget" not in recipe.model_fields_set:
-            decided["budget"] = "uniform"
+    if budget_defaults:
+        splits = dense.ffn_size % (DECODER_BUDGET_EXPERTS + recipe.shared_experts) == 0
+        if "experts" not in given:
+            decided["experts"] = DECODER_BUDGET_EXPERTS if dense.arch.decoder and splits else recipe.experts
+        if "budget" not in given:
+            decided["budget"] = "uniform" if dense.arch.decoder else recipe.budget
     if recipe.sequential is None:
         big = dense.arch.decoder and not dense.source.gguf_file and load.parameter_count(dense.source.path) >= SEQUENTIAL_FROM
         decided["sequential"] = big and recipe.distill is None and recipe.ffn_budget is None

@@ -15,7 +15,7 @@ import densetomoe
 from conftest import DECODERS, quick_recipe, run_without_densetomoe, slow_except
 from densetomoe.cli import app
 from densetomoe.stages import native
-from densetomoe.stages.refit import NormalEquations, relative_error, ridge_down
+from densetomoe.stages.refit import NormalEquations, relative_error
 
 NATIVE = {"llama": "qwen2_moe", "mistral": "qwen2_moe", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 PROMPTS = ["The river floods every spring because", "Markets fell sharply on Monday after"]
@@ -121,14 +121,20 @@ def test_native_refuses_an_mlp_router_and_mixed_top_k():
         native.check_plan({0: 2, 1: 4}, 8)
 
 
-def test_ridge_down_solves_an_exact_system_and_pulls_towards_the_initial_weights():
+def ridge_fit(z: torch.Tensor, y: torch.Tensor, initial: torch.Tensor, ridge: float) -> torch.Tensor:
+    equations = NormalEquations(z.shape[1], y.shape[1])
+    equations.add(z, y)
+    return equations.solve(initial, ridge)
+
+
+def test_the_refit_solves_an_exact_system_and_pulls_towards_the_initial_weights():
     torch.manual_seed(0)
     z, w = torch.randn(512, 24), torch.randn(6, 24)
     y = z @ w.T
-    assert relative_error(z @ ridge_down(z, y, torch.zeros_like(w), ridge=1e-9).T, y) < 1e-6
+    assert relative_error(z @ ridge_fit(z, y, torch.zeros_like(w), ridge=1e-9).T, y) < 1e-6
     # with a huge ridge the answer is the initial weights
     initial = torch.randn(6, 24)
-    assert torch.allclose(ridge_down(z, y, initial, ridge=1e9), initial, atol=1e-4)
+    assert torch.allclose(ridge_fit(z, y, initial, ridge=1e9), initial, atol=1e-4)
 
 
 def test_normal_equations_give_the_errors_of_the_fit_from_their_sums_alone():

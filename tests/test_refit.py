@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from densetomoe import surgery
 from densetomoe.ffn import DenseFFN
 from densetomoe.moe import Router, moe_modules
 from densetomoe.stages.partition import at_random
 from densetomoe.stages.refit import refit_experts, relative_error
+from test_moe import random_ffn
 
 
 def layer(gated: bool, shared: bool, top_k: int):
     """A dense FFN (hidden 16, 64 neurons) and an MoE of it: 4 experts, 16 shared neurons if asked."""
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
-    bias = not gated
-    ffn = DenseFFN(
-        w_up=r(64, 16), b_up=r(64) if bias else None, w_down=r(16, 64), b_down=r(16) if bias else None,
-        activation=nn.SiLU() if gated else nn.GELU(), w_gate=r(64, 16) if gated else None,
-    )  # fmt: skip
+    ffn = random_ffn(hidden=16, d_ff=64, gated=gated, bias=not gated)
     shared_ffn, routed = (ffn.subset(torch.arange(16), with_bias=False), ffn.subset(torch.arange(16, 64))) if shared else (None, ffn)
-    labels = at_random(routed, None, 4, g)
+    labels = at_random(routed, None, 4, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     moe = surgery.moe_from_dense(routed, labels, Router(16, 4, hidden=8), 4, top_k, "silu" if gated else "gelu", torch.randn(256, 16), shared_ffn)
     return ffn, moe.eval()

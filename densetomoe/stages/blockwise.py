@@ -244,14 +244,17 @@ class ShardWriter:
         shares storage with one already waiting (a tied head) then starts a new shard, as safetensors
         refuses shared storage within one file."""
         incoming = sum(t.numel() * t.element_size() for t in tensors.values())
-        waiting = {t.untyped_storage().data_ptr() for t in self.pending.values()}
-        shares = not copy and any(t.untyped_storage().data_ptr() in waiting for t in tensors.values())
-        if shares or self.pending_bytes + incoming > self.max_shard_bytes:
+        if self.pending_bytes + incoming > self.max_shard_bytes or (not copy and self._shares_storage(tensors)):
             self._flush()
         for name, tensor in tensors.items():
             tensor = tensor.detach().contiguous()
             self.pending[name] = tensor.clone() if copy else tensor  # a copy shares no storage with the model
         self.pending_bytes += incoming
+
+    def _shares_storage(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether one of ``tensors`` lies in the storage of a tensor already waiting."""
+        waiting = {t.untyped_storage().data_ptr() for t in self.pending.values()}
+        return any(t.untyped_storage().data_ptr() in waiting for t in tensors.values())
 
     def _flush(self) -> None:
         if not self.pending:

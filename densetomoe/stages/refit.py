@@ -147,17 +147,6 @@ def refit_experts(
     return LayerFit(before, equations.error(fitted))
 
 
-def ridge_down(
-    features: torch.Tensor, targets: torch.Tensor, initial: torch.Tensor, ridge: float = 1e-2, chunk: int = 4096
-) -> torch.Tensor:
-    """``argmin_W ||targets - features W^T||^2 + lambda ||W - initial||^2`` for features held in memory:
-    ``features`` ``(tokens, neurons)``, ``targets`` ``(tokens, hidden)``, ``initial`` ``(hidden, neurons)``."""
-    equations = NormalEquations(features.shape[1], targets.shape[1])
-    for start in range(0, len(features), chunk):
-        equations.add(features[start : start + chunk], targets[start : start + chunk])
-    return equations.solve(initial, ridge)
-
-
 def relative_error(prediction: torch.Tensor, target: torch.Tensor) -> float:
     """``||prediction - target|| / ||target||`` over all tokens."""
     return float((prediction - target).double().norm() / target.double().norm().clamp_min(1e-30))
