@@ -66,6 +66,9 @@ def render(
     if r.ffn_budget is not None:
         listing = ", ".join(f"{i}: {k}" for i, k in per_layer.items()) or "none"
         rows.append(f"| per-layer budget | `{r.budget}` ({BUDGETS.entry(r.budget).summary}) for an average of {r.ffn_budget:.0%} of FFN neurons; top-{nominal} except layers {listing}; dense layers: {', '.join(map(str, kept_dense)) or 'none'} |")
+    dynamic = r.routing == "dynamic"
+    if dynamic:
+        rows.append(f"| routing | dynamic top-k: a token takes experts by router probability until they cover a share of it, set per layer so that calibration tokens take {nominal} on average; `num_experts_per_tok=k` at load time gives every token k |")
     if shared_size:
         rows.append(f"| shared expert | {shared_size} neurons with the largest mean contribution, always on |")
     if r.prune:
@@ -79,7 +82,7 @@ def render(
     elif r.refit:
         combination = (
             "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output; down projections "
-            f"and means refit by least squares to the dense FFN output on calibration tokens under top-{nominal} routing (no training)"
+            f"and means refit by least squares to the dense FFN output on calibration tokens under {'that' if dynamic else f'top-{nominal}'} routing (no training)"
         )
     else:
         combination = "unweighted sum of the selected experts' outputs, plus each unselected expert's mean output (no training of the experts)"
@@ -99,7 +102,7 @@ def render(
 
 Converted with [densetomoe](https://pypi.org/project/densetomoe/) from the dense **{name}**
 ({family}, `{head}`): every converted feed-forward layer's neurons were split into
-**{r.experts} experts**, and a router sends each token to **{nominal}** of them{" (per layer, see below)" if per_layer else ""},
+**{r.experts} experts**, and a router sends each token to **{nominal}** of them{" on average (dynamic top-k, see below)" if dynamic else " (per layer, see below)" if per_layer else ""},
 so a token computes {q.active_ffn_share:.0%} of the FFN neurons on average over all layers.
 {"With `num_experts_per_tok=" + str(r.experts) + "` the model computes exactly what the dense model did." if history is None and not r.prune and not r.refit else ""}
 

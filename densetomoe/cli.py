@@ -18,7 +18,7 @@ from rich.table import Table
 from .console import stderr
 from .folder import FORMATS, REPORT_DIR
 from .moe import nominal_top_k
-from .recipe import Distill, DType, MixedPrecision, Recipe, Trainable, merge
+from .recipe import Distill, DType, MixedPrecision, Recipe, RoutingKind, Trainable, merge
 from .registry import Registry
 from .stages.budget import BUDGETS
 from .stages.partition import PARTITIONS
@@ -96,6 +96,7 @@ def convert(
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to run through the dense model.")] = _default("calib_tokens"),
     compensate: Annotated[bool, typer.Option(help="Add each unselected expert's mean output (training-free correction).")] = _default("compensate"),
     refit: Annotated[Optional[bool], typer.Option("--refit/--no-refit", help="Refit the experts' down projections by least squares to the dense FFN's output on the calibration tokens, under the routing inference uses (training-free, closed form; the folder is then tuned for its top-k, and all experts no longer give the dense model exactly). Default: on for decoder LMs.", show_default=False)] = None,
+    routing: Annotated[Optional[RoutingKind], typer.Option(help="top-k: every token takes --top-k experts. dynamic: a token takes experts by router probability until they cover a share of it, set per layer so that calibration tokens take --top-k on average (easy tokens take fewer, hard ones more; not with --format native, whose engines take a fixed top-k). Default: dynamic for decoder LMs in --format remote-code.", show_default=False)] = None,
     shared_experts: Annotated[int, typer.Option(help="Always-on experts made of the most important neurons; the FFN splits into experts + shared equal parts.")] = _default("shared_experts"),
     ffn_budget: Annotated[Optional[float], typer.Option(help="Average share of FFN neurons per token over all layers (e.g. 0.5); each layer's top-k, or dense, is then chosen. Replaces --top-k. For decoder LMs, unless given: --experts 32 --budget uniform.")] = None,
     budget: Annotated[BudgetName, _explained(BUDGETS, "How --ffn-budget is shared out.")] = _default("budget"),
@@ -130,7 +131,7 @@ def convert(
 
         settings = {
             "model": model, "experts": experts, "top_k": top_k, "partition": partition, "router": router,
-            "calib": calib, "calib_tokens": calib_tokens, "compensate": compensate, "refit": refit, "seed": seed,
+            "calib": calib, "calib_tokens": calib_tokens, "compensate": compensate, "refit": refit, "routing": routing, "seed": seed,
             "dtype": dtype, "allow_pickle": allow_pickle, "shared_experts": shared_experts,
             "ffn_budget": ffn_budget, "budget": budget, "prune": prune, "format": format, "sequential": sequential,
             "layers": _indices(layers),

@@ -107,11 +107,12 @@ def _teacher_forced_perplexity(model: nn.Module, tokenizer, texts: list[str], ma
 
 
 class RoutingRecorder:
-    """Counts, per MoE layer, how many real tokens each expert receives."""
+    """Counts, per MoE layer, how many real tokens each expert receives, and how many real tokens there were."""
 
     def __init__(self, layers: list[MoEFeedForward]):
         self.layers = layers
         self.counts = [torch.zeros(m.num_experts) for m in self.layers]
+        self.tokens = [0] * len(self.layers)
         self.mask: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
 
@@ -120,11 +121,11 @@ class RoutingRecorder:
             x = args[0].reshape(-1, module.hidden_size)
             if self.mask is not None:
                 x = x[self.mask.reshape(-1)]
-            if module.top_k >= module.num_experts:  # every expert gets every token
+            self.tokens[index] += len(x)
+            if not module.sparse:  # every expert gets every token
                 self.counts[index] += len(x)
             else:
-                chosen = module.select(x)  # (tokens, top_k)
-                self.counts[index] += torch.bincount(chosen.reshape(-1), minlength=module.num_experts).float()
+                self.counts[index] += module.selection(x).sum(0).cpu()
 
         return record
 
@@ -270,7 +271,7 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         "sweep": [],
     }
 
-    saved = {i: m.top_k for i, m in own.items()}  # per layer, where a budget chose them
+    saved = {i: m.routing for i, m in own.items()}  # per layer, where a budget chose them (dynamic top-k too)
     dense_ffn_size, num_layers = described.ffn_size, described.num_layers
     with progress(show_progress) as bar:
         task = bar.add_task("evaluating", total=len(top_ks))
@@ -311,7 +312,10 @@ def _with_routing(model, modules: dict[int, MoEFeedForward], probe: Probe, repor
         recorder.close()
     report["routing"] = {
         "top_k": label,
-        "layers": [{"layer": i, "top_k": m.top_k, **routing_summary(c)} for (i, m), c in zip(modules.items(), recorder.counts)],
+        "layers": [
+            {"layer": i, "top_k": m.top_k, "experts_per_token": float(c.sum()) / max(n, 1), **routing_summary(c)}
+            for (i, m), c, n in zip(modules.items(), recorder.counts, recorder.tokens)
+        ],
     }
     return result
 

@@ -19,7 +19,8 @@ How a converted checkpoint is described
        "hidden_size": 384, "expert_size": 192, "activation": "gelu",
        "gated": false, "bias": true, "router_hidden": 128,
        "shared_size": 0,                 # neurons of an always-on shared expert (0: none)
-       "top_k": {"0": 2, "1": 4, ...}}   # each converted block's top-k: the one home of top-k
+       "top_k": {"0": 2, "1": 4, ...},   # each converted block's top-k: the one home of top-k
+       "coverage": {"0": 0.83, ...}}     # dynamic top-k's coverage per block (absent: fixed top-k)
 
 Classes are made on demand from the dense class they extend: ``MoEBertModel`` is ``BertModel`` whose
 ``__init__`` ends by installing the MoE feed-forwards, and ``MoEBertConfig`` is ``BertConfig`` with its
@@ -30,7 +31,7 @@ folder instead of silently loading a dense model with missing weights.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -67,6 +68,15 @@ class Router(nn.Module):
         return h
 
 
+def coverage_selection(probs: torch.Tensor, coverage: float) -> torch.Tensor:
+    """Dynamic top-k: ``(tokens, experts)``, 1 where a token takes an expert. Each token takes experts
+    in order of router probability ``probs`` until the ones taken cover ``coverage`` of it: an expert is
+    taken when the probability of those before it is still below ``coverage`` (so the first always is)."""
+    ordered, order = probs.sort(dim=-1, descending=True)
+    before = ordered.cumsum(-1) - ordered  # probability covered before each expert (exactly 0 for the first)
+    return torch.zeros_like(probs).scatter_(1, order, (before < coverage).to(probs.dtype))
+
+
 class MoEFeedForward(nn.Module):
     """A dense FFN ``down(act(up x))`` split into ``num_experts`` groups of neurons.
 
@@ -77,6 +87,10 @@ class MoEFeedForward(nn.Module):
     output (``shared_size`` neurons, if any) and the down bias. With ``top_k == num_experts`` it is the
     dense FFN exactly (the neurons are only permuted). Only the selected experts are computed: tokens
     are grouped by expert and each group goes through one matrix product per projection.
+
+    With ``coverage`` set (dynamic top-k, :func:`coverage_selection`), the number of experts varies
+    per token: each takes experts by router probability until they cover that share of it, and
+    ``top_k`` is the mean the coverage was set for on calibration tokens (what FLOPs are counted at).
 
     Training (``model.train()`` with gradients on) takes a masked dense path with the same forward
     value, so that the router learns through a straight-through gate and the aux losses exist:
@@ -128,16 +142,28 @@ class MoEFeedForward(nn.Module):
             self.shared_down = nn.Parameter(torch.zeros(shared))
             self.shared_b_up = nn.Parameter(torch.zeros(shared_size)) if bias else None
             self.shared_b_gate = nn.Parameter(torch.zeros(shared_size)) if bias and gated else None
+        self.coverage = 0.0  # > 0: dynamic top-k (see the class docstring); 0: each token takes top_k
         self.expert_dropout = 0.0  # training only; set by distillation
         self.decode_slots = 16  # up to this many tokens * top_k, inference takes the decode path
         self.aux: dict[str, torch.Tensor] = {}  # training only: the last forward's aux losses
 
     def extra_repr(self) -> str:
         shared = f", shared={self.shared_size}" if self.shared_size else ""
+        routing = f"top_k={self.top_k}" + (f" on average (coverage {self.coverage:.3f})" if self.coverage else "")
         return (
             f"hidden={self.hidden_size}, experts={self.num_experts} x {self.expert_size}{shared}, "
-            f"top_k={self.top_k}, activation={self.activation}, gated={self.gated}"
+            f"{routing}, activation={self.activation}, gated={self.gated}"
         )
+
+    @property
+    def sparse(self) -> bool:
+        """Whether tokens skip experts: dynamic top-k, or a top-k below the number of experts."""
+        return bool(self.coverage) or self.top_k < self.num_experts
+
+    @property
+    def routing(self) -> Routing:
+        """How this layer picks experts (what :func:`set_top_k` takes back)."""
+        return Routing(self.top_k, self.coverage)
 
     # -- the experts' computation ------------------------------------------------------------------
     def _neurons(self, x: torch.Tensor, experts: slice | int) -> torch.Tensor:
@@ -169,17 +195,29 @@ class MoEFeedForward(nn.Module):
         return self._shared_neurons(x) @ self.shared_down
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
-        """Indices of each token's ``top_k`` experts, ``(tokens, top_k)``."""
+        """Indices of each token's ``top_k`` experts, ``(tokens, top_k)`` (fixed top-k only)."""
+        if self.coverage:
+            raise ValueError("with dynamic top-k tokens take different numbers of experts: use selection()")
         return self.router(x).topk(self.top_k, dim=-1).indices
+
+    def selection(self, x: torch.Tensor) -> torch.Tensor:
+        """``(tokens, experts)`` in float32: 1 where a token takes an expert, fixed or dynamic top-k."""
+        return self._selection(self.router(x))
+
+    def _selection(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.coverage:
+            return coverage_selection(logits.float().softmax(-1), self.coverage)
+        chosen = logits.topk(min(self.top_k, self.num_experts), dim=-1).indices
+        return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(1, chosen, 1.0)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)  # (tokens, hidden)
         if self.training and torch.is_grad_enabled():
             out = self._train_forward(x)
-        elif self.top_k < self.num_experts and _tracing():
+        elif self.sparse and _tracing():
             out = self._masked_forward(x)
-        elif self.top_k < self.num_experts:
+        elif self.sparse:
             return self._sparse_forward(x).reshape(shape)  # bias and shared expert included
         else:  # every expert: the dense FFN with permuted neurons
             out = self._neurons(x, slice(None)) @ self.w_down.reshape(-1, self.hidden_size)
@@ -190,7 +228,7 @@ class MoEFeedForward(nn.Module):
         return out.reshape(shape)
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference at ``top_k < num_experts``: only the selected experts are computed.
+        """Inference when tokens skip experts: only the selected experts are computed.
 
         The output, in the input's dtype, starts as what does not depend on the experts' computation:
         the down bias plus the mean output of each token's unselected experts; the shared expert and
@@ -198,8 +236,14 @@ class MoEFeedForward(nn.Module):
         lists of the selection; more go through :meth:`_dispatch`. (In-place ops, which autocast
         leaves alone, keep this sum in the input's dtype under autocast too.)
         """
-        chosen = self.select(x)  # (tokens, top_k)
-        unselected = torch.ones(len(x), self.num_experts, dtype=x.dtype, device=x.device).scatter_(1, chosen, 0.0)
+        if self.coverage:  # dynamic top-k: from the (tokens, experts) selection
+            selected = self.selection(x)
+            unselected = (1.0 - selected).to(x.dtype)
+            slots = int(selected.sum())
+        else:
+            chosen = self.select(x)  # (tokens, top_k)
+            unselected = torch.ones(len(x), self.num_experts, dtype=x.dtype, device=x.device).scatter_(1, chosen, 0.0)
+            slots = len(x) * self.top_k
         if self.b_down is None:
             out = x.new_zeros(len(x), self.hidden_size)
         else:
@@ -207,10 +251,17 @@ class MoEFeedForward(nn.Module):
         out.addmm_(unselected, self.skip_mean.to(x.dtype))
         if self.shared_size:
             out.add_(self._shared(x).to(out.dtype))
-        if len(x) * self.top_k <= self.decode_slots:
-            self._decode(x, chosen.tolist(), out)
+        if slots <= self.decode_slots:
+            pairs = selected.nonzero().tolist() if self.coverage else [(t, e) for t, row in enumerate(chosen.tolist()) for e in row]
+            self._decode(x, pairs, out)
+        elif self.coverage:
+            tokens = selected.T.nonzero()[:, 1]  # (slots,): the tokens of each expert, expert by expert
+            self._dispatch(x, tokens, selected.sum(0).long().tolist(), out)
         else:
-            self._dispatch(x, chosen, out)
+            k = chosen.shape[-1]
+            flat = chosen.reshape(-1)  # (tokens * k,)
+            tokens = flat.argsort(stable=True) // k  # token of each slot, slots grouped by expert
+            self._dispatch(x, tokens, torch.bincount(flat, minlength=self.num_experts).tolist(), out)
         return out
 
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +270,7 @@ class MoEFeedForward(nn.Module):
         ones are masked out, so it costs the dense FFN's FLOPs (sparse speed in a graph: ``--format
         native``, whose transformers kernels group tokens by expert)."""
         a = self._neurons(x, slice(None)).reshape(len(x), self.num_experts, self.expert_size)
-        mask = torch.zeros(len(x), self.num_experts, dtype=a.dtype, device=x.device).scatter_(1, self.select(x), 1.0)
+        mask = self.selection(x).to(a.dtype)
         return self._masked_sum(a, mask, mask)
 
     def _masked_sum(self, a: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -234,11 +285,7 @@ class MoEFeedForward(nn.Module):
         a = self._neurons(x, slice(None)).reshape(tokens, experts, self.expert_size)
         logits = self.router(x)  # (tokens, experts)
         probs = logits.float().softmax(-1)
-        mask = torch.zeros_like(probs)
-        if self.top_k >= experts:
-            mask.fill_(1.0)
-        else:
-            mask.scatter_(1, logits.topk(self.top_k, dim=-1).indices, 1.0)
+        mask = self._selection(logits)
         routed = mask
         if self.expert_dropout > 0:
             mask = mask * (torch.rand_like(mask) >= self.expert_dropout)
@@ -250,13 +297,13 @@ class MoEFeedForward(nn.Module):
             shares = norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
         self.aux = {
             # Switch Transformer: experts * sum_e (share of routed slots) * (mean router probability)
-            "balance": experts * (routed.mean(0) / max(min(self.top_k, experts), 1) * probs.mean(0)).sum(),
+            "balance": experts * (routed.sum(0) / routed.sum().clamp_min(1) * probs.mean(0)).sum(),
             "router": -(shares * logits.float().log_softmax(-1)).sum(-1).mean(),
         }
         return out
 
-    def _decode(self, x: torch.Tensor, chosen: list[list[int]], out: torch.Tensor) -> None:
-        """Add each token's chosen experts to ``out``, for a few tokens (``chosen``: their indices).
+    def _decode(self, x: torch.Tensor, pairs: list[tuple[int, int]], out: torch.Tensor) -> None:
+        """Add each token's chosen experts to ``out``, for a few tokens (``pairs``: (token, expert)).
 
         Each selected expert runs once on the tokens that chose it, on views of its weights
         (``w_up[e]`` is contiguous: no copy) and with no sort, count or ``index_add_``: at one token
@@ -265,9 +312,8 @@ class MoEFeedForward(nn.Module):
         two row adds, and 3.5 us on 1 thread: it waits for both threads to be scheduled.)
         """
         tokens_of: dict[int, list[int]] = {}
-        for token, experts in enumerate(chosen):
-            for expert in experts:
-                tokens_of.setdefault(expert, []).append(token)
+        for token, expert in pairs:
+            tokens_of.setdefault(expert, []).append(token)
         for expert, tokens in sorted(tokens_of.items()):
             if len(tokens) == len(x):  # every token (always so at one token)
                 out.addmm_(self._neurons(x, expert).to(out.dtype), self.w_down[expert])
@@ -280,18 +326,15 @@ class MoEFeedForward(nn.Module):
                 for row, t in enumerate(tokens):
                     out[t].add_(y[row])
 
-    def _dispatch(self, x: torch.Tensor, chosen: torch.Tensor, out: torch.Tensor) -> None:
+    def _dispatch(self, x: torch.Tensor, token_of: torch.Tensor, counts: list[int], out: torch.Tensor) -> None:
         """Add each token's chosen experts to ``out``; tokens are grouped so each expert runs once.
+        ``token_of`` ``(slots,)`` lists the tokens of expert 0, then of expert 1, ...; ``counts`` how many
+        each expert has.
 
         Each expert gathers its own tokens just before its matrix products, so the gathered rows are
         still in cache when used (one gather of all ``tokens * k`` rows up front was up to 1.6x
         slower at 32 experts).
         """
-        k = chosen.shape[-1]
-        flat = chosen.reshape(-1)  # (tokens * k,)
-        order = flat.argsort(stable=True)
-        token_of = order // k  # token of each slot, slots grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         start = 0
         for expert, n in enumerate(counts):
             if n == 0:
@@ -308,6 +351,15 @@ def _tracing() -> bool:
 
 
 # -- the structure of a converted model, and installing it ----------------------------------------------
+@dataclass(frozen=True)
+class Routing:
+    """How one MoE layer picks experts: ``top_k`` each, or with ``coverage`` > 0 dynamic top-k (a
+    varying number per token, ``top_k`` on average on the calibration tokens)."""
+
+    top_k: int
+    coverage: float = 0.0
+
+
 @dataclass
 class Structure:
     """Where a model's MoE feed-forwards sit, their shape, and each one's top-k (``config.densetomoe``)."""
@@ -322,7 +374,8 @@ class Structure:
     bias: bool
     router_hidden: int
     shared_size: int
-    top_k: dict[int, int]  # converted block index -> its top-k
+    top_k: dict[int, int]  # converted block index -> its top-k (with dynamic top-k: the mean)
+    coverage: dict[int, float] = field(default_factory=dict)  # block index -> dynamic top-k's coverage
 
     @property
     def moe_layers(self) -> list[int]:
@@ -336,16 +389,19 @@ class Structure:
 
     def to_dict(self) -> dict:
         """The JSON form kept in ``config.densetomoe`` (JSON object keys are strings)."""
-        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "coverage"}
         data["top_k"] = {str(i): k for i, k in sorted(self.top_k.items())}
+        if self.coverage:
+            data["coverage"] = {str(i): c for i, c in sorted(self.coverage.items())}
         return data
 
     @classmethod
     def from_dict(cls, data: dict, num_experts_per_tok: int | None = None) -> Structure:
         """Read ``config.densetomoe``; also the form of densetomoe 0.1 folders (``moe_layers`` and one
         ``top_k``, with per-layer exceptions in ``layer_top_k``)."""
-        fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data and name != "top_k"}
+        fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data and name not in ("top_k", "coverage")}
         fields.setdefault("shared_size", 0)
+        fields["coverage"] = {int(i): float(c) for i, c in (data.get("coverage") or {}).items()}
         top_k = data.get("top_k", num_experts_per_tok)
         if isinstance(top_k, dict):
             per_layer = {int(i): int(k) for i, k in top_k.items()}
@@ -364,7 +420,7 @@ def nominal_top_k(top_k: dict[int, int]) -> int:
 def structure_of(config) -> Structure:
     """The :class:`Structure` in ``config`` (a config object or its ``to_dict()``). A
     ``num_experts_per_tok`` other than the saved one, as ``from_pretrained(..., num_experts_per_tok=k)``
-    sets it, applies to every layer."""
+    sets it, applies to every layer (as a fixed top-k)."""
     get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
     data = get(CONFIG_KEY)
     if not data:
@@ -373,6 +429,7 @@ def structure_of(config) -> Structure:
     asked = get("num_experts_per_tok")
     if asked is not None and asked != structure.nominal_top_k:
         structure.top_k = dict.fromkeys(structure.top_k, int(asked))
+        structure.coverage = {}
     return structure
 
 
@@ -410,7 +467,7 @@ def replace_ffn(block: nn.Module, moe_at: str, identity: list[str], module: nn.M
 def new_moe_ffn(structure: Structure, num_experts: int, index: int) -> MoEFeedForward:
     """An empty MoE feed-forward shaped as ``structure`` describes for block ``index``."""
     s = structure
-    return MoEFeedForward(
+    module = MoEFeedForward(
         hidden_size=s.hidden_size,
         num_experts=num_experts,
         expert_size=s.expert_size,
@@ -421,6 +478,8 @@ def new_moe_ffn(structure: Structure, num_experts: int, index: int) -> MoEFeedFo
         router_hidden=s.router_hidden,
         shared_size=s.shared_size,
     )
+    module.coverage = s.coverage.get(index, 0.0)
+    return module
 
 
 def install_moe(model: nn.Module, config) -> None:
@@ -448,25 +507,28 @@ def check_top_k(top_k: int, num_experts: int) -> None:
         raise ValueError(f"top_k must be between 1 and {num_experts}, got {top_k}")
 
 
-def set_top_k(model: nn.Module, top_k: int | dict[int, int]) -> dict[int, int]:
+def set_top_k(model: nn.Module, top_k: int | dict[int, int | Routing]) -> dict[int, Routing]:
     """Set how many experts each token uses: ``top_k`` in every MoE layer, or per layer (block index ->
-    top-k, for some or all layers). The modules and ``model.config`` change together. Returns the
-    previous per-layer setting, which ``set_top_k`` takes back to restore it."""
+    top-k, for some or all layers). A layer given a top-k takes exactly that many experts per token,
+    also where it used dynamic top-k before. The modules and ``model.config`` change together. Returns
+    the previous per-layer :class:`Routing`, which ``set_top_k`` takes back to restore it."""
     modules = moe_modules(model)
     if not modules:
         raise ValueError("this model has no MoE feed-forward layers")
     wanted = dict.fromkeys(modules, top_k) if isinstance(top_k, int) and not isinstance(top_k, bool) else dict(top_k)
-    for index, k in wanted.items():
+    wanted = {i: r if isinstance(r, Routing) else Routing(r) for i, r in wanted.items()}
+    for index, routing in wanted.items():
         if index not in modules:
             raise ValueError(f"layer {index} has no MoE feed-forward (MoE layers: {', '.join(map(str, modules))})")
-        check_top_k(k, modules[index].num_experts)
-    previous = {i: m.top_k for i, m in modules.items()}
-    for index, k in wanted.items():
-        modules[index].top_k = k
+        check_top_k(routing.top_k, modules[index].num_experts)
+    previous = {i: m.routing for i, m in modules.items()}
+    for index, routing in wanted.items():
+        modules[index].top_k, modules[index].coverage = routing.top_k, routing.coverage
     config = getattr(model, "config", None)
     if config is not None and getattr(config, CONFIG_KEY, None):
         structure = structure_of(config)
         structure.top_k = {i: m.top_k for i, m in modules.items()}
+        structure.coverage = {i: m.coverage for i, m in modules.items() if m.coverage}
         record_structure(config, structure, config.num_experts)
     return previous
 

@@ -322,6 +322,8 @@ def with_model_defaults(recipe: Recipe) -> Recipe:
       One block at a time gives the same folder in less memory, and was no slower on SmolLM2
       (README, Large models);
     * ``refit``: on for decoder LMs, where training-free conversion loses most (README, Measured);
+    * ``routing``: dynamic top-k for decoder LMs in format remote-code (README, Measured), top-k
+      otherwise;
     * under ``ffn_budget``, for decoder LMs, unless the recipe names them: :data:`DECODER_BUDGET_EXPERTS`
       experts and the ``uniform`` budget (SmolLM2 at 50%: the sensitivity budget lost more, with 8
       experts and with 32, than the same top-k everywhere; README, Measured).
@@ -331,7 +333,7 @@ def with_model_defaults(recipe: Recipe) -> Recipe:
     """
     given = recipe.model_fields_set
     budget_defaults = recipe.ffn_budget is not None and not {"experts", "budget"} <= given
-    if recipe.sequential is not None and recipe.refit is not None and not budget_defaults:
+    if recipe.sequential is not None and recipe.refit is not None and recipe.routing is not None and not budget_defaults:
         return recipe
     dense = Dense.describe(recipe.model, recipe.allow_pickle)
     decided = {}
@@ -346,6 +348,8 @@ def with_model_defaults(recipe: Recipe) -> Recipe:
         decided["sequential"] = big and recipe.distill is None and recipe.ffn_budget is None
     if recipe.refit is None:
         decided["refit"] = dense.arch.decoder
+    if recipe.routing is None:
+        decided["routing"] = "dynamic" if dense.arch.decoder and recipe.format != "native" else "top-k"
     return recipe.model_copy(update=decided)
 
 
@@ -603,6 +607,8 @@ def _native_from_folder(student, teacher, tokenizer, recipe: Recipe, arch, texts
     """A remote-code ``student`` as the native model: the teacher is calibrated again for the refit."""
     target = native.check_source(teacher.config, recipe.shared_experts)
     modules = moe_modules(student)
+    if any(m.coverage for m in modules.values()):
+        raise UsageError("--format native: this model uses dynamic top-k, and a native MoE gives every token the same number of experts; convert with --routing top-k")
     num_layers = archs.num_layers(teacher.config, arch)
     native.check_plan({i: modules[i].top_k if i in modules else None for i in range(num_layers)}, recipe.experts)
     ffns, stats = calibrate_layers(teacher, tokenizer, texts, arch, list(modules), recipe, show_progress)
@@ -681,7 +687,8 @@ def split_layer(
         labels = surgery.prune_experts(labels, ffn.importance(sample), recipe.experts, keep)
     router = ROUTERS[recipe.router](ffn, stats, labels, recipe.experts, settings, generator)
     refit_to = whole if recipe.refit and recipe.format != "native" else None
-    return surgery.LayerSplit(ffn, labels, router, recipe.experts, activation, sample, shared, recipe.compensate, refit_to)
+    dynamic = recipe.routing == "dynamic"
+    return surgery.LayerSplit(ffn, labels, router, recipe.experts, activation, sample, shared, recipe.compensate, refit_to, dynamic)
 
 
 def plan_layers(

@@ -10,7 +10,8 @@
   ``cost``, ``weights_mb`` and ``speed`` (``throughput`` at batch x seq and ``latency`` at batch 1:
   dense and MoE medians in ms, tokens/s, ``speedup`` = dense time / MoE time)
 - ``routing`` (at the converted top-k): per layer the share of tokens each expert receives,
-  ``imbalance`` (max share x experts, 1 = even) and ``entropy`` (normalised, 1 = even)
+  ``imbalance`` (max share x experts, 1 = even), ``entropy`` (normalised, 1 = even) and
+  ``experts_per_token`` measured on these tokens (with dynamic top-k it varies around ``top_k``)
 - ``metrics``: the headline figures as (name, type, value, dataset), for the Hub's model-index
 - ``peak_rss_mb``: the evaluating process's peak resident memory
 - ``recovery`` (only for a distilled folder): the distillation history that convert or distill
@@ -126,6 +127,12 @@ def markdown(report: dict, figures: list[str]) -> str:
             f"Routing at top-{report['routing']['top_k']}: the most uneven layer is {worst['layer']} "
             f"(imbalance {worst['imbalance']:.2f}, entropy {worst['entropy']:.3f}; 1.00 and 1.000 are perfectly even).",
         ]
+        measured = [layer.get("experts_per_token") for layer in report["routing"]["layers"]]
+        if any(m is not None and abs(m - layer["top_k"]) > 1e-9 for m, layer in zip(measured, report["routing"]["layers"])):
+            md.append(  # dynamic top-k: the number of experts per token varies
+                f"Experts per token, measured (dynamic top-k): {min(measured):.2f} to {max(measured):.2f} by layer, "
+                f"{sum(measured) / len(measured):.2f} on average."
+            )
     for e in report["sweep"]:
         errors = ", ".join(f"{x:.3f}" for x in e["fidelity"]["layer_rel_error"])
         md.append(f"\nRelative hidden-state error per layer at top-{e['top_k']}: {errors}")

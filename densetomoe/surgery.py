@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -13,6 +13,7 @@ from . import moe
 from .archs import Arch
 from .ffn import CHUNK, DenseFFN, expert_members
 from .stages.refit import refit_experts
+from .stages.router import coverage_for
 
 
 @dataclass
@@ -28,6 +29,7 @@ class LayerSplit:
     shared: DenseFFN | None = None  # the always-on expert's neurons
     compensate: bool = True  # unselected experts stand in by their mean output on the sample
     refit_to: DenseFFN | None = None  # the whole dense FFN, when the down projections are refit to its output
+    dynamic: bool = False  # dynamic top-k: tokens take experts until a coverage, set so the mean is the top-k
 
     @property
     def expert_size(self) -> int:
@@ -38,10 +40,12 @@ class LayerSplit:
         return 0 if self.shared is None else self.shared.size
 
     def build(self, top_k: int) -> moe.MoEFeedForward:
-        """The MoE feed-forward at ``top_k``, refit to the dense output under that routing if asked."""
+        """The MoE feed-forward at ``top_k`` (with ``dynamic``: ``top_k`` experts per token on average
+        on the calibration sample), refit to the dense output under that routing if asked."""
+        coverage = coverage_for(self.router, self.sample, top_k) if self.dynamic and top_k < self.experts else 0.0
         module = moe_from_dense(
             self.routed, self.labels, self.router, self.experts, top_k, self.activation,
-            self.sample if self.compensate else None, self.shared,
+            self.sample if self.compensate else None, self.shared, coverage,
         )  # fmt: skip
         if self.refit_to is not None:
             refit_experts(module, self.refit_to, self.sample, offsets=self.compensate)
@@ -63,9 +67,10 @@ def swapped(block: nn.Module, arch: Arch, module: nn.Module) -> Iterator[None]:
 
 
 def skip_means(
-    ffn: DenseFFN, labels: torch.Tensor, router: moe.Router, sample: torch.Tensor, experts: int, top_k: int
+    ffn: DenseFFN, labels: torch.Tensor, selection: Callable[[torch.Tensor], torch.Tensor], sample: torch.Tensor, experts: int
 ) -> torch.Tensor:
-    """``(experts, hidden)``: each expert's mean output over the sampled tokens that do not select it.
+    """``(experts, hidden)``: each expert's mean output over the sampled tokens that do not select it
+    (``selection``: tokens -> ``(tokens, experts)``, 1 where selected, as :meth:`MoEFeedForward.selection`).
 
     Adding these for the unselected experts is the least-squares constant correction for what
     top-k routing drops; it is zero at ``top_k == experts`` and keeps the dense equivalence exact.
@@ -75,8 +80,7 @@ def skip_means(
         count = torch.zeros(experts)
         for part in sample.split(CHUNK):
             y = ffn.contributions(part, labels, experts)  # (tokens, experts, hidden)
-            chosen = router(part).topk(top_k, dim=-1).indices  # (tokens, top_k)
-            skipped = torch.ones(len(part), experts).scatter_(1, chosen, 0.0)  # (tokens, experts)
+            skipped = 1.0 - selection(part)  # (tokens, experts)
             total += torch.einsum("te,teh->eh", skipped, y)
             count += skipped.sum(0)
         return total / count.clamp_min(1).unsqueeze(-1)
@@ -112,11 +116,13 @@ def moe_from_dense(
     activation: str,
     sample: torch.Tensor | None = None,
     shared: DenseFFN | None = None,
+    coverage: float = 0.0,
 ) -> moe.MoEFeedForward:
     """An MoE feed-forward holding exactly ``ffn``'s weights, its neurons grouped by ``labels``
     (label -1: a pruned neuron, left out); with a calibration ``sample`` ``(tokens, hidden)``,
     unselected experts are compensated by their mean. ``shared`` holds the always-on expert's neurons
-    (taken out of ``ffn`` beforehand, without the down bias, which ``ffn`` keeps)."""
+    (taken out of ``ffn`` beforehand, without the down bias, which ``ffn`` keeps). ``coverage`` > 0:
+    dynamic top-k (:func:`~densetomoe.moe.coverage_selection`)."""
     members = expert_members(labels, experts)  # (experts, expert_size)
     hidden = ffn.w_up.shape[1]
     module = moe.MoEFeedForward(
@@ -150,9 +156,10 @@ def moe_from_dense(
             if module.b_gate is not None:
                 module.b_gate.copy_(ffn.b_gate[members])
     module.router.load_state_dict(router.state_dict())
-    if sample is not None and top_k < experts:
+    module.coverage = coverage
+    if sample is not None and module.sparse:
         with torch.no_grad():
-            module.skip_mean.copy_(skip_means(ffn, labels, router, sample, experts, top_k))
+            module.skip_mean.copy_(skip_means(ffn, labels, module.selection, sample, experts))
     return module
 
 
@@ -176,6 +183,7 @@ def structure(arch: Arch, modules: dict[int, moe.MoEFeedForward]) -> moe.Structu
         router_hidden=_router_hidden(first.router),
         shared_size=first.shared_size,
         top_k={i: m.top_k for i, m in sorted(modules.items())},
+        coverage={i: m.coverage for i, m in sorted(modules.items()) if m.coverage},
     )
 
 

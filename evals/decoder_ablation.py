@@ -5,10 +5,11 @@ dequantized to float32) once per row, each time through ``densetomoe.convert`` w
 settings on top of the defaults (calibration: the embedded Wikipedia sample), and measures
 perplexity by sliding windows on Wikipedia prose from other articles (``wiki-perplexity``'s text),
 against the dense model on the same tokens. FFN share: the average share of FFN neurons a token
-computes over all 30 layers (dense layers count 1).
+computes over all 30 layers (dense layers count 1), counted on the held-out tokens scored (with
+dynamic top-k the number of experts per token varies: it was set to the budget on calibration text).
 
     python evals/decoder_ablation.py                                  # every row
-    python evals/decoder_ablation.py --rows default uniform-32-no-refit --max-tokens 4096
+    python evals/decoder_ablation.py --rows default refit-32 --max-tokens 4096
 """
 
 from __future__ import annotations
@@ -20,26 +21,34 @@ import time
 import densetomoe
 from common import SMOLLM_GGUF, quiet_torch, smollm_gguf
 from densetomoe.data import heldout_corpus
+from densetomoe.evaluation import RoutingRecorder
 from densetomoe.ffn import neuron_share
 from densetomoe.metrics import perplexity
 from densetomoe.moe import moe_modules
 from densetomoe.stages import load
 
+TOP_K = dict(routing="top-k")
 ROWS = {  # name: (what it is, settings on top of the defaults); every row at half the FFN
-    "before": ("8 experts, sensitivity budget, no refit (the default before)", dict(ffn_budget=0.5, experts=8, budget="sensitivity", refit=False)),
-    "sensitivity-8": ("8 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=8, budget="sensitivity")),
-    "sensitivity-32": ("32 experts, sensitivity budget, refit", dict(ffn_budget=0.5, budget="sensitivity")),
-    "uniform-32-no-refit": ("32 experts, top-16 everywhere, no refit", dict(ffn_budget=0.5, refit=False)),
-    "default": ("--ffn-budget 0.5: 32 experts, top-16 everywhere, refit", dict(ffn_budget=0.5)),
-    "shared": ("24 routed experts + 8 shared, top-8 everywhere, refit", dict(ffn_budget=0.5, experts=24, shared_experts=8)),
-    "64-experts": ("64 experts, top-32 everywhere, refit", dict(ffn_budget=0.5, experts=64)),
+    "before": ("8 experts, sensitivity budget, no refit (the first default)", dict(ffn_budget=0.5, experts=8, budget="sensitivity", refit=False, **TOP_K)),
+    "sensitivity-8": ("8 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=8, budget="sensitivity", **TOP_K)),
+    "sensitivity-32": ("32 experts, sensitivity budget, refit", dict(ffn_budget=0.5, budget="sensitivity", **TOP_K)),
+    "uniform-32-no-refit": ("32 experts, top-16 everywhere, no refit", dict(ffn_budget=0.5, refit=False, **TOP_K)),
+    "refit-32": ("32 experts, top-16 everywhere, refit (the default before dynamic top-k)", dict(ffn_budget=0.5, **TOP_K)),
+    "dynamic-no-refit": ("32 experts, dynamic top-k (16 on average), no refit", dict(ffn_budget=0.5, refit=False)),
+    "default": ("--ffn-budget 0.5: 32 experts, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5)),
+    "shared": ("24 routed experts + 8 shared, dynamic top-k (8 on average), refit", dict(ffn_budget=0.5, experts=24, shared_experts=8)),
+    "64-experts": ("64 experts, dynamic top-k (32 on average), refit", dict(ffn_budget=0.5, experts=64)),
 }
 
 
-def ffn_share(model, num_layers: int, ffn_size: int) -> float:
-    """Average share of FFN neurons per token over all layers (a dense layer computes all of them)."""
-    modules = moe_modules(model)
-    shares = [neuron_share(m.top_k, m.expert_size, m.shared_size, ffn_size) for m in modules.values()]
+def ffn_share(model, recorder: RoutingRecorder, num_layers: int, ffn_size: int) -> float:
+    """Average share of FFN neurons per token over all layers (a dense layer computes all of them), from
+    the experts per token that ``recorder`` counted."""
+    modules = moe_modules(model).values()
+    shares = [
+        neuron_share(float(counts.sum()) / max(tokens, 1), m.expert_size, m.shared_size, ffn_size)
+        for m, counts, tokens in zip(modules, recorder.counts, recorder.tokens)
+    ]  # fmt: skip
     return (sum(shares) + num_layers - len(shares)) / num_layers
 
 
@@ -68,8 +77,10 @@ def main() -> None:
         start = time.perf_counter()
         result = densetomoe.convert(densetomoe.Recipe.build(model=path, **settings), show_progress=False)
         minutes = (time.perf_counter() - start) / 60
+        recorder = RoutingRecorder(list(moe_modules(result.model).values()))
         value = score(result.model, result.dense.tokenizer)
-        share = ffn_share(result.model, result.dense.num_layers, result.dense.ffn_size)
+        recorder.close()
+        share = ffn_share(result.model, recorder, result.dense.num_layers, result.dense.ffn_size)
         row = {"row": name, "what": what, "settings": settings, "ffn_share": share, "perplexity": value,
                "dense_perplexity": reference, "ratio": value / reference, "convert_minutes": minutes}  # fmt: skip
         if args.json:

@@ -49,6 +49,7 @@ p.add_argument("--eval-tokens", type=int, default=4096)
 p.add_argument("--dense-layers", default="")
 p.add_argument("--tag", default="")
 p.add_argument("--dynamic", action="store_true")
+p.add_argument("--global-coverage", action="store_true", help="with --dynamic: one coverage for all layers, set so that the mean over layers is --top-k (layer-adaptive)")
 args = p.parse_args()
 torch.manual_seed(0)
 t0 = time.time()
@@ -70,6 +71,7 @@ settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps
 tokens = sum(int(b["attention_mask"].sum()) for b in batches)
 dense_layers = {int(x) for x in args.dense_layers.split(",") if x}
 errors = []
+mean_ks = []
 
 
 def record(block, ffn, s, i, want_mid=False):
@@ -157,6 +159,23 @@ def capture_all(block, s, name):
     return torch.cat(got), outs
 
 
+global_tau = None
+if args.global_coverage:  # a first pass on the dense stream: every layer's router, then one coverage for all
+    befores, s0 = [], stream
+    for i in range(len(blocks)):
+        ffn = dense_ffn(blocks[i], arch, ACT2FN[act_name])
+        st, s0 = record(blocks[i], ffn, s0, i)
+        split = pipeline.split_layer(ffn, st, recipe, act_name, settings, layer_generator(0, i, "split"))
+        with torch.no_grad():
+            for xp in st.inputs.split(CHUNK):
+                o = split.router(xp).float().softmax(-1).sort(-1, descending=True).values
+                befores.append((o.cumsum(-1) - o).reshape(-1))
+        print(f"pass 1 layer {i} {time.time()-t0:.0f}s", file=sys.stderr, flush=True)
+    allb = torch.cat(befores)
+    global_tau = float(allb.kthvalue(int(args.top_k * len(allb) / args.experts) + 1).values)
+    del befores, allb
+    print(f"global tau {global_tau:.4f}", file=sys.stderr)
+
 for i in range(len(blocks)):
     block = blocks[i]
     ffn = dense_ffn(block, arch, ACT2FN[act_name])
@@ -171,6 +190,10 @@ for i in range(len(blocks)):
     if args.dynamic:
         module.forward = dyn_forward.__get__(module)
         mk = calibrate_tau(module, stats.inputs, args.top_k)
+        if global_tau is not None:
+            module.tau = global_tau
+            mk = float(torch.cat([dyn_mask(module, xp).sum(-1) for xp in stats.inputs.split(CHUNK)]).mean())
+            mean_ks.append(mk)
         print(f"layer {i} tau {module.tau:.3f} mean k {mk:.2f}", file=sys.stderr)
     if args.refit and args.target == "residual":
         with torch.no_grad():
@@ -189,7 +212,7 @@ for i in range(len(blocks)):
     print(f"layer {i} {errors[-1] if errors else ''} {time.time()-t0:.0f}s", file=sys.stderr, flush=True)
 moe_ppl = ppl()
 share = (args.top_k * expert_size(1536, args.experts, args.shared) + args.shared * expert_size(1536, args.experts, args.shared)) / 1536
-res = dict(vars(args), dense=base, moe=moe_ppl, ratio=moe_ppl / base, share=share, seconds=time.time() - t0,
+res = dict(vars(args), mean_ks=mean_ks, dense=base, moe=moe_ppl, ratio=moe_ppl / base, share=share, seconds=time.time() - t0,
            refit_err=[sum(e[0] for e in errors) / max(len(errors), 1), sum(e[1] for e in errors) / max(len(errors), 1)])
 print(json.dumps(res))
 Path("runs").mkdir(exist_ok=True)

@@ -67,6 +67,7 @@ def test_export_reloads_and_generates_without_densetomoe(tiny_decoders, texts_fi
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_densetomoe.MoE{DECODERS[family][2]}"
     assert (out / "generation_config.json").is_file()
+    assert config["densetomoe"]["coverage"].keys() == config["densetomoe"]["top_k"].keys()  # dynamic top-k, the default
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
     stdout = run_without_densetomoe(f"""

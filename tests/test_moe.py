@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from densetomoe import surgery
-from densetomoe.moe import MoEFeedForward, Router, set_top_k
+from densetomoe.moe import MoEFeedForward, Router, Routing, coverage_selection, set_top_k
+from densetomoe.stages.router import coverage_for
 from densetomoe.ffn import DenseFFN
 from densetomoe.stages.partition import at_random
 
@@ -70,7 +71,7 @@ def test_skip_means_are_the_mean_of_unselected_contributions():
     labels = at_random(ffn, None, 4, torch.Generator().manual_seed(0))
     router = Router(16, 4)
     x = torch.randn(200, 16)
-    means = surgery.skip_means(ffn, labels, router, x, experts=4, top_k=1)
+    means = surgery.skip_means(ffn, labels, lambda x: torch.zeros(len(x), 4).scatter_(1, router(x).topk(1).indices, 1.0), x, experts=4)
     chosen = router(x).argmax(-1)
     y = ffn.contributions(x, labels, 4)
     for e in range(4):
@@ -80,7 +81,7 @@ def test_skip_means_are_the_mean_of_unselected_contributions():
 def test_set_top_k_without_a_config_sets_every_module_and_validates():
     """Modules found by order; the config side is tested in test_structure."""
     model = nn.Sequential(MoEFeedForward(8, 4, 2, top_k=2), MoEFeedForward(8, 4, 2, top_k=4))
-    assert set_top_k(model, 3) == {0: 2, 1: 4}  # the previous setting, per layer
+    assert set_top_k(model, 3) == {0: Routing(2), 1: Routing(4)}  # the previous setting, per layer
     assert [m.top_k for m in model] == [3, 3]
     with pytest.raises(ValueError):
         set_top_k(model, 5)
@@ -249,3 +250,88 @@ def test_in_half_precision_a_moe_layer_is_as_exact_as_the_dense_ffn(dtype):
     dense_low = (nn.functional.silu(xl @ w_gate.T) * (xl @ w_up.T)) @ w_down.T
     dense_error = rel(dense_low, ffn.neurons(x) @ ffn.w_down.T)
     assert moe_error < 1.5 * dense_error, (moe_error, dense_error)
+
+
+# -- dynamic top-k -----------------------------------------------------------------------------------
+def test_coverage_selection_takes_experts_by_probability_until_the_coverage_is_reached():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.9, 0.03, 0.02], [0.25, 0.25, 0.25, 0.25]])
+    chosen = coverage_selection(probs, 0.7)
+    # 0.5 < 0.7 so the second (0.3) is taken, 0.8 >= 0.7 so not the third; 0.9 alone; 0.25+0.25+0.25
+    assert chosen.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 1, 1, 0]]
+    assert coverage_selection(probs, 1e-9).sum(-1).tolist() == [1, 1, 1]  # the first always
+    assert coverage_selection(probs, 1.0 + 1e-6).sum(-1).tolist() == [4, 4, 4]
+
+
+def test_coverage_for_sets_the_mean_number_of_experts_on_the_sample():
+    torch.manual_seed(0)
+    router, sample = Router(16, 8, hidden=8), torch.randn(500, 16)
+    with torch.no_grad():
+        router.layers[-1].weight.mul_(20)  # confident on some tokens, not on others
+    for k in (2, 3, 6):
+        coverage = coverage_for(router, sample, k)
+        counts = coverage_selection(router(sample).softmax(-1), coverage).sum(-1)
+        assert counts.mean() == pytest.approx(k, abs=1e-3)  # exactly k * tokens pairs (no ties)
+        assert counts.min() < k < counts.max()  # and it varies per token
+    assert coverage_selection(router(sample).softmax(-1), coverage_for(router, sample, 1)).sum(-1).max() == 1
+    assert coverage_for(router, sample, 8) > 1.0  # every expert
+
+
+def build_dynamic(gated=True, bias=True, shared=True, top_k=2):
+    """:func:`build_full`, with dynamic top-k at ``top_k`` experts per token on average."""
+    moe, _ = build_full(gated, bias, shared, top_k=top_k)
+    with torch.no_grad():
+        moe.router.layers[-1].weight.mul_(20)  # a router confident on some tokens, not on others
+        moe.coverage = coverage_for(moe.router, torch.randn(256, 16), top_k)
+        moe.skip_mean.normal_()
+
+    def expected(x):
+        mask = moe.selection(x)  # (tokens, experts)
+        a = moe._neurons(x, slice(None)).reshape(len(x), moe.num_experts, moe.expert_size)
+        out = torch.einsum("te,tes,esh->th", mask, a, moe.w_down) + (1 - mask) @ moe.skip_mean
+        if moe.shared_size:
+            out += moe._shared(x)
+        return out + moe.b_down if moe.b_down is not None else out
+
+    return moe, expected
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+@torch.no_grad()
+def test_dynamic_top_k_is_the_same_on_the_decode_dispatch_and_masked_paths(tokens):
+    moe, expected = build_dynamic()
+    x = torch.randn(tokens, 16)
+    want = expected(x)
+    moe.decode_slots = 10**6
+    torch.testing.assert_close(moe(x), want, rtol=1e-5, atol=1e-5)
+    moe.decode_slots = 0
+    torch.testing.assert_close(moe(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moe._masked_forward(x) + moe._shared(x) + moe.b_down, want, rtol=1e-5, atol=1e-5)
+    if tokens == 40:
+        counts = moe.selection(x).sum(-1)
+        assert counts.min() < counts.max()  # tokens did take different numbers of experts
+    with pytest.raises(ValueError, match="selection"):
+        moe.select(x)
+
+
+def test_dynamic_top_k_trains_with_the_same_forward_value_and_gradients_on_what_was_taken():
+    moe, expected = build_dynamic(shared=False)
+    x = torch.randn(30, 16)
+    with torch.no_grad():
+        want = expected(x)
+    moe.train()
+    out = moe(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    taken = moe.selection(x).sum(0) > 0
+    assert [bool(moe.w_up.grad[e].abs().sum() > 0) for e in range(4)] == taken.tolist()
+    assert torch.isfinite(moe.aux["balance"]) and moe.aux["balance"] > 0
+
+
+def test_set_top_k_turns_dynamic_top_k_into_a_fixed_one_and_back():
+    moe, _ = build_dynamic()
+    model, coverage = nn.Sequential(moe), moe.coverage
+    assert set_top_k(model, 3) == {0: Routing(2, coverage)}
+    assert moe.top_k == 3 and moe.coverage == 0.0
+    assert moe.selection(torch.randn(10, 16)).sum(-1).tolist() == [3] * 10
+    set_top_k(model, {0: Routing(2, coverage)})
+    assert moe.top_k == 2 and moe.coverage == coverage > 0

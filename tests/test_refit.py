@@ -10,6 +10,7 @@ from densetomoe.ffn import DenseFFN
 from densetomoe.moe import Router, moe_modules
 from densetomoe.stages.partition import at_random
 from densetomoe.stages.refit import refit_experts, relative_error
+from densetomoe.stages.router import coverage_for
 from test_moe import random_ffn
 
 
@@ -29,19 +30,24 @@ def without_bias(ffn: DenseFFN, out: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
-def test_the_refit_lowers_the_error_the_module_really_makes(gated, shared):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_the_refit_lowers_the_error_the_module_really_makes(gated, shared, dynamic):
     ffn, moe = layer(gated, shared, top_k=2)
     calibration, held_out = torch.randn(4096, 16), torch.randn(1024, 16)
+    if dynamic:  # a varying number of experts per token, 2 on average
+        with torch.no_grad():
+            moe.router.layers[-1].weight.mul_(20)
+        moe.coverage = coverage_for(moe.router, calibration, 2)
     error = lambda x: relative_error(without_bias(ffn, moe(x).detach()), ffn.neurons(x) @ ffn.w_down.T)  # noqa: E731
     before, held_out_before = error(calibration), error(held_out)
-    routing = moe.select(held_out)
+    routing = moe.selection(held_out)
     fit = refit_experts(moe, ffn, calibration)
     # the fit's own figures are those of the module's real forward: its features are what inference computes
     assert fit.error_before == pytest.approx(before, rel=1e-4)
     assert fit.error_after == pytest.approx(error(calibration), rel=1e-4)
     assert fit.error_after < 0.95 * before
     assert error(held_out) < held_out_before  # not an overfit of the calibration tokens
-    assert torch.equal(moe.select(held_out), routing)  # the routing is left as it is
+    assert torch.equal(moe.selection(held_out), routing)  # the routing is left as it is
 
 
 def test_the_refit_leaves_a_layer_with_every_expert_active_as_it_is():

@@ -17,7 +17,7 @@ from conftest import quick_recipe
 from densetomoe import archs, moe, surgery
 from densetomoe.errors import UsageError
 from densetomoe.ffn import dense_ffn
-from densetomoe.moe import Router, Structure, set_top_k, structure_of
+from densetomoe.moe import Router, Routing, Structure, set_top_k, structure_of
 from densetomoe.stages.partition import PARTITIONS, at_random
 
 PACKAGE = Path(densetomoe.__file__).parent
@@ -147,12 +147,12 @@ def test_set_top_k_changes_modules_and_config_together_and_returns_the_previous_
     model = _tiny_moe_model({0: 2, 2: 1})
     assert structure_of(model.config).top_k == {0: 2, 2: 1} and model.config.num_experts_per_tok == 2
     previous = set_top_k(model, 3)
-    assert previous == {0: 2, 2: 1}
+    assert previous == {0: Routing(2), 2: Routing(1)}
     assert {i: m.top_k for i, m in moe.moe_modules(model).items()} == {0: 3, 2: 3}
     assert structure_of(model.config).top_k == {0: 3, 2: 3} and model.config.num_experts_per_tok == 3
     set_top_k(model, previous)  # restores per layer, config included
     assert structure_of(model.config).top_k == {0: 2, 2: 1} and model.config.num_experts_per_tok == 2
-    assert set_top_k(model, {2: 4}) == {0: 2, 2: 1} and moe.moe_modules(model)[2].top_k == 4
+    assert set_top_k(model, {2: 4}) == {0: Routing(2), 2: Routing(1)} and moe.moe_modules(model)[2].top_k == 4
     for bad in (0, 5, {1: 2}, {0: 9}):
         with pytest.raises(ValueError):
             set_top_k(model, bad)

@@ -106,8 +106,8 @@ def refit_experts(
     """Refit, in place, ``module``'s experts' down projections, its ``skip_mean`` and its shared expert's
     down projection to reproduce ``targets`` (default: the dense ``ffn``'s output, less its down bias,
     which the module adds as it is) on the FFN ``inputs`` ``(tokens, hidden)``, under the module's own
-    top-k routing (``offsets=False``: ``skip_mean`` is left as it is). Nothing changes at ``top_k ==
-    num_experts``, where the module is already exact. The errors reported are relative to the FFN
+    routing, fixed or dynamic top-k (``offsets=False``: ``skip_mean`` is left as it is). Nothing
+    changes where every token takes every expert: the module is already exact. The errors reported are relative to the FFN
     output without its down bias."""
     experts, size, hidden = module.num_experts, module.expert_size, module.hidden_size
     parts = [module.w_down.detach().float().reshape(-1, hidden).T]
@@ -123,7 +123,7 @@ def refit_experts(
             y = ffn.neurons(x) @ ffn.w_down.T
         else:
             y = targets[start : start + CHUNK].float()
-        selected = torch.zeros(len(x), experts).scatter_(1, module.select(x), 1.0)  # (tokens, experts)
+        selected = module.selection(x)  # (tokens, experts)
         a = module._neurons(x, slice(None)).float().reshape(len(x), experts, size)
         features = [(a * selected.unsqueeze(-1)).reshape(len(x), -1)]
         if offsets:
@@ -134,7 +134,7 @@ def refit_experts(
             features.append(module._shared_neurons(x).float())
         equations.add(torch.cat(features, dim=1), y)
     before = equations.error(initial)
-    if module.top_k >= experts:
+    if not module.sparse:
         return LayerFit(before, before)
     fitted = equations.solve(initial, ridge)
     routed = experts * size

@@ -128,3 +128,23 @@ def _fold_normalisation(router: Router, mean: torch.Tensor, std: torch.Tensor) -
         w = first.weight / std  # (out, hidden)
         first.bias.sub_(w @ mean)
         first.weight.copy_(w)
+
+
+@torch.no_grad()
+def coverage_for(router: Router, sample: torch.Tensor, top_k: int) -> float:
+    """Dynamic top-k's coverage at which the tokens of ``sample`` take ``top_k`` experts on average.
+
+    A token takes an expert when the router probability of the experts ranked before it is below the
+    coverage (:func:`~densetomoe.moe.coverage_selection`), so the number of (token, expert) pairs taken
+    at coverage ``c`` is the count of those "probability before" values below ``c``, over all tokens:
+    the coverage is the ``top_k * tokens + 1``-th smallest of them (ties only lower the mean).
+    """
+    before = []
+    for part in sample.split(CHUNK):
+        ordered = router(part).float().softmax(-1).sort(-1, descending=True).values
+        before.append((ordered.cumsum(-1) - ordered).reshape(-1))
+    values = torch.cat(before)  # (tokens * experts,)
+    pairs = top_k * len(sample)
+    if pairs >= len(values):
+        return 1.0 + 1e-6  # every expert (the probability before the last is below 1)
+    return float(values.kthvalue(pairs + 1).values)
