@@ -198,7 +198,8 @@ def _print_summary(result) -> None:
     table.add_column("value", justify="right")
     top_k = nominal_top_k(result.top_k)
     per_layer = {i: k for i, k in result.top_k.items() if k != top_k}
-    table.add_row("experts, top-k", f"{r.experts}, {top_k}" + (f" (per layer: {len(per_layer)} differ)" if per_layer else ""))
+    dynamic = " on average (dynamic)" if r.routing == "dynamic" else ""
+    table.add_row("experts, top-k", f"{r.experts}, {top_k}{dynamic}" + (f" (per layer: {len(per_layer)} differ)" if per_layer else ""))
     table.add_row("share of FFN neurons a token uses (all layers)", f"{q.active_ffn_share:.0%}")
     table.add_row("FFN FLOPs per token, MoE / dense", f"{q.ffn_flops_ratio:.3f}")
     table.add_row("cosine of mean-pooled outputs", f"{q.embedding_cosine:.4f}")

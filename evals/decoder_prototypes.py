@@ -49,6 +49,8 @@ p.add_argument("--eval-tokens", type=int, default=4096)
 p.add_argument("--dense-layers", default="")
 p.add_argument("--tag", default="")
 p.add_argument("--dynamic", action="store_true")
+p.add_argument("--local-steps", type=int, default=0, help="layer-wise local reconstruction: Adam steps per layer on (FFN input, dense FFN output) pairs, then the refit again")
+p.add_argument("--local-lr", type=float, default=1e-4)
 p.add_argument("--global-coverage", action="store_true", help="with --dynamic: one coverage for all layers, set so that the mean over layers is --top-k (layer-adaptive)")
 args = p.parse_args()
 torch.manual_seed(0)
@@ -207,6 +209,29 @@ for i in range(len(blocks)):
         with torch.no_grad():
             y = torch.cat([ffn.neurons(xp) @ ffn.w_down.T for xp in x.split(CHUNK)])
         errors.append(refit(module, ffn, x, y))
+    if args.local_steps:
+        x = stats.inputs
+        with torch.no_grad():
+            y = torch.cat([ffn.neurons(xp) @ ffn.w_down.T for xp in x.split(CHUNK)])
+        if args.dynamic:
+            module.forward = type(module).forward.__get__(module)  # the library's training path
+            module.coverage = module.tau
+        module.train()
+        opt = torch.optim.Adam([p_ for p_ in module.parameters()], lr=args.local_lr)
+        g = torch.Generator().manual_seed(i)
+        norm = float(y.square().mean())
+        for step in range(args.local_steps):
+            pick = torch.randint(len(x), (512,), generator=g)
+            with torch.enable_grad():
+                loss = (module(x[pick]) - y[pick]).square().mean() / norm
+                opt.zero_grad(); loss.backward(); opt.step()
+        module.eval()
+        if args.dynamic:
+            module.tau = module.coverage
+            module.coverage = 0.0
+            module.forward = dyn_forward.__get__(module)
+        if args.refit:
+            errors.append(refit(module, ffn, x, y))
     replace_ffn(block, arch.moe_at, list(arch.identity), module)
     blockwise.run_block(block, moe_stream)
     print(f"layer {i} {errors[-1] if errors else ''} {time.time()-t0:.0f}s", file=sys.stderr, flush=True)

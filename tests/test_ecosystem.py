@@ -232,14 +232,16 @@ def test_fine_tuning_adds_the_load_balancing_loss_as_transformers_moe_models_do(
     assert config["output_router_logits"] is False and config["router_aux_loss_coef"] == moe.ROUTER_AUX_LOSS_COEF
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_a_converted_decoder_compiles_in_one_graph_and_exports(tiny_decoders, texts_file, family):
+@pytest.mark.parametrize(("family", "routing"), [("llama", "dynamic"), ("gpt2", "top-k")])
+def test_a_converted_decoder_compiles_in_one_graph_and_exports(tiny_decoders, texts_file, family, routing):
     """``torch.compile(fullgraph=True)`` and ``torch.export`` trace the MoE (every expert, masked:
-    no routing-dependent shapes) and compute what eager does (selected experts only). The aot_eager
-    backend captures the same graph as inductor without compiling C++ kernels."""
+    no routing-dependent shapes, with a fixed or a dynamic top-k) and compute what eager does
+    (selected experts only). The aot_eager backend captures the same graph as inductor without
+    compiling C++ kernels."""
     import torch
 
-    conversion = densetomoe.convert(quick_recipe(tiny_decoders[family], texts_file, top_k=2, router_steps=5), show_progress=False)
+    recipe = quick_recipe(tiny_decoders[family], texts_file, top_k=2, router_steps=5, routing=routing)
+    conversion = densetomoe.convert(recipe, show_progress=False)
     model = conversion.model.eval()
     ids = torch.randint(5, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "use_cache": False}  # no cache object in the outputs: export returns tensors

@@ -202,6 +202,11 @@ def test_distill_with_format_native_turns_a_remote_code_folder_native(tiny_decod
     folder, remote, out = tiny_decoders["qwen2"], tmp_path / "remote", tmp_path / "native"
     densetomoe.convert(quick_recipe(folder, texts_file, top_k=2, router="linear"), out=remote, show_progress=False)
     args = ["distill", str(remote), "--format", "native", "--steps", "2", "--batch-size", "4", "--out", str(out), "--no-progress"]
+    dynamic = CliRunner().invoke(app, args)  # a decoder's default: a varying number of experts per token
+    assert dynamic.exit_code == 2 and "convert with --routing top-k" in " ".join(dynamic.output.split())
+    assert not out.exists()
+    recipe = quick_recipe(folder, texts_file, top_k=2, router="linear", routing="top-k")
+    densetomoe.convert(recipe, out=remote, overwrite=True, show_progress=False)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert transformers.AutoConfig.from_pretrained(out).model_type == "qwen2_moe" and not list(out.glob("*.py"))
