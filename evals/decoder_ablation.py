@@ -10,6 +10,10 @@ dynamic top-k the number of experts per token varies: it was set to the budget o
 
     python evals/decoder_ablation.py                                  # every row
     python evals/decoder_ablation.py --rows default refit-32 --max-tokens 4096
+    python evals/decoder_ablation.py --rows default refit-32 --speed   # also eager speed against dense
+
+Speed (``--speed``): one forward of a 512-token window (batch 1) and of 8 of them (batch 8), dense and
+converted timed in interleaved rounds in this process (medians of 5), as dense time / MoE time.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import argparse
 import json
 import time
 
+import torch
+
 import densetomoe
 from common import SMOLLM_GGUF, quiet_torch, smollm_gguf
 from densetomoe.data import heldout_corpus
+from densetomoe.efficiency import random_inputs, time_models
 from densetomoe.evaluation import RoutingRecorder
 from densetomoe.ffn import neuron_share
 from densetomoe.metrics import perplexity
@@ -52,12 +59,20 @@ def ffn_share(model, recorder: RoutingRecorder, num_layers: int, ffn_size: int) 
     return (sum(shares) + num_layers - len(shares)) / num_layers
 
 
+@torch.no_grad()
+def speedup(dense, model, batch: int) -> float:
+    """Dense time / MoE time of one forward on ``batch`` windows of 512 tokens (interleaved medians)."""
+    timing = time_models({"dense": dense, "moe": model}, random_inputs(dense.config.vocab_size, batch, 512), repeats=5)
+    return timing["dense"].median_s / timing["moe"].median_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens scored (wiki-perplexity: 16384)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON line per row instead of a table")
+    parser.add_argument("--speed", action="store_true", help="also time a forward against the dense model (eager PyTorch)")
     args = parser.parse_args()
     quiet_torch(args.threads)
     path = smollm_gguf()
@@ -67,11 +82,13 @@ def main() -> None:
     config = load.load_config(source)
     dense, tokenizer = load.load_model(source, config, causal_lm=True)
     reference = score(dense, tokenizer)
-    del dense
+    if not args.speed:
+        del dense
     if not args.json:
         print(f"{SMOLLM_GGUF} (dequantized to float32); perplexity on {args.max_tokens:,} held-out tokens "
               f"(window 512, stride 256): dense {reference:.2f}")  # fmt: skip
-        print(f"{'row':<19} {'FFN share':>9} {'perplexity':>10} {'vs dense':>8} {'minutes':>7}  what")
+        speed = f" {'speed b1':>8} {'speed b8':>8}" if args.speed else ""
+        print(f"{'row':<19} {'FFN share':>9} {'perplexity':>10} {'vs dense':>8}{speed} {'minutes':>7}  what")
     for name in args.rows:
         what, settings = ROWS[name]
         start = time.perf_counter()
@@ -83,10 +100,14 @@ def main() -> None:
         share = ffn_share(result.model, recorder, result.dense.num_layers, result.dense.ffn_size)
         row = {"row": name, "what": what, "settings": settings, "ffn_share": share, "perplexity": value,
                "dense_perplexity": reference, "ratio": value / reference, "convert_minutes": minutes}  # fmt: skip
+        columns = ""
+        if args.speed:
+            row["speedup"] = {f"batch {b}": speedup(dense, result.model, b) for b in (1, 8)}
+            columns = "".join(f" {x:>7.2f}x" for x in row["speedup"].values())
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            print(f"{name:<19} {share:>9.1%} {value:>10.2f} {value / reference:>7.2f}x {minutes:>7.1f}  {what}", flush=True)
+            print(f"{name:<19} {share:>9.1%} {value:>10.2f} {value / reference:>7.2f}x{columns} {minutes:>7.1f}  {what}", flush=True)
         del result
 
 

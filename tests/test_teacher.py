@@ -147,7 +147,7 @@ def test_a_teacher_sharing_weights_the_student_trains_is_refused(tiny_models, te
 FOLDERS = {  # (fixture, model, conversion settings, distill settings)
     "remote-code": ("tiny_models", "BertModel", {}, {}),
     "native": ("tiny_decoders", "llama", {"format": "native"}, {}),
-    "remote-code->native, train all": ("tiny_decoders", "qwen2", {"router": "linear"}, {"train": "all"}),
+    "remote-code->native, train all": ("tiny_decoders", "qwen2", {"router": "linear", "routing": "top-k"}, {"train": "all"}),
 }
 
 
