@@ -33,7 +33,7 @@ from .stages.router import ROUTERS, RouterSettings
 
 HELD_OUT_TEXTS = 64
 SEQUENTIAL_FROM = 1_000_000_000  # parameters from which a decoder converts one block at a time by default
-DECODER_BUDGET_EXPERTS = 32  # a decoder's experts under --ffn-budget when none are asked for
+DECODER_BUDGET_EXPERTS = (64, 32)  # a decoder's experts under --ffn-budget when none are asked for: the first that splits its FFN
 LOGITS_BYTES = 64 * 1024**2  # the most logits one held-out batch may produce (float32; scoring copies them twice)
 
 
@@ -324,9 +324,10 @@ def with_model_defaults(recipe: Recipe) -> Recipe:
     * ``refit``: on for decoder LMs, where training-free conversion loses most (README, Measured);
     * ``routing``: dynamic top-k for decoder LMs in format remote-code (README, Measured), top-k
       otherwise;
-    * under ``ffn_budget``, for decoder LMs, unless the recipe names them: :data:`DECODER_BUDGET_EXPERTS`
-      experts and the ``uniform`` budget (SmolLM2 at 50%: the sensitivity budget lost more, with 8
-      experts and with 32, than the same top-k everywhere; README, Measured).
+    * under ``ffn_budget``, for decoder LMs, unless the recipe names them: the first of
+      :data:`DECODER_BUDGET_EXPERTS` that splits the FFN equally, and the ``uniform`` budget (SmolLM2
+      at 50%: 64 experts lost less than 32, and the sensitivity budget more, with 8 experts and with
+      32, than the same top-k everywhere; README, Measured).
 
     What is decided is recorded as set, so a second call (the CLI's, then :func:`convert`'s) reads
     nothing again.
@@ -338,9 +339,9 @@ def with_model_defaults(recipe: Recipe) -> Recipe:
     dense = Dense.describe(recipe.model, recipe.allow_pickle)
     decided = {}
     if budget_defaults:
-        splits = dense.ffn_size % (DECODER_BUDGET_EXPERTS + recipe.shared_experts) == 0
+        splitting = [n for n in DECODER_BUDGET_EXPERTS if dense.ffn_size % (n + recipe.shared_experts) == 0]
         if "experts" not in given:
-            decided["experts"] = DECODER_BUDGET_EXPERTS if dense.arch.decoder and splits else recipe.experts
+            decided["experts"] = splitting[0] if dense.arch.decoder and splitting else recipe.experts
         if "budget" not in given:
             decided["budget"] = "uniform" if dense.arch.decoder else recipe.budget
     if recipe.sequential is None:

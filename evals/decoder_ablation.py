@@ -10,7 +10,7 @@ dynamic top-k the number of experts per token varies: it was set to the budget o
 
     python evals/decoder_ablation.py                                  # every row
     python evals/decoder_ablation.py --rows default refit-32 --max-tokens 4096
-    python evals/decoder_ablation.py --rows default refit-32 --speed   # also eager speed against dense
+    python evals/decoder_ablation.py --rows refit-32 32-experts default --speed   # and eager speed against dense
 
 Speed (``--speed``): one forward of a 512-token window (batch 1) and of 8 of them (batch 8), dense and
 converted timed in interleaved rounds in this process (medians of 5), as dense time / MoE time.
@@ -38,13 +38,14 @@ TOP_K = dict(routing="top-k")
 ROWS = {  # name: (what it is, settings on top of the defaults); every row at half the FFN
     "before": ("8 experts, sensitivity budget, no refit (the first default)", dict(ffn_budget=0.5, experts=8, budget="sensitivity", refit=False, **TOP_K)),
     "sensitivity-8": ("8 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=8, budget="sensitivity", **TOP_K)),
-    "sensitivity-32": ("32 experts, sensitivity budget, refit", dict(ffn_budget=0.5, budget="sensitivity", **TOP_K)),
-    "uniform-32-no-refit": ("32 experts, top-16 everywhere, no refit", dict(ffn_budget=0.5, refit=False, **TOP_K)),
-    "refit-32": ("32 experts, top-16 everywhere, refit (the default before dynamic top-k)", dict(ffn_budget=0.5, **TOP_K)),
-    "dynamic-no-refit": ("32 experts, dynamic top-k (16 on average), no refit", dict(ffn_budget=0.5, refit=False)),
-    "default": ("--ffn-budget 0.5: 32 experts, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5)),
-    "shared": ("24 routed experts + 8 shared, dynamic top-k (8 on average), refit", dict(ffn_budget=0.5, experts=24, shared_experts=8)),
-    "64-experts": ("64 experts, dynamic top-k (32 on average), refit", dict(ffn_budget=0.5, experts=64)),
+    "sensitivity-32": ("32 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=32, budget="sensitivity", **TOP_K)),
+    "uniform-32-no-refit": ("32 experts, top-16 everywhere, no refit", dict(ffn_budget=0.5, experts=32, refit=False, **TOP_K)),
+    "refit-32": ("32 experts, top-16 everywhere, refit (the default before dynamic top-k)", dict(ffn_budget=0.5, experts=32, **TOP_K)),
+    "32-experts": ("32 experts, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5, experts=32)),
+    "64-top-k": ("64 experts, top-32 everywhere, refit", dict(ffn_budget=0.5, **TOP_K)),
+    "no-refit": ("64 experts, dynamic top-k (32 on average), no refit", dict(ffn_budget=0.5, refit=False)),
+    "shared": ("48 routed experts + 16 shared, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5, experts=48, shared_experts=16)),
+    "default": ("--ffn-budget 0.5: 64 experts, dynamic top-k (32 on average), refit", dict(ffn_budget=0.5)),
 }
 
 

@@ -3,7 +3,8 @@
 Converts SmolLM2-135M-Instruct (a float32 safetensors folder; `python evals/serving.py` writes
 runs/serving/dense) one layer at a time with the library's stages (calibration, partition, router,
 MoE module), optionally refit in ways the library does not offer (on the converted model's own hidden
-states, to the dense residual stream, with dynamic top-k), and prints the perplexity on held-out
+states, to the dense residual stream; dynamic top-k, now in the library, with one coverage for all
+layers; layer-wise local reconstruction by gradient steps), and prints the perplexity on held-out
 Wikipedia text (wiki-perplexity's text, the first --eval-tokens tokens) against the dense model.
 Each run appends one JSON line to runs/decoder_prototypes.jsonl. The README's "what else was tried"
 figures come from these commands:
@@ -17,6 +18,9 @@ figures come from these commands:
     python evals/decoder_prototypes.py --experts 24 --top-k 8 --shared 8 --refit --fit converted
     python evals/decoder_prototypes.py --experts 64 --top-k 32 --refit
     python evals/decoder_prototypes.py --experts 32 --top-k 16 --refit --dynamic
+    python evals/decoder_prototypes.py --experts 64 --top-k 32 --refit --dynamic
+    python evals/decoder_prototypes.py --experts 64 --top-k 32 --refit --dynamic --global-coverage
+    python evals/decoder_prototypes.py --experts 64 --top-k 32 --refit --dynamic --local-steps 200
 """
 import argparse, json, sys, time
 from pathlib import Path

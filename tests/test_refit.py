@@ -76,14 +76,18 @@ def test_decoders_are_refit_by_default_and_encoders_are_not(tiny_decoders, tiny_
     assert torch.equal(reloaded.w_down, refit_layer.w_down)  # what was fit is what the folder holds
 
 
-def test_a_decoder_budget_defaults_to_32_experts_at_the_same_top_k_everywhere(tiny_decoders, tiny_models, texts_file):
+def test_a_decoder_budget_defaults_to_64_experts_at_the_same_top_k_everywhere(tiny_decoders, tiny_models, texts_file, monkeypatch):
     from densetomoe import Recipe, pipeline
 
     def decided(model, **settings):
         return pipeline.with_model_defaults(Recipe.build(model=str(model), calib=str(texts_file), **settings))
 
-    lm = tiny_decoders["llama"]
-    assert (lambda r: (r.experts, r.budget, r.refit))(decided(lm, ffn_budget=0.5)) == (32, "uniform", True)
+    lm = tiny_decoders["llama"]  # FFN 64
+    assert (lambda r: (r.experts, r.budget, r.refit))(decided(lm, ffn_budget=0.5)) == (64, "uniform", True)
+    monkeypatch.setattr(pipeline, "DECODER_BUDGET_EXPERTS", (128, 32))  # the first that splits the FFN equally
+    assert decided(lm, ffn_budget=0.5).experts == 32
+    monkeypatch.setattr(pipeline, "DECODER_BUDGET_EXPERTS", (128, 48))  # none: the recipe's
+    assert decided(lm, ffn_budget=0.5).experts == 8
     named = decided(lm, ffn_budget=0.5, experts=8, budget="sensitivity")  # what a recipe names is kept
     assert (named.experts, named.budget) == (8, "sensitivity")
     assert decided(lm).experts == 8  # without a budget: as before
