@@ -275,7 +275,11 @@ def convert(
         raise UsageError(f"an FFN budget of {recipe.ffn_budget:.0%} keeps every layer dense: nothing to convert")
     if recipe.ffn_budget is not None:
         clock.lap("budget")
-        log("per-layer top-k: " + ", ".join(f"{i}:{'dense' if k is None else k}" for i, k in plan.items()))
+        mean = " on average (dynamic top-k)" if recipe.routing == "dynamic" else ""
+        if len(set(plan.values())) == 1:
+            log(f"top-{next(iter(plan.values()))} in every layer{mean}")
+        else:
+            log(f"per-layer top-k{mean}: " + ", ".join(f"{i}:{'dense' if k is None else k}" for i, k in plan.items()))
 
     # the teacher, made before the student changes the dense model (or is built on its parameters)
     teacher = dense_teacher(model, recipe.distill) if recipe.distill is not None else None

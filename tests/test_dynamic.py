@@ -77,3 +77,12 @@ def test_native_export_of_a_dynamic_folder_is_refused_in_one_line(tiny_decoders,
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "routing top-k" in " ".join(result.output.split())
     assert not (tmp_path / "n").exists()
+
+
+def test_a_decoder_budget_converts_at_a_mean_top_k_in_every_layer(tiny_decoders, texts_file):
+    lines = []
+    settings = dict(calib=str(texts_file), calib_tokens=1024, sample_tokens=512, router_steps=30, router_hidden=16)
+    recipe = densetomoe.Recipe.build(model=str(tiny_decoders["llama"]), ffn_budget=0.5, **settings)  # FFN 64: 64 experts
+    conversion = densetomoe.convert(recipe, show_progress=False, log=lines.append)
+    assert "top-32 in every layer on average (dynamic top-k)" in lines
+    assert all(m.num_experts == 64 and m.top_k == 32 and m.coverage > 0 for m in moe.moe_modules(conversion.model).values())
