@@ -68,12 +68,18 @@ class Router(nn.Module):
         return h
 
 
+def covered_before(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's experts by descending router probability ``probs`` ``(tokens, experts)``: the
+    probability of the experts ranked before each one (exactly 0 for the first), and their order."""
+    ordered, order = probs.sort(dim=-1, descending=True)
+    return ordered.cumsum(-1) - ordered, order
+
+
 def coverage_selection(probs: torch.Tensor, coverage: float) -> torch.Tensor:
     """Dynamic top-k: ``(tokens, experts)``, 1 where a token takes an expert. Each token takes experts
     in order of router probability ``probs`` until the ones taken cover ``coverage`` of it: an expert is
     taken when the probability of those before it is still below ``coverage`` (so the first always is)."""
-    ordered, order = probs.sort(dim=-1, descending=True)
-    before = ordered.cumsum(-1) - ordered  # probability covered before each expert (exactly 0 for the first)
+    before, order = covered_before(probs)
     return torch.zeros_like(probs).scatter_(1, order, (before < coverage).to(probs.dtype))
 
 

@@ -30,7 +30,7 @@ from transformers.activations import ACT2FN
 
 from densetomoe import archs, data, metrics, pipeline
 from densetomoe.ffn import CHUNK, dense_ffn, expert_size
-from densetomoe.moe import blocks_of, replace_ffn
+from densetomoe.moe import blocks_of, coverage_selection, covered_before, replace_ffn
 from densetomoe.recipe import Recipe
 from densetomoe.stages import blockwise, load
 from densetomoe.stages.calibrate import LayerRecorder, calibration_batches, layer_generator
@@ -93,11 +93,7 @@ def record(block, ffn, s, i, want_mid=False):
 
 
 def dyn_mask(self, x):
-    p = self.router(x).float().softmax(-1)
-    srt, idx = p.sort(-1, descending=True)
-    cum = srt.cumsum(-1)
-    keep = (cum - srt) < self.tau  # take experts until the share covered reaches tau
-    return torch.zeros_like(p).scatter_(1, idx, keep.float())
+    return coverage_selection(self.router(x).float().softmax(-1), self.tau)  # experts until the share covered reaches tau
 
 
 def dyn_forward(self, hidden_states):
@@ -174,8 +170,7 @@ if args.global_coverage:  # a first pass on the dense stream: every layer's rout
         split = pipeline.split_layer(ffn, st, recipe, act_name, settings, layer_generator(0, i, "split"))
         with torch.no_grad():
             for xp in st.inputs.split(CHUNK):
-                o = split.router(xp).float().softmax(-1).sort(-1, descending=True).values
-                befores.append((o.cumsum(-1) - o).reshape(-1))
+                befores.append(covered_before(split.router(xp).float().softmax(-1))[0].reshape(-1))
         print(f"pass 1 layer {i} {time.time()-t0:.0f}s", file=sys.stderr, flush=True)
     allb = torch.cat(befores)
     global_tau = float(allb.kthvalue(int(args.top_k * len(allb) / args.experts) + 1).values)

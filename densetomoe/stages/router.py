@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ffn import CHUNK, DenseFFN
-from ..moe import Router
+from ..moe import Router, covered_before
 from ..registry import Registry
 from .calibrate import LayerStats
 
@@ -136,14 +136,11 @@ def coverage_for(router: Router, sample: torch.Tensor, top_k: int) -> float:
 
     A token takes an expert when the router probability of the experts ranked before it is below the
     coverage (:func:`~densetomoe.moe.coverage_selection`), so the number of (token, expert) pairs taken
-    at coverage ``c`` is the count of those "probability before" values below ``c``, over all tokens:
-    the coverage is the ``top_k * tokens + 1``-th smallest of them (ties only lower the mean).
+    at coverage ``c`` is the count of those "probability before" values (:func:`~densetomoe.moe.covered_before`)
+    below ``c``, over all tokens: the coverage is the ``top_k * tokens + 1``-th smallest of them (ties
+    only lower the mean).
     """
-    before = []
-    for part in sample.split(CHUNK):
-        ordered = router(part).float().softmax(-1).sort(-1, descending=True).values
-        before.append((ordered.cumsum(-1) - ordered).reshape(-1))
-    values = torch.cat(before)  # (tokens * experts,)
+    values = torch.cat([covered_before(router(part).float().softmax(-1))[0].reshape(-1) for part in sample.split(CHUNK)])
     pairs = top_k * len(sample)
     if pairs >= len(values):
         return 1.0 + 1e-6  # every expert (the probability before the last is below 1)
