@@ -137,6 +137,19 @@ def test_the_refit_solves_an_exact_system_and_pulls_towards_the_initial_weights(
     assert torch.allclose(ridge_fit(z, y, initial, ridge=1e9), initial, atol=1e-4)
 
 
+def test_the_float32_normal_equations_solve_as_float64_would():
+    # correlated, unevenly scaled features, as gated activations are; a float64 solve is the reference
+    torch.manual_seed(0)
+    x = torch.randn(2048, 32) * torch.rand(32) * 3
+    z = torch.nn.functional.silu(x @ torch.randn(32, 256)) * (x @ torch.randn(32, 256))
+    y, initial = torch.randn(2048, 8), torch.randn(8, 256) * 0.1
+    gram = z.double().T @ z.double()
+    lam = 0.1 * float(gram.diagonal().mean())
+    reference = torch.linalg.solve(gram + lam * torch.eye(256, dtype=torch.float64), z.double().T @ y.double() + lam * initial.double().T).T
+    fitted = ridge_fit(z, y, initial, ridge=0.1)
+    assert float((fitted.double() - reference).norm() / reference.norm()) < 1e-5
+
+
 def test_normal_equations_give_the_errors_of_the_fit_from_their_sums_alone():
     torch.manual_seed(0)
     z, y = torch.randn(700, 40), torch.randn(700, 6)
