@@ -111,6 +111,10 @@ def main() -> None:
     if seq and "error" not in seq:
         per_block = seq["stages"].get("partition+route", 0.0) / layers
         print(f"per block (sequential): {per_block:.0f} s at this shape")
+        _, hidden, ffn, *_ = SHAPES[args.shape]
+        for name, (n, h, f, *_) in SHAPES.items():  # a block's work grows with hidden x FFN at a fixed token count
+            print(f"  -> {name}: {n} blocks x {per_block * h * f / (hidden * ffn):.0f} s = {n * per_block * h * f / (hidden * ffn) / 3600:.1f} h"
+                  f"{'' if name == args.shape else ' (scaled by hidden x FFN, rough)'}")
 
 
 if __name__ == "__main__":
