@@ -93,7 +93,9 @@ def convert(
     partition: Annotated[PartitionName, _explained(PARTITIONS, "How neurons are grouped into experts.")] = _default("partition"),
     router: Annotated[RouterName, _explained(ROUTERS, f"How each token's experts are chosen (default {_default('router')}; linear with --format native).", show_default=False)] = _default("router"),
     calib: Annotated[Optional[str], typer.Option(help="Calibration text: .txt (a document per line), .jsonl, .csv, or a datasets name NAME\\[:CONFIG]\\[@SPLIT]. Default: embedded Wikipedia sample.")] = None,
-    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to run through the dense model.")] = _default("calib_tokens"),
+    calib_tokens: Annotated[
+        int | None, typer.Option(help="Calibration tokens to run through the dense model. Default: 65,536 for decoder LMs with an FFN of up to 2,048 (of which 32,768 are sampled per layer for the routers and the refit), 32,768 otherwise.", show_default=False)
+    ] = _default("calib_tokens"),
     compensate: Annotated[bool, typer.Option(help="Add each unselected expert's mean output (training-free correction).")] = _default("compensate"),
     refit: Annotated[Optional[bool], typer.Option("--refit/--no-refit", help="Refit the experts' down projections by least squares to the dense FFN's output on the calibration tokens, under the routing inference uses (training-free, closed form; the folder is then tuned for its top-k, and all experts no longer give the dense model exactly). Default: on for decoder LMs.", show_default=False)] = None,
     routing: Annotated[Optional[RoutingKind], typer.Option(help="top-k: every token takes --top-k experts. dynamic: a token takes experts by router probability until they cover a share of it, set per layer so that calibration tokens take --top-k on average (easy tokens take fewer, hard ones more; not with --format native, whose engines take a fixed top-k). Default: dynamic for decoder LMs in --format remote-code.", show_default=False)] = None,

@@ -46,6 +46,7 @@ ROWS = {  # name: (what it is, settings on top of the defaults); every row at ha
     "no-refit": ("64 experts, dynamic top-k (32 on average), no refit", dict(ffn_budget=0.5, refit=False)),
     "shared": ("48 routed experts + 16 shared, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5, experts=48, shared_experts=16)),
     "default": ("--ffn-budget 0.5: 64 experts, dynamic top-k (32 on average), refit", dict(ffn_budget=0.5)),
+    "samples-32k": ("the default, 32,768 sampled tokens per layer (of 65,536 calibration tokens)", dict(ffn_budget=0.5, calib_tokens=65536, sample_tokens=32768)),
 }
 
 

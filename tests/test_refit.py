@@ -93,3 +93,22 @@ def test_a_decoder_budget_defaults_to_64_experts_at_the_same_top_k_everywhere(ti
     assert decided(lm).experts == 8  # without a budget: as before
     encoder = decided(tiny_models["BertModel"], ffn_budget=0.5)  # encoders: as before
     assert (encoder.experts, encoder.budget, encoder.refit) == (8, "sensitivity", False)
+
+
+def test_small_decoders_sample_more_calibration_tokens_by_default(tiny_decoders, tiny_models, texts_file):
+    from densetomoe import Recipe, pipeline
+
+    def decided(model, **settings):
+        return pipeline.with_model_defaults(Recipe.build(model=str(model), calib=str(texts_file), **settings))
+
+    lm = decided(tiny_decoders["llama"])  # FFN 64
+    assert (lm.sample_tokens, lm.calib_tokens) == (32768, 65536)
+    encoder = decided(tiny_models["BertModel"])
+    assert (encoder.sample_tokens, encoder.calib_tokens) == (8192, 32768)  # encoders: as before
+    named = decided(tiny_decoders["llama"], sample_tokens=4096)  # what a recipe names is kept
+    assert (named.sample_tokens, named.calib_tokens) == (4096, 32768)
+    assert decided(tiny_decoders["llama"], calib_tokens=1000).calib_tokens == 1000
+    # the sample grows while a layer's activations fit in 256 MB: SmolLM2's FFN 1536 takes 32,768 tokens,
+    # SmolLM2-360M's 2560 16,384, LLaMA-3.2-1B's 8192 (and anything wider) today's 8,192
+    assert [pipeline.sample_tokens(True, f) for f in (1536, 2048, 2560, 8192, 14336)] == [32768, 32768, 16384, 8192, 8192]
+    assert pipeline.sample_tokens(False, 1536) == 8192
