@@ -7,6 +7,8 @@ perplexity by sliding windows on Wikipedia prose from other articles (``wiki-per
 against the dense model on the same tokens. FFN share: the average share of FFN neurons a token
 computes over all 30 layers (dense layers count 1), counted on the held-out tokens scored (with
 dynamic top-k the number of experts per token varies: it was set to the budget on calibration text).
+Every row but ``default`` samples 8,192 calibration tokens per layer of 32,768, the default when they
+were measured; ``default`` takes today's (for SmolLM2: 32,768 of 65,536).
 
     python evals/decoder_ablation.py                                  # every row
     python evals/decoder_ablation.py --rows default refit-32 --max-tokens 4096
@@ -35,18 +37,19 @@ from densetomoe.moe import moe_modules
 from densetomoe.stages import load
 
 TOP_K = dict(routing="top-k")
+SAMPLE_8K = dict(calib_tokens=32768, sample_tokens=8192)  # the calibration the rows before "default" were measured with
 ROWS = {  # name: (what it is, settings on top of the defaults); every row at half the FFN
-    "before": ("8 experts, sensitivity budget, no refit (the first default)", dict(ffn_budget=0.5, experts=8, budget="sensitivity", refit=False, **TOP_K)),
-    "sensitivity-8": ("8 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=8, budget="sensitivity", **TOP_K)),
-    "sensitivity-32": ("32 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=32, budget="sensitivity", **TOP_K)),
-    "uniform-32-no-refit": ("32 experts, top-16 everywhere, no refit", dict(ffn_budget=0.5, experts=32, refit=False, **TOP_K)),
-    "refit-32": ("32 experts, top-16 everywhere, refit (the default before dynamic top-k)", dict(ffn_budget=0.5, experts=32, **TOP_K)),
-    "32-experts": ("32 experts, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5, experts=32)),
-    "64-top-k": ("64 experts, top-32 everywhere, refit", dict(ffn_budget=0.5, **TOP_K)),
-    "no-refit": ("64 experts, dynamic top-k (32 on average), no refit", dict(ffn_budget=0.5, refit=False)),
-    "shared": ("48 routed experts + 16 shared, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5, experts=48, shared_experts=16)),
-    "default": ("--ffn-budget 0.5: 64 experts, dynamic top-k (32 on average), refit", dict(ffn_budget=0.5)),
-    "samples-32k": ("the default, 32,768 sampled tokens per layer (of 65,536 calibration tokens)", dict(ffn_budget=0.5, calib_tokens=65536, sample_tokens=32768)),
+    "before": ("8 experts, sensitivity budget, no refit (the first default)", dict(ffn_budget=0.5, experts=8, budget="sensitivity", refit=False, **TOP_K, **SAMPLE_8K)),
+    "sensitivity-8": ("8 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=8, budget="sensitivity", **TOP_K, **SAMPLE_8K)),
+    "sensitivity-32": ("32 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=32, budget="sensitivity", **TOP_K, **SAMPLE_8K)),
+    "uniform-32-no-refit": ("32 experts, top-16 everywhere, no refit", dict(ffn_budget=0.5, experts=32, refit=False, **TOP_K, **SAMPLE_8K)),
+    "refit-32": ("32 experts, top-16 everywhere, refit (the default before dynamic top-k)", dict(ffn_budget=0.5, experts=32, **TOP_K, **SAMPLE_8K)),
+    "32-experts": ("32 experts, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5, experts=32, **SAMPLE_8K)),
+    "64-top-k": ("64 experts, top-32 everywhere, refit", dict(ffn_budget=0.5, **TOP_K, **SAMPLE_8K)),
+    "no-refit": ("64 experts, dynamic top-k (32 on average), no refit", dict(ffn_budget=0.5, refit=False, **SAMPLE_8K)),
+    "shared": ("48 routed experts + 16 shared, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5, experts=48, shared_experts=16, **SAMPLE_8K)),
+    "samples-8k": ("the default before: 8,192 sampled tokens per layer of 32,768 calibration tokens", dict(ffn_budget=0.5, **SAMPLE_8K)),
+    "default": ("--ffn-budget 0.5: 64 experts, dynamic top-k (32 on average), refit, 32,768 sampled tokens of 65,536", dict(ffn_budget=0.5)),
 }
 
 

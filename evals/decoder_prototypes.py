@@ -21,6 +21,9 @@ figures come from these commands:
     python evals/decoder_prototypes.py --experts 64 --top-k 32 --refit --dynamic
     python evals/decoder_prototypes.py --experts 64 --top-k 32 --refit --dynamic --global-coverage
     python evals/decoder_prototypes.py --experts 64 --top-k 32 --refit --dynamic --local-steps 200
+    python evals/decoder_prototypes.py --experts 64 --top-k 32 --refit --dynamic --oracle
+    python evals/decoder_prototypes.py --experts 48 --shared 16 --top-k 16 --refit --dynamic
+    python evals/decoder_prototypes.py --experts 48 --shared 16 --top-k 16 --refit --dynamic --shared-by rate
 """
 import argparse, json, sys, time
 from pathlib import Path
@@ -35,7 +38,7 @@ from densetomoe.recipe import Recipe
 from densetomoe.stages import blockwise, load
 from densetomoe.stages.calibrate import LayerRecorder, calibration_batches, layer_generator
 from densetomoe.stages.refit import NormalEquations
-from densetomoe.stages.router import RouterSettings
+from densetomoe.stages.router import RouterSettings, coverage_for, expert_shares
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--model", default="runs/serving/dense")
@@ -55,6 +58,10 @@ p.add_argument("--tag", default="")
 p.add_argument("--dynamic", action="store_true")
 p.add_argument("--local-steps", type=int, default=0, help="layer-wise local reconstruction: Adam steps per layer on (FFN input, dense FFN output) pairs, then the refit again")
 p.add_argument("--local-lr", type=float, default=1e-4)
+p.add_argument("--shared-by", default="importance", choices=["importance", "rate"], help="with --shared: the shared expert's neurons by mean contribution (the library's) or by activation rate (CMoE: how often a neuron is among the half of a token's neurons with the largest |activation|)")
+p.add_argument("--oracle", action="store_true", help="route by each expert's true share of the output (expert_shares), not a trained router: the ceiling a better router could reach")
+p.add_argument("--router-steps", type=int, default=None, help="MLP router optimisation steps (default: the recipe's)")
+p.add_argument("--router-hidden", type=int, default=None, help="MLP router hidden width (default: the recipe's)")
 p.add_argument("--global-coverage", action="store_true", help="with --dynamic: one coverage for all layers, set so that the mean over layers is --top-k (layer-adaptive)")
 args = p.parse_args()
 torch.manual_seed(0)
@@ -73,7 +80,36 @@ stream = blockwise.capture(model, arch, batches)
 dense_stream, moe_stream = stream, stream.copy()
 blocks = blocks_of(model, arch.layers)
 act_name = archs.activation(dense.config, arch)
-settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps)
+settings = RouterSettings(hidden=args.router_hidden if args.router_hidden is not None else recipe.router_hidden,
+                          steps=args.router_steps if args.router_steps is not None else recipe.router_steps)
+
+
+def shared_by_rate(ffn, sample, size):
+    """CMoE's shared expert: the ``size`` neurons most often among the top half of a token's |activations|."""
+    count = torch.zeros(ffn.size)
+    for part in sample.split(CHUNK):
+        a = ffn.neurons(part).abs()
+        count += (a >= a.median(-1, keepdim=True).values).float().sum(0)
+    order = count.argsort(descending=True)
+    return order[:size].sort().values, order[size:].sort().values
+
+
+if args.shared_by == "rate":
+    from densetomoe import surgery
+    surgery.shared_neurons = shared_by_rate
+
+
+class OracleRouter(torch.nn.Module):
+    """Logits whose softmax is each expert's true share of the token's FFN output."""
+
+    def __init__(self, ffn, labels, experts):
+        super().__init__()
+        self.ffn, self.labels, self.experts = ffn, labels, experts
+
+    def forward(self, x):
+        shape = x.shape
+        shares = expert_shares(self.ffn, x.reshape(-1, shape[-1]).float(), self.labels, self.experts)
+        return shares.clamp_min(1e-9).log().reshape(*shape[:-1], self.experts).to(x.dtype)
 tokens = sum(int(b["attention_mask"].sum()) for b in batches)
 dense_layers = {int(x) for x in args.dense_layers.split(",") if x}
 errors = []
@@ -108,15 +144,8 @@ def dyn_forward(self, hidden_states):
 
 
 def calibrate_tau(module, x, k):
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        module.tau = (lo + hi) / 2
-        mean_k = float(torch.cat([dyn_mask(module, xp).sum(-1) for xp in x.split(CHUNK)]).mean())
-        if mean_k > k:
-            hi = module.tau
-        else:
-            lo = module.tau
-    module.tau = lo
+    """The library's coverage (an exact quantile), then the mean number of experts it gives on ``x``."""
+    module.tau = coverage_for(module.router, x, k)
     return float(torch.cat([dyn_mask(module, xp).sum(-1) for xp in x.split(CHUNK)]).mean())
 
 
@@ -188,6 +217,8 @@ for i in range(len(blocks)):
     stats = dstats if args.fit == "dense" else record(block, ffn, moe_stream, i)[0]
     split = pipeline.split_layer(ffn, stats, recipe, act_name, settings, layer_generator(0, i, "split"))
     module = split.build(args.top_k)
+    if args.oracle:  # (the unselected experts' means are refit below, under the oracle's routing)
+        module.router = OracleRouter(split.routed, split.labels, args.experts)
     if args.dynamic:
         module.forward = dyn_forward.__get__(module)
         mk = calibrate_tau(module, stats.inputs, args.top_k)
