@@ -137,6 +137,53 @@ class RoutingRecorder:
             h.remove()
 
 
+class Routes:
+    """Every MoE layer's routing decisions, recorded on one model's forward passes and replayed, in the
+    same order, on another model with the same layers (the same folder in another dtype): what changes
+    apart from the routes. In half precision a converted decoder's output differs from float32's
+    mostly because tokens near a routing boundary flip experts, not through its arithmetic
+    (README, Half precision)."""
+
+    METHODS = ("selection", "select")  # dynamic top-k's (tokens, experts) mask, fixed top-k's indices
+
+    def __init__(self) -> None:
+        self.calls: list[list[torch.Tensor]] = []
+
+    def record(self, model: nn.Module) -> _Patched:
+        """``with routes.record(model):`` keeps what each MoE layer's routing returns."""
+        modules = list(moe_modules(model).values())
+        self.calls = [[] for _ in modules]
+
+        def recording(original, log):
+            return lambda x: log.append(original(x)) or log[-1]
+
+        return _Patched(modules, [{n: recording(getattr(m, n), log) for n in self.METHODS} for m, log in zip(modules, self.calls)])
+
+    def replay(self, model: nn.Module) -> _Patched:
+        """``with routes.replay(model):`` gives each MoE layer the recorded routes, in order."""
+        modules = list(moe_modules(model).values())
+        if len(modules) != len(self.calls):
+            raise ValueError(f"recorded {len(self.calls)} MoE layers, the model has {len(modules)}")
+        queues = [list(log) for log in self.calls]
+        return _Patched(modules, [{n: (lambda x, q=q: q.pop(0)) for n in self.METHODS} for q in queues])
+
+
+class _Patched:
+    """Instance attributes that shadow modules' methods for the duration of a ``with``."""
+
+    def __init__(self, modules: list[nn.Module], methods: list[dict[str, Callable]]):
+        self.modules, self.methods = modules, methods
+
+    def __enter__(self) -> None:
+        for m, methods in zip(self.modules, self.methods):
+            m.__dict__.update(methods)
+
+    def __exit__(self, *exc) -> None:
+        for m, methods in zip(self.modules, self.methods):
+            for name in methods:
+                m.__dict__.pop(name, None)
+
+
 # -- the evaluation ----------------------------------------------------------------------------------
 def _suite_quality(suite: Suite, model, dense, tokenizer, dense_cache: dict) -> tuple[dict, dict]:
     """``(dense metrics, MoE metrics)`` of one suite."""
