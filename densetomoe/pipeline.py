@@ -34,6 +34,7 @@ from .stages.router import ROUTERS, RouterSettings
 HELD_OUT_TEXTS = 64
 SEQUENTIAL_FROM = 1_000_000_000  # parameters from which a decoder converts one block at a time by default
 DECODER_BUDGET_EXPERTS = (64, 32)  # a decoder's experts under --ffn-budget when none are asked for: the first that splits its FFN
+CALIB_TOKENS = 32768  # calibration tokens at least, when the recipe names none (twice the sample where that is more)
 SAMPLE_TOKENS = (8192, 32768)  # a layer's sampled calibration tokens: everywhere, and at most for a decoder LM
 SAMPLE_BYTES = 256 * 1024**2  # a decoder's sample grows while its activations (tokens x FFN, float32) fit in this
 LOGITS_BYTES = 64 * 1024**2  # the most logits one held-out batch may produce (float32; scoring copies them twice)
@@ -331,7 +332,7 @@ def with_model_defaults(recipe: Recipe) -> Recipe:
     * ``routing``: dynamic top-k for decoder LMs in format remote-code (README, Measured), top-k
       otherwise;
     * ``sample_tokens`` (:func:`sample_tokens`: more for small decoder LMs) and ``calib_tokens``
-      (twice the sample, at least 32,768);
+      (twice the sample, at least :data:`CALIB_TOKENS`);
     * under ``ffn_budget``, for decoder LMs, unless the recipe names them: the first of
       :data:`DECODER_BUDGET_EXPERTS` that splits the FFN equally, and the ``uniform`` budget (SmolLM2
       at 50%: 64 experts lost less than 32, and the sensitivity budget more, with 8 experts and with
@@ -360,9 +361,10 @@ def with_model_defaults(recipe: Recipe) -> Recipe:
         decided["refit"] = dense.arch.decoder
     if recipe.routing is None:
         decided["routing"] = "dynamic" if dense.arch.decoder and recipe.format != "native" else "top-k"
-    sample = recipe.sample_tokens or decided.setdefault("sample_tokens", sample_tokens(dense.arch.decoder, dense.ffn_size))
+    if recipe.sample_tokens is None:
+        decided["sample_tokens"] = sample_tokens(dense.arch.decoder, dense.ffn_size)
     if recipe.calib_tokens is None:
-        decided["calib_tokens"] = max(32768, 2 * sample)
+        decided["calib_tokens"] = max(CALIB_TOKENS, 2 * decided.get("sample_tokens", recipe.sample_tokens))
     return recipe.model_copy(update=decided)
 
 

@@ -65,3 +65,19 @@ def mean_pooled(model, tokenizer, texts: list[str], batch_size: int = 64, max_le
         batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out.append(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]))
     return torch.cat(out)
+
+
+class OracleRouter(torch.nn.Module):
+    """Not a router a model could run: logits whose softmax is each expert's true share of the token's
+    FFN output (the whole FFN is computed to decide), the ceiling any trained router aims at."""
+
+    def __init__(self, ffn, labels: torch.Tensor, experts: int):
+        super().__init__()
+        self.ffn, self.labels, self.experts = ffn, labels, experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from densetomoe.stages.router import expert_shares
+
+        rows = x.reshape(-1, x.shape[-1]).float()
+        shares = expert_shares(self.ffn, rows, self.labels, self.experts)
+        return shares.clamp_min(1e-9).log().reshape(*x.shape[:-1], self.experts).to(x.dtype)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from transformers.activations import ACT2FN
 
+from common import OracleRouter
 from densetomoe import archs, data, metrics, pipeline
 from densetomoe.ffn import CHUNK, dense_ffn, expert_size
 from densetomoe.moe import blocks_of, coverage_selection, covered_before, replace_ffn
@@ -38,7 +39,7 @@ from densetomoe.recipe import Recipe
 from densetomoe.stages import blockwise, load
 from densetomoe.stages.calibrate import LayerRecorder, calibration_batches, layer_generator
 from densetomoe.stages.refit import NormalEquations
-from densetomoe.stages.router import RouterSettings, coverage_for, expert_shares
+from densetomoe.stages.router import RouterSettings, coverage_for
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--model", default="runs/serving/dense")
@@ -99,17 +100,6 @@ if args.shared_by == "rate":
     surgery.shared_neurons = shared_by_rate
 
 
-class OracleRouter(torch.nn.Module):
-    """Logits whose softmax is each expert's true share of the token's FFN output."""
-
-    def __init__(self, ffn, labels, experts):
-        super().__init__()
-        self.ffn, self.labels, self.experts = ffn, labels, experts
-
-    def forward(self, x):
-        shape = x.shape
-        shares = expert_shares(self.ffn, x.reshape(-1, shape[-1]).float(), self.labels, self.experts)
-        return shares.clamp_min(1e-9).log().reshape(*shape[:-1], self.experts).to(x.dtype)
 tokens = sum(int(b["attention_mask"].sum()) for b in batches)
 dense_layers = {int(x) for x in args.dense_layers.split(",") if x}
 errors = []

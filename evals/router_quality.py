@@ -23,6 +23,7 @@ import time
 import torch
 from transformers.activations import ACT2FN
 
+from common import OracleRouter
 from densetomoe import archs, data, pipeline
 from densetomoe.ffn import CHUNK, dense_ffn
 from densetomoe.moe import Router, blocks_of
@@ -31,19 +32,8 @@ from densetomoe.stages import blockwise, load
 from densetomoe.stages.calibrate import LayerRecorder, calibration_batches, layer_generator
 from densetomoe.stages.partition import PARTITIONS
 from densetomoe.stages.refit import refit_experts
-from densetomoe.stages.router import ROUTERS, RouterSettings, _fold_normalisation, coverage_for, expert_shares
+from densetomoe.stages.router import ROUTERS, RouterSettings, _fold_normalisation, coverage_for, expert_shares, fit_router
 from densetomoe.surgery import LayerSplit
-
-
-class Oracle(torch.nn.Module):
-    """Logits whose softmax is each expert's true share of the token's FFN output."""
-
-    def __init__(self, ffn, labels, experts):
-        super().__init__()
-        self.ffn, self.labels, self.experts = ffn, labels, experts
-
-    def forward(self, x):
-        return expert_shares(self.ffn, x.float(), self.labels, self.experts).clamp_min(1e-9).log()
 
 
 class LowRank(torch.nn.Module):
@@ -69,28 +59,19 @@ class LowRank(torch.nn.Module):
 
 
 def trained(x, target, hidden, steps, lr, batch, loss, seed):
-    """An MLP router as the library trains it (standardised inputs, AdamW, cosine schedule), with ``loss``:
-    ``ce`` (soft-target cross-entropy to the shares: the library's), ``mse`` (squared error of the
-    log-probabilities to the log-shares)."""
-    g = torch.Generator().manual_seed(seed)
+    """An MLP router trained as the library trains it (standardised inputs, :func:`fit_router`), with
+    ``loss``: ``ce`` (soft-target cross-entropy to the shares: the library's) or ``mse`` (squared error
+    of the log-probabilities to the log-shares)."""
     torch.manual_seed(seed)
     router = Router(x.shape[1], target.shape[1], hidden=hidden)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    log_target = target.clamp_min(1e-6).log()
-    with torch.enable_grad():
-        for _ in range(steps):
-            pick = torch.randint(len(x), (min(batch, len(x)),), generator=g)
-            logp = router((x[pick] - mean) / std).log_softmax(-1)
-            if loss == "ce":
-                value = -(target[pick] * logp).sum(-1).mean()
-            else:
-                value = (logp - log_target[pick]).square().mean()
-            opt.zero_grad()
-            value.backward()
-            opt.step()
-            schedule.step()
+    settings = RouterSettings(hidden=hidden, steps=steps, batch=batch, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    if loss == "ce":
+        fit_router(router, router.parameters(), (x - mean) / std, target, settings, generator)
+    else:
+        log_shares = lambda logits, t: (logits.log_softmax(-1) - t).square().mean()  # noqa: E731
+        fit_router(router, router.parameters(), (x - mean) / std, target.clamp_min(1e-6).log(), settings, generator, log_shares)
     _fold_normalisation(router, mean, std)
     return router
 
@@ -162,7 +143,7 @@ def main() -> None:
             if name == "oracle" or name.startswith("lowrank"):  # built around a placeholder router, then routed, covered and refit by it
                 module = LayerSplit(ffn, labels, Router(ffn.w_up.shape[1], args.experts), args.experts, act, stats.inputs).build(args.top_k)
                 if name == "oracle":
-                    module.router = Oracle(ffn, labels, args.experts)
+                    module.router = OracleRouter(ffn, labels, args.experts)
                 else:
                     module.router = LowRank(ffn, labels, args.experts, stats.inputs, int(name.split("-")[1]))
                 module.coverage = coverage_for(module.router, stats.inputs, args.top_k)

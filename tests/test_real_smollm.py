@@ -6,6 +6,7 @@ conversion and its perplexity are measured by evals/smollm_perplexity.py).
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -134,10 +135,9 @@ def test_in_half_precision_the_converted_model_loses_only_routes_flipped(convert
     source = load.resolve(str(smollm))
     tokenizer = load.load_tokenizer(source)
     ids = tokenizer("\n\n".join(data.heldout_corpus()), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :384]
-    dense = {}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        model, _ = load.load_model(source, load.load_config(source), causal_lm=True)
-        dense[dtype] = model.to(dtype).eval()
+    model, _ = load.load_model(source, load.load_config(source), causal_lm=True)
+    dense = {dtype: copy.deepcopy(model).to(dtype).eval() for dtype in (torch.bfloat16, torch.float16)}
+    dense[torch.float32] = model.eval()
 
     def agreement(a, b):
         return float((a(ids).logits[0].argmax(-1) == b).float().mean())

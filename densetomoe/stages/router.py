@@ -74,17 +74,7 @@ def mlp_router(ffn, stats, labels, experts, settings, generator) -> Router:
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
     router = Router(x.shape[1], experts, hidden=settings.hidden)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
-    with torch.enable_grad():
-        for _ in range(settings.steps):
-            pick = torch.randint(len(x), (min(settings.batch, len(x)),), generator=generator)
-            logits = router((x[pick] - mean) / std)
-            loss = -(target[pick] * logits.log_softmax(-1)).sum(-1).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    fit_router(router, router.parameters(), (x - mean) / std, target, settings, generator)
     _fold_normalisation(router, mean, std)
     return router
 
@@ -104,21 +94,40 @@ def linear_router(ffn, stats, labels, experts, settings, generator) -> Router:
     with torch.no_grad():
         linear.bias.zero_()
     linear.bias.requires_grad_(False)
-    optimizer = torch.optim.AdamW([linear.weight], lr=settings.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
-    with torch.enable_grad():
-        for _ in range(settings.steps):
-            pick = torch.randint(len(x), (min(settings.batch, len(x)),), generator=generator)
-            logits = router(x[pick] / scale)
-            loss = -(target[pick] * logits.log_softmax(-1)).sum(-1).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    fit_router(router, [linear.weight], x / scale, target, settings, generator)
     linear.bias.requires_grad_(True)
     with torch.no_grad():
         linear.weight.div_(scale)
     return router
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The trained routers' loss: cross-entropy of their softmax to each expert's share of the output."""
+    return -(target * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def fit_router(
+    router: Router,
+    params,
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    settings: RouterSettings,
+    generator: torch.Generator,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = soft_cross_entropy,
+) -> None:
+    """Train ``params`` of ``router`` on ``inputs`` (already scaled as the router sees them in training)
+    and ``target`` rows: ``settings.steps`` AdamW steps under a cosine schedule, each on a batch of
+    ``settings.batch`` rows drawn with ``generator``."""
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
+    with torch.enable_grad():
+        for _ in range(settings.steps):
+            pick = torch.randint(len(inputs), (min(settings.batch, len(inputs)),), generator=generator)
+            value = loss(router(inputs[pick]), target[pick])
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            schedule.step()
 
 
 def _fold_normalisation(router: Router, mean: torch.Tensor, std: torch.Tensor) -> None:
