@@ -36,6 +36,7 @@ class Arch:
     decoder: bool = False  # a causal LM: loaded with its LM head, exported with a generation config
     seq2seq: bool = False  # an encoder-decoder LM: loaded with its LM head, the decoder teacher-forced
     when: tuple[str, object] | None = None  # (config key, value): the entry applies only where they match
+    classes: tuple[str, ...] = ()  # the entry applies only to checkpoints saved as one of these classes
     examples: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -77,6 +78,14 @@ _T5_LIKE = dict(
     activation_key="dense_act_fn",
     num_layers_key=("num_layers", "num_decoder_layers"),
     seq2seq=True,
+)
+
+_T5_ENCODER = dict(
+    _T5_LIKE,
+    layers="encoder.block.*.layer.1",
+    num_layers_key="num_layers",
+    seq2seq=False,
+    classes=("T5EncoderModel", "MT5EncoderModel", "UMT5EncoderModel"),
 )
 
 # Encoder-decoders whose layers compute ``fc2(act(fc1 x))`` in both stacks, as OPT's do.
@@ -157,6 +166,17 @@ ARCHS: tuple[Arch, ...] = (
         decoder=True,
         examples=("Phi-3-mini", "Phi-4-mini"),
     ),
+    # A T5 encoder alone (T5EncoderModel: the text encoder of image generators), before the full models
+    Arch("T5 encoder", ("t5", "mt5", "umt5"), up="DenseReluDense.wi", **_T5_ENCODER, when=("is_gated_act", False), examples=("t5-base encoder",)),
+    Arch(
+        "T5 encoder (gated)",
+        ("t5", "mt5", "umt5"),
+        up="DenseReluDense.wi_1",
+        gate="DenseReluDense.wi_0",
+        **_T5_ENCODER,
+        when=("is_gated_act", True),
+        examples=("t5-v1_1-xxl encoder",),
+    ),
     Arch("T5", ("t5", "mt5", "umt5"), up="DenseReluDense.wi", **_T5_LIKE, when=("is_gated_act", False), examples=("t5-small", "t5-base")),
     Arch(
         "T5 (gated)",
@@ -183,7 +203,11 @@ def arch_for(config) -> Arch:
     """The :class:`Arch` entry for a transformers config, or a :class:`UsageError` naming the supported ones."""
     model_type = getattr(config, "model_type", None)
     for arch in ARCHS:
-        if model_type in arch.model_types and (arch.when is None or getattr(config, arch.when[0], None) == arch.when[1]):
+        if (
+            model_type in arch.model_types
+            and (arch.when is None or getattr(config, arch.when[0], None) == arch.when[1])
+            and (not arch.classes or set(arch.classes) & set(getattr(config, "architectures", None) or ()))
+        ):
             return arch
     raise UsageError(f"model type {model_type!r} is not supported; supported families: {supported()}")
 

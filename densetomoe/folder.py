@@ -80,13 +80,20 @@ WriteFn = Callable[[nn.Module, Path], None]
 FORMATS: Registry[WriteFn] = Registry("format")
 
 
-def auto_map(model_type: str, encoder_decoder: bool = False) -> dict[str, str]:
+def auto_map(model_type: str, encoder_decoder: bool = False, saved: str | None = None) -> dict[str, str]:
     """``auto_map`` entries: the config and every head class the family has (so a bare encoder loads
     as a classifier for fine-tuning, and a fine-tuned folder reloads through its own head). An
-    encoder-decoder's decoder-only ``...ForCausalLM`` is left out: it has no encoder to convert."""
+    encoder-decoder's decoder-only ``...ForCausalLM`` is left out: it has no encoder to convert.
+
+    A ``saved`` class that none of the family's auto classes names, such as ``T5EncoderModel`` (an
+    encoder-decoder's encoder alone), is what ``AutoModel`` loads, and there are no heads: they would
+    need the parts it does not have."""
     entries = {"AutoConfig": CONFIG_MAPPING_NAMES[model_type]}
-    for auto, names in AUTO_CLASSES.items():
-        name = names.get(model_type)
+    family = {auto: names.get(model_type) for auto, names in AUTO_CLASSES.items()}
+    if saved is not None and saved not in family.values():
+        entries["AutoModel"] = saved
+        family = {}
+    for auto, name in family.items():
         if encoder_decoder and auto == "AutoModelForCausalLM":
             continue
         if isinstance(name, str):
@@ -105,7 +112,7 @@ def moe_config(model: nn.Module):
         settings.pop(key, None)
     config = cls(**settings)
     config.architectures = [moe.CLASS_PREFIX + dense_model]
-    config.auto_map = auto_map(dense_config.model_type, getattr(config, "is_encoder_decoder", False))
+    config.auto_map = auto_map(dense_config.model_type, getattr(config, "is_encoder_decoder", False), dense_model)
     return config
 
 

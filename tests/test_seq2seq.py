@@ -129,6 +129,35 @@ print(type(model).__name__)
     assert stdout.strip() == f"MoE{SEQ2SEQ[name][2]}"
 
 
+def test_a_t5_encoder_alone_converts_and_reloads_as_itself(tiny_seq2seq, texts_file, tmp_path):
+    """``T5EncoderModel`` (the text encoder of image generators): its one stack converts, and the
+    folder loads through ``AutoModel`` as the encoder it is, with no decoder heads on offer."""
+    source, out = tmp_path / "encoder", tmp_path / "moe"
+    transformers.T5EncoderModel.from_pretrained(tiny_seq2seq["t5-gated"]).save_pretrained(source)
+    transformers.AutoTokenizer.from_pretrained(tiny_seq2seq["t5-gated"]).save_pretrained(source)
+    dense = transformers.T5EncoderModel.from_pretrained(source).eval()
+    inputs = s2s_inputs(source)
+    with torch.no_grad():
+        expected = dense(**inputs).last_hidden_state
+    torch.save({"inputs": inputs, "expected": expected}, tmp_path / "case.pt")
+
+    arch = archs.arch_for(dense.config)
+    assert arch.family == "T5 encoder (gated)" and not arch.generates
+    densetomoe.convert(quick_recipe(source, texts_file, top_k=4), out=out, show_progress=False)  # 4 of 4: exact
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "modeling_densetomoe.MoET5Config", "AutoModel": "modeling_densetomoe.MoET5EncoderModel"}
+    assert sorted(config["densetomoe"]["top_k"]) == ["0", "1"]  # the encoder's two blocks
+    stdout = run_without_densetomoe(f"""
+import torch, transformers
+case = torch.load({str(tmp_path / "case.pt")!r})
+model = transformers.AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.testing.assert_close(model(**case["inputs"]).last_hidden_state, case["expected"], rtol=1e-4, atol=1e-5)
+print(type(model).__name__)
+""")
+    assert stdout.strip() == "MoET5EncoderModel"
+
+
 def test_layers_convert_the_decoder_only(tiny_seq2seq, texts_file):
     folder = tiny_seq2seq["bart"]
     inputs, dense = s2s_inputs(folder), dense_model(folder, "bart")
