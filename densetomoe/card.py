@@ -66,7 +66,7 @@ def render(
     if r.ffn_budget is not None:
         listing = ", ".join(f"{i}: {k}" for i, k in per_layer.items()) or "none"
         rows.append(f"| per-layer budget | `{r.budget}` ({BUDGETS.entry(r.budget).summary}) for an average of {r.ffn_budget:.0%} of FFN neurons; top-{nominal} except layers {listing}; dense layers: {', '.join(map(str, kept_dense)) or 'none'} |")
-    dynamic = r.routing == "dynamic"
+    dynamic = r.dynamic
     if dynamic:
         rows.append(f"| routing | dynamic top-k: a token takes experts by router probability until they cover a share of it, set per layer so that calibration tokens take {nominal} on average; `num_experts_per_tok=k` at load time gives every token k |")
     if shared_size:

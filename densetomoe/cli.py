@@ -98,7 +98,7 @@ def convert(
     ] = _default("calib_tokens"),
     compensate: Annotated[bool, typer.Option(help="Add each unselected expert's mean output (training-free correction).")] = _default("compensate"),
     refit: Annotated[Optional[bool], typer.Option("--refit/--no-refit", help="Refit the experts' down projections by least squares to the dense FFN's output on the calibration tokens, under the routing inference uses (training-free, closed form; the folder is then tuned for its top-k, and all experts no longer give the dense model exactly). Default: on for decoder LMs.", show_default=False)] = None,
-    routing: Annotated[Optional[RoutingKind], typer.Option(help="top-k: every token takes --top-k experts. dynamic: a token takes experts by router probability until they cover a share of it, set per layer so that calibration tokens take --top-k on average (easy tokens take fewer, hard ones more; not with --format native, whose engines take a fixed top-k). Default: dynamic for decoder LMs in --format remote-code.", show_default=False)] = None,
+    routing: Annotated[Optional[RoutingKind], typer.Option(help="top-k: every token takes --top-k experts. dynamic: a token takes experts by router probability until they cover a share of it, set per layer so that calibration tokens take --top-k on average (easy tokens take fewer, hard ones more; not with --format native, whose engines take a fixed top-k). dynamic-soft: dynamic, with the expert that completes a token's coverage weighted by the part of it that was needed, so outputs move smoothly with the router. Default: dynamic for decoder LMs in --format remote-code.", show_default=False)] = None,
     shared_experts: Annotated[int, typer.Option(help="Always-on experts made of the most important neurons; the FFN splits into experts + shared equal parts.")] = _default("shared_experts"),
     ffn_budget: Annotated[Optional[float], typer.Option(help="Average share of FFN neurons per token over all layers (e.g. 0.5); each layer's top-k, or dense, is then chosen. Replaces --top-k. For decoder LMs, unless given: --experts 64 (32 where 64 do not split the FFN equally) --budget uniform.")] = None,
     budget: Annotated[BudgetName, _explained(BUDGETS, "How --ffn-budget is shared out.")] = _default("budget"),
@@ -200,7 +200,7 @@ def _print_summary(result) -> None:
     table.add_column("value", justify="right")
     top_k = nominal_top_k(result.top_k)
     per_layer = {i: k for i, k in result.top_k.items() if k != top_k}
-    dynamic = " on average (dynamic)" if r.routing == "dynamic" else ""
+    dynamic = " on average (dynamic)" if r.dynamic else ""
     table.add_row("experts, top-k", f"{r.experts}, {top_k}{dynamic}" + (f" (per layer: {len(per_layer)} differ)" if per_layer else ""))
     table.add_row("share of FFN neurons a token uses (all layers)", f"{q.active_ffn_share:.0%}")
     table.add_row("FFN FLOPs per token, MoE / dense", f"{q.ffn_flops_ratio:.3f}")

@@ -125,7 +125,7 @@ class RoutingRecorder:
             if not module.sparse:  # every expert gets every token
                 self.counts[index] += len(x)
             else:
-                self.counts[index] += module.selection(x).sum(0).cpu()
+                self.counts[index] += (module.selection(x) > 0).sum(0).cpu()  # a soft boundary's part-expert counts whole
 
         return record
 

@@ -75,12 +75,25 @@ def covered_before(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ordered.cumsum(-1) - ordered, order
 
 
-def coverage_selection(probs: torch.Tensor, coverage: float) -> torch.Tensor:
+def coverage_selection(probs: torch.Tensor, coverage: float, soft: bool = False) -> torch.Tensor:
     """Dynamic top-k: ``(tokens, experts)``, 1 where a token takes an expert. Each token takes experts
     in order of router probability ``probs`` until the ones taken cover ``coverage`` of it: an expert is
-    taken when the probability of those before it is still below ``coverage`` (so the first always is)."""
+    taken when the probability of those before it is still below ``coverage`` (so the first always is).
+
+    With ``soft``, the expert that completes the coverage counts in part: its weight is the share of
+    its probability that the coverage still needed, ``(coverage - before) / p`` in ``(0, 1]`` (the first
+    expert always counts wholly), and the rest of it stands in by its mean as an unselected expert's
+    does. The experts taken are the same; but an expert now enters a token's selection at weight 0
+    and grows, instead of appearing whole when the probabilities before it dip below the coverage, so
+    a small change of the input (half-precision rounding) moves the output a little instead of
+    switching an expert on or off."""
     before, order = covered_before(probs)
-    return torch.zeros_like(probs).scatter_(1, order, (before < coverage).to(probs.dtype))
+    if soft:
+        taken = ((coverage - before) / probs.gather(1, order).clamp_min(1e-30)).clamp_(0.0, 1.0)
+        taken[:, 0] = 1.0
+    else:
+        taken = (before < coverage).to(probs.dtype)
+    return torch.zeros_like(probs).scatter_(1, order, taken)
 
 
 class MoEFeedForward(nn.Module):
@@ -97,6 +110,8 @@ class MoEFeedForward(nn.Module):
     With ``coverage`` set (dynamic top-k, :func:`coverage_selection`), the number of experts varies
     per token: each takes experts by router probability until they cover that share of it, and
     ``top_k`` is the mean the coverage was set for on calibration tokens (what FLOPs are counted at).
+    With ``soft_boundary`` too, the expert that completes a token's coverage is weighted by the part
+    of it the coverage needed (the rest of it is its mean), so outputs change smoothly with the router.
 
     Training (``model.train()`` with gradients on) takes a masked dense path with the same forward
     value, so that the router learns through a straight-through gate and the aux losses exist:
@@ -149,13 +164,15 @@ class MoEFeedForward(nn.Module):
             self.shared_b_up = nn.Parameter(torch.zeros(shared_size)) if bias else None
             self.shared_b_gate = nn.Parameter(torch.zeros(shared_size)) if bias and gated else None
         self.coverage = 0.0  # > 0: dynamic top-k (see the class docstring); 0: each token takes top_k
+        self.soft_boundary = False  # dynamic top-k only: the expert completing the coverage counts in part
         self.expert_dropout = 0.0  # training only; set by distillation
         self.decode_slots = 16  # up to this many tokens * top_k, inference takes the decode path
         self.aux: dict[str, torch.Tensor] = {}  # training only: the last forward's aux losses
 
     def extra_repr(self) -> str:
         shared = f", shared={self.shared_size}" if self.shared_size else ""
-        routing = f"top_k={self.top_k}" + (f" on average (coverage {self.coverage:.3f})" if self.coverage else "")
+        soft = ", soft boundary" if self.soft_boundary else ""
+        routing = f"top_k={self.top_k}" + (f" on average (coverage {self.coverage:.3f}{soft})" if self.coverage else "")
         return (
             f"hidden={self.hidden_size}, experts={self.num_experts} x {self.expert_size}{shared}, "
             f"{routing}, activation={self.activation}, gated={self.gated}"
@@ -207,12 +224,13 @@ class MoEFeedForward(nn.Module):
         return self.router(x).topk(self.top_k, dim=-1).indices
 
     def selection(self, x: torch.Tensor) -> torch.Tensor:
-        """``(tokens, experts)`` in float32: 1 where a token takes an expert, fixed or dynamic top-k."""
+        """``(tokens, experts)`` in float32: each expert's weight for each token, fixed or dynamic top-k:
+        1 where the token takes it, 0 where not, between for a soft boundary's last expert."""
         return self._selection(self.router(x))
 
     def _selection(self, logits: torch.Tensor) -> torch.Tensor:
         if self.coverage:
-            return coverage_selection(logits.float().softmax(-1), self.coverage)
+            return coverage_selection(logits.float().softmax(-1), self.coverage, self.soft_boundary)
         chosen = logits.topk(min(self.top_k, self.num_experts), dim=-1).indices
         return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(1, chosen, 1.0)
 
@@ -242,10 +260,14 @@ class MoEFeedForward(nn.Module):
         lists of the selection; more go through :meth:`_dispatch`. (In-place ops, which autocast
         leaves alone, keep this sum in the input's dtype under autocast too.)
         """
+        weights = None  # a soft boundary's expert weights, (tokens, experts)
         if self.coverage:  # dynamic top-k: from the (tokens, experts) selection
             selected = self.selection(x)
             unselected = (1.0 - selected).to(x.dtype)
-            slots = int(selected.sum())
+            taken = selected > 0
+            slots = int(taken.sum())
+            if self.soft_boundary:
+                weights = selected.to(x.dtype)
         else:
             chosen = self.select(x)  # (tokens, top_k)
             unselected = torch.ones(len(x), self.num_experts, dtype=x.dtype, device=x.device).scatter_(1, chosen, 0.0)
@@ -258,11 +280,12 @@ class MoEFeedForward(nn.Module):
         if self.shared_size:
             out.add_(self._shared(x).to(out.dtype))
         if slots <= self.decode_slots:
-            pairs = selected.nonzero().tolist() if self.coverage else [(t, e) for t, row in enumerate(chosen.tolist()) for e in row]
-            self._decode(x, pairs, out)
+            pairs = taken.nonzero().tolist() if self.coverage else [(t, e) for t, row in enumerate(chosen.tolist()) for e in row]
+            self._decode(x, pairs, out, weights)
         elif self.coverage:
-            tokens = selected.T.nonzero()[:, 1]  # (slots,): the tokens of each expert, expert by expert
-            self._dispatch(x, tokens, selected.sum(0).long().tolist(), out)
+            tokens = taken.T.nonzero()[:, 1]  # (slots,): the tokens of each expert, expert by expert
+            slot_weights = None if weights is None else weights.T[taken.T]  # in the same order
+            self._dispatch(x, tokens, taken.sum(0).tolist(), out, slot_weights)
         else:
             k = chosen.shape[-1]
             flat = chosen.reshape(-1)  # (tokens * k,)
@@ -308,8 +331,9 @@ class MoEFeedForward(nn.Module):
         }
         return out
 
-    def _decode(self, x: torch.Tensor, pairs: list[tuple[int, int]], out: torch.Tensor) -> None:
-        """Add each token's chosen experts to ``out``, for a few tokens (``pairs``: (token, expert)).
+    def _decode(self, x: torch.Tensor, pairs: list[tuple[int, int]], out: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add each token's chosen experts to ``out``, for a few tokens (``pairs``: (token, expert)),
+        each scaled by its ``weights`` ``(tokens, experts)`` entry if given (a soft boundary).
 
         Each selected expert runs once on the tokens that chose it, on views of its weights
         (``w_up[e]`` is contiguous: no copy) and with no sort, count or ``index_add_``: at one token
@@ -320,22 +344,29 @@ class MoEFeedForward(nn.Module):
         tokens_of: dict[int, list[int]] = {}
         for token, expert in pairs:
             tokens_of.setdefault(expert, []).append(token)
+        def weighted(a: torch.Tensor, rows: slice | torch.Tensor, expert: int) -> torch.Tensor:
+            return a if weights is None else a * weights[rows, expert : expert + 1].to(a.dtype)
+
         for expert, tokens in sorted(tokens_of.items()):
             if len(tokens) == len(x):  # every token (always so at one token)
-                out.addmm_(self._neurons(x, expert).to(out.dtype), self.w_down[expert])
+                a = weighted(self._neurons(x, expert), slice(None), expert)
+                out.addmm_(a.to(out.dtype), self.w_down[expert])
             elif len(tokens) == 1:  # one token: a view of its row
                 t = tokens[0]
-                out[t : t + 1].addmm_(self._neurons(x[t : t + 1], expert).to(out.dtype), self.w_down[expert])
+                a = weighted(self._neurons(x[t : t + 1], expert), slice(t, t + 1), expert)
+                out[t : t + 1].addmm_(a.to(out.dtype), self.w_down[expert])
             else:  # gathered, then added row by row (see above on index_add_)
                 index = torch.tensor(tokens, device=x.device)
-                y = self._neurons(x.index_select(0, index), expert) @ self.w_down[expert]  # (n, hidden)
+                y = weighted(self._neurons(x.index_select(0, index), expert), index, expert) @ self.w_down[expert]  # (n, hidden)
                 for row, t in enumerate(tokens):
                     out[t].add_(y[row])
 
-    def _dispatch(self, x: torch.Tensor, token_of: torch.Tensor, counts: list[int], out: torch.Tensor) -> None:
+    def _dispatch(
+        self, x: torch.Tensor, token_of: torch.Tensor, counts: list[int], out: torch.Tensor, weight_of: torch.Tensor | None = None
+    ) -> None:
         """Add each token's chosen experts to ``out``; tokens are grouped so each expert runs once.
         ``token_of`` ``(slots,)`` lists the tokens of expert 0, then of expert 1, ...; ``counts`` how many
-        each expert has.
+        each expert has; ``weight_of`` ``(slots,)``, if given, scales each slot (a soft boundary).
 
         Each expert gathers its own tokens just before its matrix products, so the gathered rows are
         still in cache when used (one gather of all ``tokens * k`` rows up front was up to 1.6x
@@ -346,7 +377,10 @@ class MoEFeedForward(nn.Module):
             if n == 0:
                 continue
             tokens = token_of[start : start + n]
-            y = self._neurons(x.index_select(0, tokens), expert) @ self.w_down[expert]  # (n, hidden)
+            a = self._neurons(x.index_select(0, tokens), expert)
+            if weight_of is not None:
+                a = a * weight_of[start : start + n, None].to(a.dtype)
+            y = a @ self.w_down[expert]  # (n, hidden)
             out.index_add_(0, tokens, y.to(out.dtype))
             start += n
 
@@ -382,6 +416,7 @@ class Structure:
     shared_size: int
     top_k: dict[int, int]  # converted block index -> its top-k (with dynamic top-k: the mean)
     coverage: dict[int, float] = field(default_factory=dict)  # block index -> dynamic top-k's coverage
+    soft_boundary: bool = False  # dynamic top-k: the expert completing a token's coverage counts in part
 
     @property
     def moe_layers(self) -> list[int]:
@@ -395,10 +430,12 @@ class Structure:
 
     def to_dict(self) -> dict:
         """The JSON form kept in ``config.densetomoe`` (JSON object keys are strings)."""
-        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "coverage"}
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("coverage", "soft_boundary")}
         data["top_k"] = {str(i): k for i, k in sorted(self.top_k.items())}
         if self.coverage:
             data["coverage"] = {str(i): c for i, c in sorted(self.coverage.items())}
+            if self.soft_boundary:
+                data["soft_boundary"] = True
         return data
 
     @classmethod
@@ -485,6 +522,7 @@ def new_moe_ffn(structure: Structure, num_experts: int, index: int) -> MoEFeedFo
         shared_size=s.shared_size,
     )
     module.coverage = s.coverage.get(index, 0.0)
+    module.soft_boundary = s.soft_boundary
     return module
 
 

@@ -278,7 +278,7 @@ def convert(
         raise UsageError(f"an FFN budget of {recipe.ffn_budget:.0%} keeps every layer dense: nothing to convert")
     if recipe.ffn_budget is not None:
         clock.lap("budget")
-        mean = " on average (dynamic top-k)" if recipe.routing == "dynamic" else ""
+        mean = " on average (dynamic top-k)" if recipe.dynamic else ""
         if len(set(plan.values())) == 1:
             log(f"top-{next(iter(plan.values()))} in every layer{mean}")
         else:
@@ -465,10 +465,13 @@ def convert_sequential(
                         block = blockwise.materialise(native_shell, arch, i, state, dtype)
                 blockwise.run_block(block, converted_stream)
                 names = shell if target is None or module is None else native_shell  # whose checkpoint names to write
-                writer.add(blockwise.as_saved(names, {f"{prefix}{i}.{name}": t.to(dtype) for name, t in state.items()}))
+                # the block is released next and its tensors never change: they are written as they are
+                writer.add(blockwise.as_saved(names, {f"{prefix}{i}.{name}": t.to(dtype) for name, t in state.items()}), copy=False)
                 blockwise.release(block)
                 if module is not None:
                     modules[i] = module.to("meta")
+                # nothing of block i may outlive it: these name its dense FFN, its sample and its tensors
+                block = state = split = layer_stats = ffn = sample = module = None
                 bar.advance(task)
         if not modules:
             raise UsageError("no layer was converted")
@@ -715,8 +718,11 @@ def split_layer(
         labels = surgery.prune_experts(labels, ffn.importance(sample), recipe.experts, keep)
     router = ROUTERS[recipe.router](ffn, stats, labels, recipe.experts, settings, generator)
     refit_to = whole if recipe.refit and recipe.format != "native" else None
-    dynamic = recipe.routing == "dynamic"
-    return surgery.LayerSplit(ffn, labels, router, recipe.experts, activation, sample, shared, recipe.compensate, refit_to, dynamic)
+    dynamic = recipe.dynamic
+    return surgery.LayerSplit(
+        ffn, labels, router, recipe.experts, activation, sample, shared, recipe.compensate, refit_to, dynamic,
+        soft_boundary=recipe.routing == "dynamic-soft",
+    )  # fmt: skip
 
 
 def plan_layers(

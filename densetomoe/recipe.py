@@ -29,7 +29,7 @@ Budget = Annotated[str, AfterValidator(BUDGETS.check)]
 Format = Annotated[str, AfterValidator(FORMATS.check)]
 DType = Literal["float32", "bfloat16", "float16"]
 Trainable = Literal["moe", "all"]
-RoutingKind = Literal["top-k", "dynamic"]
+RoutingKind = Literal["top-k", "dynamic", "dynamic-soft"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
@@ -98,7 +98,7 @@ class Recipe(BaseModel):
     router_steps: int = Field(400, ge=0, description="optimisation steps per MLP router")
     compensate: bool = Field(True, description="add unselected experts' mean output (training-free correction)")
     refit: bool | None = Field(None, description="refit the experts' down projections (and the unselected experts' means) by least squares to the dense FFN output on the calibration tokens, under the routing inference uses; None: for decoder LMs. A refit folder is tuned for its top-k")
-    routing: RoutingKind | None = Field(None, description="top-k: every token takes top_k experts; dynamic: a token takes experts by router probability until they cover a share of it, set per layer so that calibration tokens take top_k on average (format remote-code only: engines take a fixed top-k); None: dynamic for decoder LMs in format remote-code")
+    routing: RoutingKind | None = Field(None, description="top-k: every token takes top_k experts; dynamic: a token takes experts by router probability until they cover a share of it, set per layer so that calibration tokens take top_k on average (format remote-code only: engines take a fixed top-k); dynamic-soft: dynamic, with the expert that completes a token's coverage weighted by the part of it that was needed (outputs move smoothly with the router: fewer flips in half precision); None: dynamic for decoder LMs in format remote-code")
     layers: list[int] | None = Field(None, description="indices of the layers to convert; None converts all. An encoder-decoder's run over both stacks: encoder 0..n-1, then decoder n..")
     sequential: bool | None = Field(None, description="convert one block at a time, reading its weights from the checkpoint: memory stays one block whatever the depth; None: for decoders of 1B parameters and more, where the recipe allows")
     seed: int = 0
@@ -129,7 +129,7 @@ class Recipe(BaseModel):
             raise ValueError("sequential conversion holds one block at a time and cannot distill: convert, then run densetomoe distill on the folder")
         if self.sequential is True and self.ffn_budget is not None:
             raise ValueError("sequential conversion takes one top-k for every layer: use top_k instead of ffn_budget")
-        if self.format == "native" and self.routing == "dynamic":
+        if self.format == "native" and self.dynamic:
             raise ValueError("format native takes routing top-k: the engines that serve it give every token the same number of experts")
         if self.format == "native" and self.dtype == "float16":
             raise ValueError("format native needs dtype float32 or bfloat16: its scaled router weights (~1e-7) underflow in float16")
@@ -137,6 +137,11 @@ class Recipe(BaseModel):
             linear = ", ".join(name for name in ROUTERS if ROUTERS.entry(name).settings["linear"])
             raise ValueError(f"format native needs a linear router (a native MoE's gate is one linear map): use router {linear}")
         return self
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether tokens take a varying number of experts (dynamic top-k, with or without a soft boundary)."""
+        return self.routing in ("dynamic", "dynamic-soft")
 
     @property
     def parts(self) -> int:

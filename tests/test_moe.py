@@ -262,6 +262,20 @@ def test_coverage_selection_takes_experts_by_probability_until_the_coverage_is_r
     assert coverage_selection(probs, 1.0 + 1e-6).sum(-1).tolist() == [4, 4, 4]
 
 
+def test_a_soft_boundary_weights_the_expert_that_completes_the_coverage_by_the_part_it_needed():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.9, 0.03, 0.02], [0.25, 0.25, 0.25, 0.25]])
+    weights = coverage_selection(probs, 0.7, soft=True)
+    # 0.2 of the second's 0.3 was needed; the first alone covers 0.9 (and always counts wholly); 0.2 of 0.25
+    torch.testing.assert_close(weights, torch.tensor([[1, 2 / 3, 0, 0], [0, 1, 0, 0], [1, 1, 0.8, 0]]))
+    assert torch.equal(weights > 0, coverage_selection(probs, 0.7).bool())  # the same experts as a hard boundary
+
+    # where a hard boundary switches a whole expert on, a soft one lets it in at weight ~0
+    below, above = torch.tensor([[0.5 - 1e-4, 0.3, 0.2 + 1e-4]]), torch.tensor([[0.5 + 1e-4, 0.3, 0.2 - 1e-4]])
+    hard = coverage_selection(below, 0.5)[0, 1] - coverage_selection(above, 0.5)[0, 1]
+    soft = coverage_selection(below, 0.5, soft=True)[0, 1] - coverage_selection(above, 0.5, soft=True)[0, 1]
+    assert hard == 1.0 and 0 < soft < 1e-3
+
+
 def test_coverage_for_sets_the_mean_number_of_experts_on_the_sample():
     torch.manual_seed(0)
     router, sample = Router(16, 8, hidden=8), torch.randn(500, 16)
@@ -276,12 +290,14 @@ def test_coverage_for_sets_the_mean_number_of_experts_on_the_sample():
     assert coverage_for(router, sample, 8) > 1.0  # every expert
 
 
-def build_dynamic(gated=True, bias=True, shared=True, top_k=2):
-    """:func:`build_full`, with dynamic top-k at ``top_k`` experts per token on average."""
+def build_dynamic(gated=True, bias=True, shared=True, top_k=2, soft=False):
+    """:func:`build_full`, with dynamic top-k at ``top_k`` experts per token on average (a soft
+    boundary if asked); ``expected`` computes its output from the selection's weights."""
     moe, _ = build_full(gated, bias, shared, top_k=top_k)
     with torch.no_grad():
         moe.router.layers[-1].weight.mul_(20)  # a router confident on some tokens, not on others
         moe.coverage = coverage_for(moe.router, torch.randn(256, 16), top_k)
+        moe.soft_boundary = soft
         moe.skip_mean.normal_()
 
     def expected(x):
@@ -295,10 +311,11 @@ def build_dynamic(gated=True, bias=True, shared=True, top_k=2):
     return moe, expected
 
 
+@pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 @torch.no_grad()
-def test_dynamic_top_k_is_the_same_on_the_decode_dispatch_and_masked_paths(tokens):
-    moe, expected = build_dynamic()
+def test_dynamic_top_k_is_the_same_on_the_decode_dispatch_and_masked_paths(tokens, soft):
+    moe, expected = build_dynamic(soft=soft)
     x = torch.randn(tokens, 16)
     want = expected(x)
     moe.decode_slots = 10**6
@@ -307,14 +324,17 @@ def test_dynamic_top_k_is_the_same_on_the_decode_dispatch_and_masked_paths(token
     torch.testing.assert_close(moe(x), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(moe._masked_forward(x) + moe._shared(x) + moe.b_down, want, rtol=1e-5, atol=1e-5)
     if tokens == 40:
-        counts = moe.selection(x).sum(-1)
+        counts = (moe.selection(x) > 0).sum(-1)
         assert counts.min() < counts.max()  # tokens did take different numbers of experts
+        weights = moe.selection(x)
+        assert ((weights > 0) & (weights < 1)).any() == soft  # and a soft boundary weighted some in part
     with pytest.raises(ValueError, match="selection"):
         moe.select(x)
 
 
-def test_dynamic_top_k_trains_with_the_same_forward_value_and_gradients_on_what_was_taken():
-    moe, expected = build_dynamic(shared=False)
+@pytest.mark.parametrize("soft", [False, True])
+def test_dynamic_top_k_trains_with_the_same_forward_value_and_gradients_on_what_was_taken(soft):
+    moe, expected = build_dynamic(shared=False, soft=soft)
     x = torch.randn(30, 16)
     with torch.no_grad():
         want = expected(x)

@@ -30,14 +30,15 @@ def without_bias(ffn: DenseFFN, out: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("dynamic", [False, True, "soft"])
 def test_the_refit_lowers_the_error_the_module_really_makes(gated, shared, dynamic):
     ffn, moe = layer(gated, shared, top_k=2)
     calibration, held_out = torch.randn(4096, 16), torch.randn(1024, 16)
-    if dynamic:  # a varying number of experts per token, 2 on average
+    if dynamic:  # a varying number of experts per token, 2 on average (the last one weighted in part if soft)
         with torch.no_grad():
             moe.router.layers[-1].weight.mul_(20)
         moe.coverage = coverage_for(moe.router, calibration, 2)
+        moe.soft_boundary = dynamic == "soft"
     error = lambda x: relative_error(without_bias(ffn, moe(x).detach()), ffn.neurons(x) @ ffn.w_down.T)  # noqa: E731
     before, held_out_before = error(calibration), error(held_out)
     routing = moe.selection(held_out)

@@ -81,6 +81,23 @@ def test_a_sharded_source_is_read_and_a_large_output_is_written_in_shards(tiny_d
     assert torch.isfinite(reloaded(ids).logits).all()
 
 
+def test_the_shard_writer_holds_less_than_a_shard_and_copies_only_what_shares_storage(tmp_path):
+    writer = blockwise.ShardWriter(tmp_path, max_shard_bytes=1000)
+    blocks = [{f"b{n}.w": torch.full((75,), float(n)), f"b{n}.b": torch.zeros(0)} for n in range(4)]  # 300 bytes each
+    writer.add(blocks[0], copy=False)
+    writer.add(blocks[1], copy=False)
+    assert writer.pending_bytes == 600 and writer.pending["b0.w"].data_ptr() == blocks[0]["b0.w"].data_ptr()  # waiting, not copied
+    writer.add(blocks[2], copy=False)  # 900 bytes: a fourth block would not fit, so they are written now
+    assert writer.pending_bytes == 0 and writer.shards == [["b0.w", "b0.b", "b1.w", "b1.b", "b2.w", "b2.b"]]
+    fused = torch.arange(8.0)
+    writer.add({"q": fused[:4], "k": fused[4:]}, copy=False)  # two views of one storage: one is copied
+    writer.add({"copied": blocks[3]["b3.w"]})
+    assert writer.pending["copied"].data_ptr() != blocks[3]["b3.w"].data_ptr()
+    files = writer.close()
+    saved = {name: t for f in files if f.suffix == ".safetensors" for name, t in load_file(f).items()}
+    assert torch.equal(saved["k"], fused[4:]) and torch.equal(saved["b2.w"], blocks[2]["b2.w"])
+
+
 def test_sequential_refuses_what_it_cannot_do_in_one_line(tiny_decoders, texts_file, tmp_path):
     with pytest.raises(UsageError, match="--out"):
         densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, sequential=True), None, show_progress=False)

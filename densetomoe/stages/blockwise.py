@@ -39,7 +39,7 @@ from ..moe import blocks_of
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MAX_SHARD_BYTES = 512 * 1024**2  # the most a shard holds (whole blocks; one larger block alone): what waits in memory
+MAX_SHARD_BYTES = 512 * 1024**2  # the most a shard holds (whole blocks; one larger block alone); less waits in memory
 
 
 class Checkpoint:
@@ -224,6 +224,11 @@ class replay:
         del self.block.forward
 
 
+def _storage(tensor: torch.Tensor) -> int | None:
+    """Where ``tensor``'s storage lies (None for an empty one, which shares nothing)."""
+    return tensor.untyped_storage().data_ptr() if tensor.numel() else None
+
+
 class ShardWriter:
     """Write a model's tensors a few at a time as safetensors shards in ``folder``, and the index
     that ``from_pretrained`` reads (one ``model.safetensors`` when everything fits in one shard)."""
@@ -239,22 +244,32 @@ class ShardWriter:
 
     def add(self, tensors: dict[str, torch.Tensor], copy: bool = True) -> None:
         """Queue ``tensors`` (a block's, say); what waits is written first if they would take it past
-        the shard size, so at most one shard's worth (or one block, if larger) waits in memory.
-        ``copy=False`` keeps the tensors themselves, for a model that no longer changes; a tensor that
-        shares storage with one already waiting (a tied head) then starts a new shard, as safetensors
-        refuses shared storage within one file."""
+        the shard size, and they are written at once if as many again would, so that what waits in
+        memory stays below the shard size (one block, if larger) and a block-sized group never waits
+        for the next block to be converted.
+
+        ``copy=False`` keeps the tensors themselves, for tensors that no longer change (a block about
+        to be released, a model only read from now on): nothing is copied but what shares storage
+        with a tensor waiting beside it, as safetensors refuses shared storage within one file; a
+        tensor that shares storage with one already waiting (a tied head) starts a new shard instead."""
         incoming = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.pending_bytes + incoming > self.max_shard_bytes or (not copy and self._shares_storage(tensors)):
             self._flush()
+        storages = {_storage(t) for t in self.pending.values()} - {None}
         for name, tensor in tensors.items():
             tensor = tensor.detach().contiguous()
-            self.pending[name] = tensor.clone() if copy else tensor  # a copy shares no storage with the model
+            if copy or _storage(tensor) in storages:
+                tensor = tensor.clone()  # a copy shares no storage with the model, nor with another tensor here
+            storages.add(_storage(tensor))
+            self.pending[name] = tensor
         self.pending_bytes += incoming
+        if self.pending_bytes + incoming > self.max_shard_bytes:
+            self._flush()
 
     def _shares_storage(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether one of ``tensors`` lies in the storage of a tensor already waiting."""
-        waiting = {t.untyped_storage().data_ptr() for t in self.pending.values()}
-        return any(t.untyped_storage().data_ptr() in waiting for t in tensors.values())
+        waiting = {_storage(t) for t in self.pending.values()} - {None}
+        return any(_storage(t) in waiting for t in tensors.values())
 
     def _flush(self) -> None:
         if not self.pending:
