@@ -419,6 +419,7 @@ def convert_sequential(
         frame, arch, list(calibration_batches(dense.tokenizer, dense.calibration_texts, recipe.seq_len, recipe.batch_size, recipe.calib_tokens))
     )  # fmt: skip
     held_out = blockwise.capture(frame, arch, dense.held_out_batches(recipe))
+    blockwise.release(frame)  # its embeddings are not needed again until every block is written (1 GB at 1B)
     converted_stream = held_out.copy()
     masks = calibration.masks()
     stats = ActivationStats(tokens=sum(int(m.sum()) for m in masks), sequences=sum(len(m) for m in masks))
@@ -476,6 +477,7 @@ def convert_sequential(
         if not modules:
             raise UsageError("no layer was converted")
         model = shell if target is None else native_shell
+        frame = blockwise.frame(cls, dense.source.path, dense.config, arch, dtype)  # read again, for the head and export
         # the frame is only read from now on: its tensors go out as they are, one at a time, so that a
         # head untied from the embeddings (the same storage) is neither copied nor in the same shard
         outside = blockwise.as_saved(model, _outside_blocks(frame, arch, untie=target is not None and target.untied_head))

@@ -122,17 +122,20 @@ def test_the_cli_converts_sequentially(tiny_decoders, texts_file, tmp_path):
 def test_no_more_than_one_block_is_materialised_at_a_time(tiny_decoders, texts_file, tmp_path, monkeypatch):
     from densetomoe.moe import blocks_of
 
-    in_memory = []
-    load_block = blockwise.load_block
+    in_memory, frames = [], []
+    load_block, frame = blockwise.load_block, blockwise.frame
 
     def counting(model, arch, index, checkpoint, dtype):
         block = load_block(model, arch, index, checkpoint, dtype)
         in_memory.append(sum(any(not p.is_meta for p in b.parameters()) for b in blocks_of(model, arch.layers)))
+        assert all(p.is_meta for f in frames for p in f.parameters())  # nor the embeddings and head meanwhile
         return block
 
     monkeypatch.setattr(blockwise, "load_block", counting)
+    monkeypatch.setattr(blockwise, "frame", lambda *args: frames.append(frame(*args)) or frames[-1])
     densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, sequential=True), tmp_path / "moe", show_progress=False)
     assert in_memory == [1, 1]  # two blocks, each alone when loaded
+    assert len(frames) == 2  # the frame: read for the first block's inputs, released, read again for the head
 
 
 def test_a_model_too_large_for_memory_is_refused_in_one_line_that_names_the_sequential_path(tiny_decoders, tmp_path, monkeypatch):

@@ -16,7 +16,8 @@ more than one block:
 * :class:`ShardWriter` writes each converted block's tensors as soon as they exist, as sharded
   safetensors with the index ``save_pretrained`` writes for large models.
 
-Peak memory is then one block, the frame and the stored hidden states, whatever the depth.
+Peak memory is then one block and the stored hidden states, whatever the depth: the frame is
+released once the inputs of the first block are captured, and read again after the last block.
 """
 
 from __future__ import annotations
@@ -137,9 +138,9 @@ def as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, to
     return revert_weight_conversion(model, tensors)
 
 
-def release(block: nn.Module) -> None:
-    """Give a materialised block's memory back (it returns to the meta device)."""
-    block.to("meta")
+def release(module: nn.Module) -> None:
+    """Give a materialised block's (or the frame's) memory back: it returns to the meta device."""
+    module.to("meta")
 
 
 @dataclass
