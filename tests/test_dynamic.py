@@ -59,6 +59,7 @@ def test_a_soft_boundary_is_recorded_in_the_folder_and_reloaded(tiny_decoders, t
     layers = moe.moe_modules(conversion.model)
     assert all(m.soft_boundary and 0 < m.coverage < 1 for m in layers.values())
     assert json.loads((out / "config.json").read_text())[moe.CONFIG_KEY]["soft_boundary"] is True
+    assert "soft boundary" in (out / "README.md").read_text()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert all(m.soft_boundary for m in moe.moe_modules(reloaded).values())
     ids = torch.randint(200, (2, 24), generator=torch.Generator().manual_seed(0))
