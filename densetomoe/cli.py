@@ -156,12 +156,26 @@ def convert(
         shape = f"{plan.experts}x{plan.top_k}" if plan.ffn_budget is None else f"{plan.experts}-budget{plan.ffn_budget:g}"
         destination = out or Path(f"{name or 'model'}-moe-{shape}")
         _quiet_transformers()
-        result = run_conversion(plan, destination, overwrite, show_progress=progress, log=lambda m: stderr.print(m), resume=resume)
-        _print_summary(result)
-        if push_to_hub:
-            _push_converted(result.out, push_to_hub)
+        result = run_conversion(plan, destination, overwrite, show_progress=progress, log=_log, resume=resume)
+        if _main_process():
+            _print_summary(result)
+            if push_to_hub:
+                _push_converted(result.out, push_to_hub)
 
     _run(action)
+
+
+def _main_process() -> bool:
+    """False in the other processes of an ``accelerate launch`` (torchrun gives each its ``RANK``):
+    they work, and only the first one speaks."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _log(message: str) -> None:
+    if _main_process():
+        stderr.print(message)
 
 
 def _push_converted(out: Path, repo_id: str) -> None:
@@ -307,10 +321,9 @@ def distill_command(
         else:
             settings = Distill.build(**flags)
         _quiet_transformers()
-        result = run_distillation(
-            moe_dir, settings, out, overwrite, base, resume, show_progress=progress, log=lambda m: stderr.print(m), format=format
-        )
-        _print_summary(result)
+        result = run_distillation(moe_dir, settings, out, overwrite, base, resume, show_progress=progress, log=_log, format=format)
+        if _main_process():
+            _print_summary(result)
 
     _run(action)
 

@@ -55,6 +55,8 @@ def test_two_processes_distill_and_write_one_folder(tiny_decoders, texts_file, t
     out = tmp_path / "moe"
     run = launch(convert_args(tiny_decoders["llama"], texts_file, out, "--distill-steps", "4"))
     assert run.returncode == 0, run.stderr[-3000:]
+    assert (run.stdout + run.stderr).count("layers shared out between 2 processes") == 1  # only the first process speaks
+    assert run.stdout.count("measured on held-out text") == 1
     figures = folder.read_figures(out)
     assert figures["distillation"]["steps"][-1] == 4
     assert torch.isfinite(densetomoe.load(out)(torch.tensor([[1, 2, 3, 4]])).logits).all()
