@@ -68,6 +68,18 @@ class DenseFFN:
             out[:, start : start + len(part)] = self.neurons(part).abs().T
         return out
 
+    def output_norms(self, x: torch.Tensor, labels: torch.Tensor, experts: int) -> torch.Tensor:
+        """``(tokens, experts)``: the norm of what each expert adds to the output under neuron->expert
+        ``labels``, ``||W_e a_e|| = sqrt(a_e^T (W_e^T W_e) a_e)``, from each expert's small Gram matrix
+        (``expert_size`` squared) instead of its ``(tokens, hidden)`` output."""
+        a = self.neurons(x)  # (tokens, d_ff)
+        out = x.new_empty(x.shape[0], experts)
+        for e in range(experts):
+            members = (labels == e).nonzero().squeeze(1)
+            w, ae = self.w_down[:, members], a[:, members]
+            out[:, e] = ((ae @ (w.T @ w)) * ae).sum(-1).clamp_min(0).sqrt()
+        return out
+
     def contributions(self, x: torch.Tensor, labels: torch.Tensor, experts: int) -> torch.Tensor:
         """Each expert's output ``(tokens, experts, hidden)`` under neuron->expert ``labels``."""
         a = self.neurons(x)  # (tokens, d_ff)

@@ -75,15 +75,22 @@ def skip_means(
 
     Adding these for the unselected experts is the least-squares constant correction for what
     top-k routing drops; it is zero at ``top_k == experts`` and keeps the dense equivalence exact.
+
+    An expert's output is linear in its neurons' activations, so the activations are summed first,
+    each weighted by how far its expert was skipped, and go through the down projection once: no
+    ``(tokens, experts, hidden)`` tensor.
     """
     with torch.no_grad():
-        total = torch.zeros(experts, ffn.w_down.shape[0])
+        kept = labels >= 0  # a pruned neuron (label -1) belongs to no expert
+        expert_of = labels.clamp_min(0)
+        weighted = torch.zeros(ffn.size)  # per neuron: sum over tokens of (1 - selection) * activation
         count = torch.zeros(experts)
         for part in sample.split(CHUNK):
-            y = ffn.contributions(part, labels, experts)  # (tokens, experts, hidden)
             skipped = 1.0 - selection(part)  # (tokens, experts)
-            total += torch.einsum("te,teh->eh", skipped, y)
+            weighted += (ffn.neurons(part) * skipped[:, expert_of]).sum(0)
             count += skipped.sum(0)
+        outputs = (ffn.w_down[:, kept] * weighted[kept]).T  # (kept neurons, hidden)
+        total = torch.zeros(experts, ffn.w_down.shape[0]).index_add_(0, expert_of[kept], outputs)
         return total / count.clamp_min(1).unsqueeze(-1)
 
 

@@ -78,6 +78,25 @@ def test_skip_means_are_the_mean_of_unselected_contributions():
         torch.testing.assert_close(means[e], y[chosen != e, e].mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_skip_means_weigh_an_expert_taken_in_part_and_leave_pruned_neurons_out():
+    ffn = random_ffn()
+    labels = at_random(ffn, None, 4, torch.Generator().manual_seed(0))
+    labels[::5] = -1  # pruned: in no expert
+    x = torch.randn(300, 16)
+    weights = torch.rand(300, 4)  # a soft boundary's selection: experts taken in part
+    means = surgery.skip_means(ffn, labels, lambda part: weights[: len(part)] if len(part) == 300 else None, x, experts=4)
+    y = ffn.contributions(x, labels, 4)  # (tokens, experts, hidden): the direct sum
+    expected = torch.einsum("te,teh->eh", 1 - weights, y) / (1 - weights).sum(0).unsqueeze(-1)
+    torch.testing.assert_close(means, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_output_norms_are_the_norms_of_the_experts_outputs():
+    ffn = random_ffn(gated=True)
+    labels = at_random(ffn, None, 4, torch.Generator().manual_seed(0))
+    x = torch.randn(50, 16)
+    torch.testing.assert_close(ffn.output_norms(x, labels, 4), ffn.contributions(x, labels, 4).norm(dim=-1), rtol=1e-4, atol=1e-6)
+
+
 def test_set_top_k_without_a_config_sets_every_module_and_validates():
     """Modules found by order; the config side is tested in test_structure."""
     model = nn.Sequential(MoEFeedForward(8, 4, 2, top_k=2), MoEFeedForward(8, 4, 2, top_k=4))

@@ -37,7 +37,7 @@ def expert_shares(ffn: DenseFFN, inputs: torch.Tensor, labels: torch.Tensor, exp
     An expert's weight is the norm of what it adds to the output, ``||W_down[:, e] a_e(x)||``: the
     quantity that dropping it loses.
     """
-    norms = torch.cat([ffn.contributions(part, labels, experts).norm(dim=-1) for part in inputs.split(CHUNK)])  # (tokens, experts)
+    norms = torch.cat([ffn.output_norms(part, labels, experts) for part in inputs.split(CHUNK)])  # (tokens, experts)
     return norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
