@@ -720,10 +720,8 @@ def split_layer(
         labels = surgery.prune_experts(labels, ffn.importance(sample), recipe.experts, keep)
     router = ROUTERS[recipe.router](ffn, stats, labels, recipe.experts, settings, generator)
     refit_to = whole if recipe.refit and recipe.format != "native" else None
-    dynamic = recipe.dynamic
     return surgery.LayerSplit(
-        ffn, labels, router, recipe.experts, activation, sample, shared, recipe.compensate, refit_to, dynamic,
-        soft_boundary=recipe.routing == "dynamic-soft",
+        ffn, labels, router, recipe.experts, activation, sample, shared, recipe.compensate, refit_to, recipe.dynamic, recipe.soft_boundary
     )  # fmt: skip
 
 

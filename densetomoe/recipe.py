@@ -144,6 +144,11 @@ class Recipe(BaseModel):
         return self.routing in ("dynamic", "dynamic-soft")
 
     @property
+    def soft_boundary(self) -> bool:
+        """Whether the expert that completes a token's coverage counts in part (``dynamic-soft``)."""
+        return self.routing == "dynamic-soft"
+
+    @property
     def parts(self) -> int:
         """Equal parts each FFN splits into: routed experts plus shared ones."""
         return self.experts + self.shared_experts

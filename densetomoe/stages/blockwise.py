@@ -254,9 +254,11 @@ class ShardWriter:
         with a tensor waiting beside it, as safetensors refuses shared storage within one file; a
         tensor that shares storage with one already waiting (a tied head) starts a new shard instead."""
         incoming = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.pending_bytes + incoming > self.max_shard_bytes or (not copy and self._shares_storage(tensors)):
+        storages = {_storage(t) for t in self.pending.values()} - {None}  # those of the tensors waiting
+        shares = not copy and any(_storage(t) in storages for t in tensors.values())
+        if self.pending_bytes + incoming > self.max_shard_bytes or shares:
             self._flush()
-        storages = {_storage(t) for t in self.pending.values()} - {None}
+            storages = set()
         for name, tensor in tensors.items():
             tensor = tensor.detach().contiguous()
             if copy or _storage(tensor) in storages:
@@ -266,11 +268,6 @@ class ShardWriter:
         self.pending_bytes += incoming
         if self.pending_bytes + incoming > self.max_shard_bytes:
             self._flush()
-
-    def _shares_storage(self, tensors: dict[str, torch.Tensor]) -> bool:
-        """Whether one of ``tensors`` lies in the storage of a tensor already waiting."""
-        waiting = {_storage(t) for t in self.pending.values()} - {None}
-        return any(_storage(t) in waiting for t in tensors.values())
 
     def _flush(self) -> None:
         if not self.pending:
