@@ -420,6 +420,7 @@ def convert_sequential(
     )  # fmt: skip
     held_out = blockwise.capture(frame, arch, dense.held_out_batches(recipe))
     blockwise.release(frame)  # its embeddings are not needed again until every block is written (1 GB at 1B)
+    blockwise.return_freed_memory()
     converted_stream = held_out.copy()
     masks = calibration.masks()
     stats = ActivationStats(tokens=sum(int(m.sum()) for m in masks), sequences=sum(len(m) for m in masks))
@@ -473,6 +474,7 @@ def convert_sequential(
                     modules[i] = module.to("meta")
                 # nothing of block i may outlive it: these name its dense FFN, its sample and its tensors
                 block = state = split = layer_stats = ffn = sample = module = None
+                blockwise.return_freed_memory()
                 bar.advance(task)
         if not modules:
             raise UsageError("no layer was converted")

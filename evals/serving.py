@@ -214,7 +214,7 @@ def main() -> None:
         )
 
     # transformers generate: every model, interleaved
-    del engines
+    engines.clear()  # the llama.cpp models free their memory before the transformers ones load
     models = {name: load_lm(folder, fmt) for name, (folder, fmt) in folders.items()}
     inputs = torch.tensor([prompt])
 

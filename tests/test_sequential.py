@@ -98,6 +98,18 @@ def test_the_shard_writer_holds_less_than_a_shard_and_copies_only_what_shares_st
     assert torch.equal(saved["k"], fused[4:]) and torch.equal(saved["b2.w"], blocks[2]["b2.w"])
 
 
+def test_what_waits_for_a_shard_stays_small(tmp_path):
+    """Blocks larger than what may wait are written as they come (a 1B block would otherwise stay in
+    memory while the next converts); smaller ones share a shard."""
+    writer = blockwise.ShardWriter(tmp_path, max_shard_bytes=10_000, max_waiting_bytes=500)
+    writer.add({"a": torch.zeros(50)}, copy=False)  # 200 bytes: waits
+    assert writer.pending_bytes == 200 and not writer.shards
+    writer.add({"b": torch.zeros(75)}, copy=False)  # 500 bytes waiting: written, both in one shard
+    assert writer.pending_bytes == 0 and writer.shards == [["a", "b"]]
+    writer.add({"c": torch.zeros(1000)}, copy=False)  # one large block: alone, at once
+    assert writer.pending_bytes == 0 and writer.shards[-1] == ["c"]
+
+
 def test_sequential_refuses_what_it_cannot_do_in_one_line(tiny_decoders, texts_file, tmp_path):
     with pytest.raises(UsageError, match="--out"):
         densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, sequential=True), None, show_progress=False)

@@ -23,8 +23,10 @@ released once the inputs of the first block are captured, and read again after t
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,8 @@ from ..moe import blocks_of
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MAX_SHARD_BYTES = 512 * 1024**2  # the most a shard holds (whole blocks; one larger block alone); less waits in memory
+MAX_SHARD_BYTES = 512 * 1024**2  # the most a shard holds (whole groups, such as blocks; one larger group alone)
+MAX_WAITING_BYTES = 64 * 1024**2  # what may wait in memory for more to share its shard (small blocks group up)
 
 
 class Checkpoint:
@@ -143,6 +146,27 @@ def release(module: nn.Module) -> None:
     module.to("meta")
 
 
+def return_freed_memory() -> None:
+    """Hand the memory freed so far back to the system, where the C library keeps it for reuse
+    otherwise (glibc's ``malloc_trim``; nothing elsewhere). Between blocks, what one block's work
+    freed would stay resident: 1 GB or more at the 1B shape."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_libc = _glibc()
+
+
 @dataclass
 class Stream:
     """Batches on their way through the blocks: each batch's hidden states, real-token mask, and the
@@ -234,10 +258,11 @@ class ShardWriter:
     """Write a model's tensors a few at a time as safetensors shards in ``folder``, and the index
     that ``from_pretrained`` reads (one ``model.safetensors`` when everything fits in one shard)."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int | None = None):
+    def __init__(self, folder: Path, max_shard_bytes: int | None = None, max_waiting_bytes: int | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
+        self.max_waiting_bytes = max_waiting_bytes or MAX_WAITING_BYTES
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
@@ -245,9 +270,9 @@ class ShardWriter:
 
     def add(self, tensors: dict[str, torch.Tensor], copy: bool = True) -> None:
         """Queue ``tensors`` (a block's, say); what waits is written first if they would take it past
-        the shard size, and they are written at once if as many again would, so that what waits in
-        memory stays below the shard size (one block, if larger) and a block-sized group never waits
-        for the next block to be converted.
+        the shard size, and they are written at once once what waits reaches ``max_waiting_bytes``, or
+        if as many again would not fit, so that a group of that size (a block at 1B: 240 MB) never
+        stays in memory while the next one is converted, and small groups share a shard.
 
         ``copy=False`` keeps the tensors themselves, for tensors that no longer change (a block about
         to be released, a model only read from now on): nothing is copied but what shares storage
@@ -266,7 +291,7 @@ class ShardWriter:
             storages.add(_storage(tensor))
             self.pending[name] = tensor
         self.pending_bytes += incoming
-        if self.pending_bytes + incoming > self.max_shard_bytes:
+        if self.pending_bytes >= self.max_waiting_bytes or self.pending_bytes + incoming > self.max_shard_bytes:
             self._flush()
 
     def _flush(self) -> None:

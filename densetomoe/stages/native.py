@@ -201,7 +201,8 @@ def native_layer(
                 tensors["mlp.shared_expert.up_proj.weight"] = empty.clone()
                 tensors["mlp.shared_expert.down_proj.weight"] = empty.T.clone()
         with_shared = target.shared_expert and module.shared_size
-        initial = torch.cat(down, dim=1)  # (hidden, routed + shared neurons)
+        initial = torch.cat(down, dim=1) if len(down) > 1 else down[0]  # (hidden, routed + shared neurons)
+        del down
         equations = NormalEquations(initial.shape[1], module.hidden_size)
         for part, part_coef in zip(x.split(CHUNK), coef.split(CHUNK)):  # the features, a chunk of tokens at a time
             acts = module._neurons(part, slice(None)).float().reshape(len(part), experts, size)
