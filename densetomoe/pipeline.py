@@ -456,6 +456,7 @@ def convert_sequential(
                         replace_ffn(block, arch.moe_at, list(arch.identity), module.to(dtype))
                     state, prefix = block.state_dict(), blockwise.block_prefix(shell, arch)
                 else:  # the native block: a dense one computes what it did; a converted one is built anew
+                    blockwise.return_freed_memory()  # the refit below allocates anew (its Gram matrix, 256 MB at 1B)
                     state, fit = native.native_block(block.state_dict(), target, module, ffn, sample)
                     prefix = f"model.{arch.layers}."
                     if module is not None:

@@ -183,10 +183,7 @@ def native_layer(
     scale = k if target.renormalises else experts  # 1 / the (uniform) weight of a selected expert
     with torch.no_grad():
         down = [scale * module.w_down.detach().float().reshape(-1, module.hidden_size).T]  # (hidden, experts*size)
-        tensors = {
-            "mlp.gate.weight": gate,
-            "mlp.experts.gate_up_proj": torch.cat([module.w_gate, module.w_up], dim=1).detach().float(),
-        }
+        tensors = {"mlp.gate.weight": gate}  # the experts' gate_up_proj once the refit's equations are freed
         shared_gate = torch.full((1, module.hidden_size), SHARED_GATE)
         if target.shared_expert:
             tensors["mlp.shared_expert_gate.weight"] = shared_gate
@@ -206,15 +203,17 @@ def native_layer(
         equations = NormalEquations(initial.shape[1], module.hidden_size)
         for part, part_coef in zip(x.split(CHUNK), coef.split(CHUNK)):  # the features, a chunk of tokens at a time
             acts = module._neurons(part, slice(None)).float().reshape(len(part), experts, size)
-            features = [(acts * part_coef.unsqueeze(-1)).reshape(len(part), -1)]
+            features = (acts * part_coef.unsqueeze(-1)).reshape(len(part), -1)
             if with_shared:
                 sigmoid = torch.sigmoid(part @ shared_gate.T)  # (tokens, 1)
-                features.append(sigmoid * module.act(part @ gate_w.T) * (part @ up.T))
+                features = torch.cat([features, sigmoid * module.act(part @ gate_w.T) * (part @ up.T)], dim=1)
             y = dense.neurons(part) @ dense.w_down.T  # (tokens, hidden): what the dense FFN outputs
-            equations.add(torch.cat(features, dim=1), y)
+            equations.add(features, y)
         before = equations.error(initial)
         refit = equations.solve(initial, RIDGE) if k < experts else initial
         after = equations.error(refit)
+        del equations, initial  # the Gram matrix (256 MB at FFN 8,192) before the experts' copy below
+        tensors["mlp.experts.gate_up_proj"] = torch.cat([module.w_gate, module.w_up], dim=1).detach().float()
         routed = experts * size
         tensors["mlp.experts.down_proj"] = refit[:, :routed].reshape(module.hidden_size, experts, size).permute(1, 0, 2).contiguous()
         if with_shared:

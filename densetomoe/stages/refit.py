@@ -33,7 +33,7 @@ from ..ffn import CHUNK, DenseFFN
 from ..moe import MoEFeedForward
 
 RIDGE = 0.1  # relative to the Gram matrix's mean diagonal (SmolLM2 layer 10, held-out: best of 1e-4..1)
-ERROR_ROWS = 256  # output rows at a time when an error is computed from the sums
+SLICE = 1024  # rows at a time where a product would otherwise be as large as a weight matrix
 
 
 @dataclass
@@ -66,13 +66,14 @@ class NormalEquations:
             raise RuntimeError("the equations were solved: nothing can be added")
         z, y = features.float(), targets.float()
         self.gram.addmm_(z.T, z)  # in place: no second Gram-sized temporary
-        self.cross.add_(z.T @ y)
+        for first in range(0, z.shape[1], SLICE):  # in float64, a slice of neurons at a time
+            self.cross[first : first + SLICE].add_(z[:, first : first + SLICE].T @ y)
         self.target_norm2 += float(y.double().square().sum())
 
     def solve(self, initial: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
         """``argmin_W ||Y - Z W^T||^2 + lambda ||W - initial||^2``, ``lambda = ridge * mean(diag G)``,
-        ``initial`` ``(outputs, neurons)``; returned in its dtype, solved by a Cholesky factorisation
-        in place (the ridged system is symmetric positive definite)."""
+        ``initial`` ``(outputs, neurons)``; returned in its dtype (a transposed view), solved by a
+        Cholesky factorisation in place (the ridged system is symmetric positive definite)."""
         if self.ridge is not None:
             raise RuntimeError("the equations were solved already")
         lam = ridge * float(self.gram.diagonal().double().mean().clamp_min(1e-12))
@@ -80,7 +81,7 @@ class NormalEquations:
         torch.linalg.cholesky_ex(self.gram, out=(self.gram, torch.empty((), dtype=torch.int32)))  # in place: L, lower
         self.ridge = lam
         rhs = self.cross.float().add_(initial.T.float(), alpha=lam)  # (neurons, outputs), in float32 as the factor is
-        return torch.cholesky_solve(rhs, self.gram).T.to(initial.dtype).contiguous()
+        return torch.cholesky_solve(rhs, self.gram).T.to(initial.dtype)  # a transposed view: no copy
 
     def error(self, weights: torch.Tensor) -> float:
         """``||Z W^T - Y|| / ||Y||`` over the tokens added, from the sums alone (no second pass):
@@ -88,14 +89,14 @@ class NormalEquations:
         ``tr(W G W^T) = ||W L||^2 - lambda ||W||^2``."""
         quadratic = linear = 0.0
         w = weights.float()
-        for first in range(0, len(w), ERROR_ROWS):  # a few output rows at a time: no Gram-sized temporary
-            rows = w[first : first + ERROR_ROWS]  # (rows, neurons)
+        for first in range(0, len(w), SLICE):  # a few output rows at a time: no Gram-sized temporary
+            rows = w[first : first + SLICE]  # (rows, neurons)
             product = rows @ self.gram
             if self.ridge is None:
                 quadratic += float((product * rows).sum(dtype=torch.float64))
             else:
                 quadratic += float(product.square().sum(dtype=torch.float64) - self.ridge * rows.square().sum(dtype=torch.float64))
-            linear += float((rows.double() * self.cross[:, first : first + ERROR_ROWS].T).sum())
+            linear += float((rows.double() * self.cross[:, first : first + SLICE].T).sum())
         residual = quadratic - 2 * linear + self.target_norm2
         return max(residual, 0.0) ** 0.5 / max(self.target_norm2, 1e-60) ** 0.5
 
