@@ -68,7 +68,7 @@ def render(
         rows.append(f"| per-layer budget | `{r.budget}` ({BUDGETS.entry(r.budget).summary}) for an average of {r.ffn_budget:.0%} of FFN neurons; top-{nominal} except layers {listing}; dense layers: {', '.join(map(str, kept_dense)) or 'none'} |")
     dynamic = r.dynamic
     if dynamic:
-        soft = " (soft boundary: the expert that completes the share counts in part, by how much of it was needed)" if r.soft_boundary else ""
+        soft = f" (soft boundary, ramp {r.boundary_ramp:g}: an expert whose probability is within that factor above the token's threshold counts in part)" if r.boundary_ramp else ""
         rows.append(f"| routing | dynamic top-k: a token takes experts by router probability until they cover a share of it{soft}, set per layer so that calibration tokens take {nominal} on average; `num_experts_per_tok=k` at load time gives every token k |")
     if shared_size:
         rows.append(f"| shared expert | {shared_size} neurons with the largest mean contribution, always on |")

@@ -20,7 +20,8 @@ How a converted checkpoint is described
        "gated": false, "bias": true, "router_hidden": 128,
        "shared_size": 0,                 # neurons of an always-on shared expert (0: none)
        "top_k": {"0": 2, "1": 4, ...},   # each converted block's top-k: the one home of top-k
-       "coverage": {"0": 0.83, ...}}     # dynamic top-k's coverage per block (absent: fixed top-k)
+       "coverage": {"0": 0.83, ...},     # dynamic top-k's coverage per block (absent: fixed top-k)
+       "ramp": 0.1}                      # dynamic top-k with a soft boundary (absent: a hard one)
 
 Classes are made on demand from the dense class they extend: ``MoEBertModel`` is ``BertModel`` whose
 ``__init__`` ends by installing the MoE feed-forwards, and ``MoEBertConfig`` is ``BertConfig`` with its
@@ -75,25 +76,71 @@ def covered_before(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ordered.cumsum(-1) - ordered, order
 
 
-def coverage_selection(probs: torch.Tensor, coverage: float, soft: bool = False) -> torch.Tensor:
-    """Dynamic top-k: ``(tokens, experts)``, 1 where a token takes an expert. Each token takes experts
-    in order of router probability ``probs`` until the ones taken cover ``coverage`` of it: an expert is
-    taken when the probability of those before it is still below ``coverage`` (so the first always is).
+def coverage_selection(probs: torch.Tensor, coverage: float, ramp: float = 0.0) -> torch.Tensor:
+    """Dynamic top-k: ``(tokens, experts)``, each expert's weight for each token, from the router
+    probabilities ``probs``.
 
-    With ``soft``, the expert that completes the coverage counts in part: its weight is the share of
-    its probability that the coverage still needed, ``(coverage - before) / p`` in ``(0, 1]`` (the first
-    expert always counts wholly), and the rest of it stands in by its mean as an unselected expert's
-    does. The experts taken are the same; but an expert now enters a token's selection at weight 0
-    and grows, instead of appearing whole when the probabilities before it dip below the coverage, so
-    a small change of the input (half-precision rounding) moves the output a little instead of
-    switching an expert on or off."""
+    ``ramp == 0``: 1 where a token takes an expert, 0 where not. Each token takes experts in order of
+    probability until the ones taken cover ``coverage`` of it: an expert is taken when the probability
+    of those before it is still below ``coverage`` (so the first always is).
+
+    ``ramp > 0`` (a soft boundary): the same rule as a threshold ``t`` on each expert's own
+    probability, with a ramp. An expert's weight is ``clamp((p - t) / (ramp * t), 0, 1)``: whole
+    above ``(1 + ramp) t``, in part between, nothing below ``t``; a token's ``t`` is set so that the
+    weighted probability covers ``coverage`` (:func:`ramp_threshold`). The part of an expert not
+    taken stands in by its mean, as an unselected expert's does (so does part of an expert that alone
+    covers more than ``coverage``, which the hard rule takes whole). The weights are a continuous
+    function of the probabilities, so a small change of the input (half-precision rounding) moves
+    the output a little, where the hard rule switches an expert on or off, also when two experts of
+    nearly equal probability trade places at the boundary. With ``ramp`` towards 0 it takes the hard
+    rule's experts, the one completing the coverage in part.
+    """
+    if ramp > 0:
+        if coverage >= 1.0:
+            return torch.ones_like(probs)
+        t = ramp_threshold(probs, coverage, ramp)
+        return ((probs - t) / (ramp * t)).clamp_(0.0, 1.0)
     before, order = covered_before(probs)
-    if soft:
-        taken = ((coverage - before) / probs.gather(1, order).clamp_min(1e-30)).clamp_(0.0, 1.0)
-        taken[:, 0] = 1.0
-    else:
-        taken = (before < coverage).to(probs.dtype)
+    taken = (before < coverage).to(probs.dtype)
     return torch.zeros_like(probs).scatter_(1, order, taken)
+
+
+def covered_at(probs: torch.Tensor, thresholds: torch.Tensor, ramp: float) -> torch.Tensor:
+    """What a soft boundary covers of each token at each of its ``thresholds`` ``(tokens, n)``:
+    ``sum_e p_e clamp((p_e - t) / (ramp t), 0, 1)``, ``(tokens, n)``; non-increasing in ``t``."""
+    p, t = probs.unsqueeze(-2), thresholds.unsqueeze(-1)  # (tokens, 1, experts), (tokens, n, 1)
+    return (p * ((p - t) / (ramp * t)).clamp(0.0, 1.0)).sum(-1)
+
+
+def ramp_threshold(probs: torch.Tensor, coverage: float, ramp: float) -> torch.Tensor:
+    """Each token's threshold ``t`` ``(tokens, 1)`` at which a soft boundary covers exactly ``coverage``
+    (< 1) of it, solved exactly: the covered share is piecewise ``S + (Q / t - P) / ramp`` in ``t``
+    (``S`` the probability of the experts wholly taken, ``P`` and ``Q`` the sum and the sum of squares
+    of those in the ramp), with pieces between the points where an expert enters the ramp
+    (``t = p / (1 + ramp)``) or leaves it (``t = p``). Find the piece, solve it."""
+    points = torch.cat([probs, probs / (1.0 + ramp)], dim=-1).sort(dim=-1).values  # (tokens, 2 experts), ascending
+    reached = covered_at(probs, points, ramp) >= coverage  # a prefix of each row (the share falls as t grows)
+    last = (reached.sum(-1, keepdim=True) - 1).clamp_min(0)
+    low = points.gather(-1, last)
+    high = points.gather(-1, (last + 1).clamp_max(points.shape[-1] - 1))
+    mid = (low + high) / 2  # inside the piece: who is whole and who is in the ramp
+    whole = probs >= (1.0 + ramp) * mid
+    ramped = (probs > mid) & ~whole
+    s = (probs * whole).sum(-1, keepdim=True)
+    q = (probs.square() * ramped).sum(-1, keepdim=True)
+    a = (probs * ramped).sum(-1, keepdim=True)
+    return torch.where(q > 0, q / (ramp * (coverage - s) + a).clamp_min(1e-30), high)
+
+
+def coverage_values(probs: torch.Tensor, ramp: float = 0.0) -> torch.Tensor:
+    """``(tokens, experts)``: the coverage below which a token does not take each expert. Without a
+    ramp, the probability of the experts ranked before it (:func:`covered_before`); with one, what a
+    threshold at the expert's own probability covers. A token takes the experts whose value is below
+    the coverage, so these values set a coverage for a mean number of experts (``coverage_for``)."""
+    if ramp > 0:
+        return covered_at(probs, probs, ramp)
+    before, order = covered_before(probs)
+    return torch.empty_like(before).scatter_(1, order, before)
 
 
 class MoEFeedForward(nn.Module):
@@ -110,8 +157,8 @@ class MoEFeedForward(nn.Module):
     With ``coverage`` set (dynamic top-k, :func:`coverage_selection`), the number of experts varies
     per token: each takes experts by router probability until they cover that share of it, and
     ``top_k`` is the mean the coverage was set for on calibration tokens (what FLOPs are counted at).
-    With ``soft_boundary`` too, the expert that completes a token's coverage is weighted by the part
-    of it the coverage needed (the rest of it is its mean), so outputs change smoothly with the router.
+    With a ``ramp`` too (a soft boundary), experts near a token's boundary are taken in part, so that
+    outputs change smoothly with the router's probabilities (half precision flips fewer experts).
 
     Training (``model.train()`` with gradients on) takes a masked dense path with the same forward
     value, so that the router learns through a straight-through gate and the aux losses exist:
@@ -164,14 +211,14 @@ class MoEFeedForward(nn.Module):
             self.shared_b_up = nn.Parameter(torch.zeros(shared_size)) if bias else None
             self.shared_b_gate = nn.Parameter(torch.zeros(shared_size)) if bias and gated else None
         self.coverage = 0.0  # > 0: dynamic top-k (see the class docstring); 0: each token takes top_k
-        self.soft_boundary = False  # dynamic top-k only: the expert completing the coverage counts in part
+        self.ramp = 0.0  # dynamic top-k only, > 0: a soft boundary (coverage_selection)
         self.expert_dropout = 0.0  # training only; set by distillation
         self.decode_slots = 16  # up to this many tokens * top_k, inference takes the decode path
         self.aux: dict[str, torch.Tensor] = {}  # training only: the last forward's aux losses
 
     def extra_repr(self) -> str:
         shared = f", shared={self.shared_size}" if self.shared_size else ""
-        soft = ", soft boundary" if self.soft_boundary else ""
+        soft = f", soft boundary: ramp {self.ramp:g}" if self.ramp else ""
         routing = f"top_k={self.top_k}" + (f" on average (coverage {self.coverage:.3f}{soft})" if self.coverage else "")
         return (
             f"hidden={self.hidden_size}, experts={self.num_experts} x {self.expert_size}{shared}, "
@@ -225,12 +272,12 @@ class MoEFeedForward(nn.Module):
 
     def selection(self, x: torch.Tensor) -> torch.Tensor:
         """``(tokens, experts)`` in float32: each expert's weight for each token, fixed or dynamic top-k:
-        1 where the token takes it, 0 where not, between for a soft boundary's last expert."""
+        1 where the token takes it, 0 where not, between for experts in a soft boundary's ramp."""
         return self._selection(self.router(x))
 
     def _selection(self, logits: torch.Tensor) -> torch.Tensor:
         if self.coverage:
-            return coverage_selection(logits.float().softmax(-1), self.coverage, self.soft_boundary)
+            return coverage_selection(logits.float().softmax(-1), self.coverage, self.ramp)
         chosen = logits.topk(min(self.top_k, self.num_experts), dim=-1).indices
         return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(1, chosen, 1.0)
 
@@ -266,7 +313,7 @@ class MoEFeedForward(nn.Module):
             unselected = (1.0 - selected).to(x.dtype)
             taken = selected > 0
             slots = int(taken.sum())
-            if self.soft_boundary:
+            if self.ramp:
                 weights = selected.to(x.dtype)
         else:
             chosen = self.select(x)  # (tokens, top_k)
@@ -416,7 +463,7 @@ class Structure:
     shared_size: int
     top_k: dict[int, int]  # converted block index -> its top-k (with dynamic top-k: the mean)
     coverage: dict[int, float] = field(default_factory=dict)  # block index -> dynamic top-k's coverage
-    soft_boundary: bool = False  # dynamic top-k: the expert completing a token's coverage counts in part
+    ramp: float = 0.0  # dynamic top-k, > 0: a soft boundary, experts near it taken in part (coverage_selection)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -430,12 +477,12 @@ class Structure:
 
     def to_dict(self) -> dict:
         """The JSON form kept in ``config.densetomoe`` (JSON object keys are strings)."""
-        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("coverage", "soft_boundary")}
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("coverage", "ramp")}
         data["top_k"] = {str(i): k for i, k in sorted(self.top_k.items())}
         if self.coverage:
             data["coverage"] = {str(i): c for i, c in sorted(self.coverage.items())}
-            if self.soft_boundary:
-                data["soft_boundary"] = True
+            if self.ramp:
+                data["ramp"] = self.ramp
         return data
 
     @classmethod
@@ -522,7 +569,7 @@ def new_moe_ffn(structure: Structure, num_experts: int, index: int) -> MoEFeedFo
         shared_size=s.shared_size,
     )
     module.coverage = s.coverage.get(index, 0.0)
-    module.soft_boundary = s.soft_boundary
+    module.ramp = s.ramp if module.coverage else 0.0
     return module
 
 

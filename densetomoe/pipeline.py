@@ -724,7 +724,7 @@ def split_layer(
     router = ROUTERS[recipe.router](ffn, stats, labels, recipe.experts, settings, generator)
     refit_to = whole if recipe.refit and recipe.format != "native" else None
     return surgery.LayerSplit(
-        ffn, labels, router, recipe.experts, activation, sample, shared, recipe.compensate, refit_to, recipe.dynamic, recipe.soft_boundary
+        ffn, labels, router, recipe.experts, activation, sample, shared, recipe.compensate, refit_to, recipe.dynamic, recipe.boundary_ramp
     )  # fmt: skip
 
 

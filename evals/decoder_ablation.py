@@ -50,7 +50,8 @@ ROWS = {  # name: (what it is, settings on top of the defaults); every row at ha
     "shared": ("48 routed experts + 16 shared, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5, experts=48, shared_experts=16, **SAMPLE_8K)),
     "samples-8k": ("the default before: 8,192 sampled tokens per layer of 32,768 calibration tokens", dict(ffn_budget=0.5, **SAMPLE_8K)),
     "default": ("--ffn-budget 0.5: 64 experts, dynamic top-k (32 on average), refit, 32,768 sampled tokens of 65,536", dict(ffn_budget=0.5)),
-    "soft-boundary": ("the default with --routing dynamic-soft: the expert completing a token's coverage counts in part", dict(ffn_budget=0.5, routing="dynamic-soft")),
+    "soft-boundary": ("the default with --routing dynamic-soft: a soft boundary, experts within a factor 1.1 above a token's threshold taken in part", dict(ffn_budget=0.5, routing="dynamic-soft")),
+    "soft-boundary-0.03": ("the default with --routing dynamic-soft: a soft boundary, experts within a factor 1.03 above a token's threshold taken in part", dict(ffn_budget=0.5, routing="dynamic-soft", ramp=0.03)),
 }
 
 

@@ -31,7 +31,8 @@ from densetomoe.stages import load
 
 ROWS = {  # name: (what it is, settings on top of the defaults)
     "default": ("--ffn-budget 0.5: 64 experts, dynamic top-k (32 on average), refit", dict(ffn_budget=0.5)),
-    "soft-boundary": ("the same with --routing dynamic-soft: the expert completing a token's coverage counts in part", dict(ffn_budget=0.5, routing="dynamic-soft")),
+    "soft-boundary": ("the same with --routing dynamic-soft: a soft boundary, experts within a factor 1.1 above a token's threshold taken in part", dict(ffn_budget=0.5, routing="dynamic-soft")),
+    "soft-boundary-0.03": ("the same with --routing dynamic-soft: a soft boundary, experts within a factor 1.03 above a token's threshold taken in part", dict(ffn_budget=0.5, routing="dynamic-soft", ramp=0.03)),
     "8x2-refit": ("--experts 8 --top-k 2 (dynamic top-k, refit: today's defaults)", dict(experts=8, top_k=2)),
     "8x2-before": ("8 experts, top-2, no refit (issue 13's model)", dict(experts=8, top_k=2, routing="top-k", refit=False)),
 }

@@ -55,18 +55,18 @@ def test_a_dynamic_folder_records_its_coverage_and_reloads_it(tiny_decoders, tex
 
 def test_a_soft_boundary_is_recorded_in_the_folder_and_reloaded(tiny_decoders, texts_file, tmp_path):
     out = tmp_path / "lm"
-    conversion = densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, routing="dynamic-soft"), out=out, show_progress=False)
+    conversion = densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, routing="dynamic-soft", ramp=0.2), out=out, show_progress=False)
     layers = moe.moe_modules(conversion.model)
-    assert all(m.soft_boundary and 0 < m.coverage < 1 for m in layers.values())
-    assert json.loads((out / "config.json").read_text())[moe.CONFIG_KEY]["soft_boundary"] is True
-    assert "soft boundary" in (out / "README.md").read_text()
+    assert all(m.ramp == 0.2 and 0 < m.coverage < 1 for m in layers.values())
+    assert json.loads((out / "config.json").read_text())[moe.CONFIG_KEY]["ramp"] == 0.2
+    assert "soft boundary, ramp 0.2" in (out / "README.md").read_text()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    assert all(m.soft_boundary for m in moe.moe_modules(reloaded).values())
+    assert all(m.ramp == 0.2 for m in moe.moe_modules(reloaded).values())
     ids = torch.randint(200, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, conversion.model(ids).logits, rtol=1e-4, atol=1e-5)
         weights = moe.moe_modules(reloaded)[0].selection(torch.randn(64, reloaded.config.hidden_size))
-    assert ((weights > 0) & (weights < 1)).any()  # some tokens took their last expert in part
+    assert ((weights > 0) & (weights < 1)).any()  # some tokens took experts in part
 
 
 def test_eval_measures_the_experts_per_token_and_restores_the_dynamic_routing(tiny_decoders, texts_file, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from densetomoe import surgery
-from densetomoe.moe import MoEFeedForward, Router, Routing, coverage_selection, set_top_k
+from densetomoe.moe import MoEFeedForward, Router, Routing, coverage_selection, covered_at, ramp_threshold, set_top_k
 from densetomoe.stages.router import coverage_for
 from densetomoe.ffn import DenseFFN
 from densetomoe.stages.partition import at_random
@@ -281,18 +281,42 @@ def test_coverage_selection_takes_experts_by_probability_until_the_coverage_is_r
     assert coverage_selection(probs, 1.0 + 1e-6).sum(-1).tolist() == [4, 4, 4]
 
 
-def test_a_soft_boundary_weights_the_expert_that_completes_the_coverage_by_the_part_it_needed():
+def test_a_soft_boundary_ramps_experts_near_each_tokens_threshold_and_covers_exactly_the_coverage():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.9, 0.03, 0.02], [0.25, 0.25, 0.25, 0.25]])
-    weights = coverage_selection(probs, 0.7, soft=True)
-    # 0.2 of the second's 0.3 was needed; the first alone covers 0.9 (and always counts wholly); 0.2 of 0.25
-    torch.testing.assert_close(weights, torch.tensor([[1, 2 / 3, 0, 0], [0, 1, 0, 0], [1, 1, 0.8, 0]]))
-    assert torch.equal(weights > 0, coverage_selection(probs, 0.7).bool())  # the same experts as a hard boundary
+    ramp = 0.5
+    weights = coverage_selection(probs, 0.7, ramp)
+    t = ramp_threshold(probs, 0.7, ramp)
+    # each weight is clamp((p - t) / (ramp t), 0, 1), and the weighted probability is the coverage
+    torch.testing.assert_close(weights, ((probs - t) / (ramp * t)).clamp(0, 1))
+    torch.testing.assert_close((weights * probs).sum(-1), torch.full((3,), 0.7))
+    # the first token by hand: 0.5 whole, 0.3 in part: 0.5 + 0.3 (0.3 - t) / (0.5 t) = 0.7 at t = 0.225
+    torch.testing.assert_close(t[0], torch.tensor([0.225]))
+    # an expert that alone covers more than the coverage counts in part too (the hard rule takes it whole)
+    torch.testing.assert_close(weights[1], torch.tensor([0, 0.7 / 0.9, 0, 0]))
+    torch.testing.assert_close(weights[2], torch.full((4,), 0.7))
+    # the exact threshold against bisection, on many tokens and coverages
+    probs = (torch.randn(500, 16, generator=torch.Generator().manual_seed(0)) * 2).softmax(-1).double()
+    for coverage in (0.2, 0.6, 0.95):
+        low, high = torch.zeros(500, 1, dtype=torch.float64), probs.max(-1, keepdim=True).values
+        for _ in range(60):
+            mid = (low + high) / 2
+            reached = covered_at(probs, mid, 0.1) >= coverage
+            low, high = torch.where(reached, mid, low), torch.where(reached, high, mid)
+        torch.testing.assert_close(ramp_threshold(probs, coverage, 0.1), low, rtol=1e-9, atol=1e-12)
 
-    # where a hard boundary switches a whole expert on, a soft one lets it in at weight ~0
-    below, above = torch.tensor([[0.5 - 1e-4, 0.3, 0.2 + 1e-4]]), torch.tensor([[0.5 + 1e-4, 0.3, 0.2 - 1e-4]])
-    hard = coverage_selection(below, 0.5)[0, 1] - coverage_selection(above, 0.5)[0, 1]
-    soft = coverage_selection(below, 0.5, soft=True)[0, 1] - coverage_selection(above, 0.5, soft=True)[0, 1]
-    assert hard == 1.0 and 0 < soft < 1e-3
+
+def test_a_soft_boundary_is_continuous_where_the_hard_one_swaps_experts():
+    """Two experts of nearly equal probability trading places at the boundary: the hard rule swaps a
+    whole expert for another, the ramp moves both weights by almost nothing."""
+    below = torch.tensor([[0.4, 0.2 - 1e-6, 0.2 + 1e-6, 0.1, 0.1]])
+    above = torch.tensor([[0.4, 0.2 + 1e-6, 0.2 - 1e-6, 0.1, 0.1]])
+    hard = (coverage_selection(below, 0.5) - coverage_selection(above, 0.5)).abs().max()
+    soft = (coverage_selection(below, 0.5, 0.1) - coverage_selection(above, 0.5, 0.1)).abs().max()
+    assert hard == 1.0 and soft < 1e-3  # about the change of probability / (ramp * threshold): 1e-4 here
+    # with the ramp towards 0 it takes the hard rule's experts, the one completing the coverage in part
+    probs = torch.rand(200, 8).softmax(-1).double()  # float32 cannot tell t from t (1 + 1e-6)
+    narrow, hard = coverage_selection(probs, 0.6, 1e-6), coverage_selection(probs, 0.6)
+    assert torch.equal(narrow > 0, hard.bool()) and ((narrow > 0) & (narrow < 1)).sum(-1).max() == 1
 
 
 def test_coverage_for_sets_the_mean_number_of_experts_on_the_sample():
@@ -307,6 +331,9 @@ def test_coverage_for_sets_the_mean_number_of_experts_on_the_sample():
         assert counts.min() < k < counts.max()  # and it varies per token
     assert coverage_selection(router(sample).softmax(-1), coverage_for(router, sample, 1)).sum(-1).max() == 1
     assert coverage_for(router, sample, 8) > 1.0  # every expert
+    for k in (2, 5):  # with a soft boundary, counting the experts taken in part
+        coverage = coverage_for(router, sample, k, ramp=0.1)
+        assert (coverage_selection(router(sample).softmax(-1), coverage, 0.1) > 0).sum(-1).float().mean() == pytest.approx(k, abs=1e-3)
 
 
 def build_dynamic(gated=True, bias=True, shared=True, top_k=2, soft=False):
@@ -316,7 +343,8 @@ def build_dynamic(gated=True, bias=True, shared=True, top_k=2, soft=False):
     with torch.no_grad():
         moe.router.layers[-1].weight.mul_(20)  # a router confident on some tokens, not on others
         moe.coverage = coverage_for(moe.router, torch.randn(256, 16), top_k)
-        moe.soft_boundary = soft
+        moe.ramp = 0.2 if soft else 0.0
+        moe.coverage = coverage_for(moe.router, torch.randn(256, 16), top_k, moe.ramp)
         moe.skip_mean.normal_()
 
     def expected(x):

@@ -34,11 +34,11 @@ def without_bias(ffn: DenseFFN, out: torch.Tensor) -> torch.Tensor:
 def test_the_refit_lowers_the_error_the_module_really_makes(gated, shared, dynamic):
     ffn, moe = layer(gated, shared, top_k=2)
     calibration, held_out = torch.randn(4096, 16), torch.randn(1024, 16)
-    if dynamic:  # a varying number of experts per token, 2 on average (the last one weighted in part if soft)
+    if dynamic:  # a varying number of experts per token, 2 on average (those near the boundary in part if soft)
         with torch.no_grad():
             moe.router.layers[-1].weight.mul_(20)
-        moe.coverage = coverage_for(moe.router, calibration, 2)
-        moe.soft_boundary = dynamic == "soft"
+        moe.ramp = 0.1 if dynamic == "soft" else 0.0
+        moe.coverage = coverage_for(moe.router, calibration, 2, moe.ramp)
     error = lambda x: relative_error(without_bias(ffn, moe(x).detach()), ffn.neurons(x) @ ffn.w_down.T)  # noqa: E731
     before, held_out_before = error(calibration), error(held_out)
     routing = moe.selection(held_out)
