@@ -30,6 +30,7 @@ Format = Annotated[str, AfterValidator(FORMATS.check)]
 DType = Literal["float32", "bfloat16", "float16"]
 Trainable = Literal["moe", "all"]
 RoutingKind = Literal["top-k", "dynamic", "dynamic-soft"]
+RAMP = 0.1  # dynamic-soft's ramp unless the recipe names one (README, Half precision)
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
@@ -99,7 +100,7 @@ class Recipe(BaseModel):
     compensate: bool = Field(True, description="add unselected experts' mean output (training-free correction)")
     refit: bool | None = Field(None, description="refit the experts' down projections (and the unselected experts' means) by least squares to the dense FFN output on the calibration tokens, under the routing inference uses; None: for decoder LMs. A refit folder is tuned for its top-k")
     routing: RoutingKind | None = Field(None, description="top-k: every token takes top_k experts; dynamic: a token takes experts by router probability until they cover a share of it, set per layer so that calibration tokens take top_k on average (format remote-code only: engines take a fixed top-k); dynamic-soft: dynamic with a soft boundary, experts whose probability is near a token's threshold taken in part (see ramp): outputs move smoothly with the router, so half precision flips fewer experts, at some cost in quality; None: dynamic for decoder LMs in format remote-code")
-    ramp: float = Field(0.1, gt=0, le=1, description="routing dynamic-soft: an expert whose probability p is within a factor 1 + ramp above a token's threshold t counts by (p - t) / (ramp t). Wider: steadier in half precision, further from the hard rule (SmolLM2 at half the FFN, bfloat16 agreement with float32 and perplexity against the hard rule: 0.1, 0.954 and +12%; 0.03, 0.912 and +3%; the hard rule 0.820; README, Half precision)")
+    ramp: float | None = Field(None, gt=0, le=1, description="routing dynamic-soft (None: 0.1): an expert whose probability p is within a factor 1 + ramp above a token's threshold t counts by (p - t) / (ramp t). Wider: steadier in half precision, further from the hard rule (SmolLM2 at half the FFN, bfloat16 agreement with float32 and perplexity against the hard rule: 0.1, 0.954 and +12%; 0.03, 0.912 and +3%; the hard rule 0.820; README, Half precision)")
     layers: list[int] | None = Field(None, description="indices of the layers to convert; None converts all. An encoder-decoder's run over both stacks: encoder 0..n-1, then decoder n..")
     sequential: bool | None = Field(None, description="convert one block at a time, reading its weights from the checkpoint: memory stays one block whatever the depth; None: for decoders of 1B parameters and more, where the recipe allows")
     seed: int = 0
@@ -130,6 +131,8 @@ class Recipe(BaseModel):
             raise ValueError("sequential conversion holds one block at a time and cannot distill: convert, then run densetomoe distill on the folder")
         if self.sequential is True and self.ffn_budget is not None:
             raise ValueError("sequential conversion takes one top-k for every layer: use top_k instead of ffn_budget")
+        if self.ramp is not None and self.routing != "dynamic-soft":
+            raise ValueError("ramp is the width of dynamic-soft routing's soft boundary: give routing dynamic-soft with it")
         if self.format == "native" and self.dynamic:
             raise ValueError("format native takes routing top-k: the engines that serve it give every token the same number of experts")
         if self.format == "native" and self.dtype == "float16":
@@ -147,7 +150,9 @@ class Recipe(BaseModel):
     @property
     def boundary_ramp(self) -> float:
         """The soft boundary's ramp with ``dynamic-soft``; 0 (a hard boundary) otherwise."""
-        return self.ramp if self.routing == "dynamic-soft" else 0.0
+        if self.routing != "dynamic-soft":
+            return 0.0
+        return RAMP if self.ramp is None else self.ramp
 
     @property
     def parts(self) -> int:

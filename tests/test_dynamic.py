@@ -9,10 +9,12 @@ import pytest
 import torch
 import transformers
 from conftest import quick_recipe
+from typer.testing import CliRunner
 
 import densetomoe
 from densetomoe import moe, pipeline
 from densetomoe import report as reports
+from densetomoe.cli import app
 from densetomoe.evaluation import Settings, evaluate
 
 
@@ -51,6 +53,13 @@ def test_a_dynamic_folder_records_its_coverage_and_reloads_it(tiny_decoders, tex
     # a top-k given at load time is a fixed top-k in every layer
     fixed = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, num_experts_per_tok=3)
     assert all(m.coverage == 0 and m.top_k == 3 for m in moe.moe_modules(fixed).values())
+
+
+def test_a_ramp_without_a_soft_boundary_is_refused_in_one_line(tiny_decoders, tmp_path):
+    (tmp_path / "recipe.yaml").write_text("ramp: 0.2\n")
+    result = CliRunner().invoke(app, ["convert", str(tiny_decoders["llama"]), "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "give routing dynamic-soft" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_soft_boundary_is_recorded_in_the_folder_and_reloaded(tiny_decoders, texts_file, tmp_path):
