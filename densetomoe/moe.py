@@ -98,18 +98,21 @@ def coverage_selection(probs: torch.Tensor, coverage: float, ramp: float = 0.0) 
     if ramp > 0:
         if coverage >= 1.0:
             return torch.ones_like(probs)
-        t = ramp_threshold(probs, coverage, ramp)
-        return ((probs - t) / (ramp * t)).clamp_(0.0, 1.0)
-    before, order = covered_before(probs)
-    taken = (before < coverage).to(probs.dtype)
-    return torch.zeros_like(probs).scatter_(1, order, taken)
+        return ramp_weights(probs, ramp_threshold(probs, coverage, ramp), ramp)
+    return (coverage_values(probs) < coverage).to(probs.dtype)
+
+
+def ramp_weights(probs: torch.Tensor, threshold: torch.Tensor, ramp: float) -> torch.Tensor:
+    """A soft boundary's weight of each expert at ``threshold`` (broadcast against ``probs``):
+    ``clamp((p - t) / (ramp t), 0, 1)``."""
+    return ((probs - threshold) / (ramp * threshold)).clamp(0.0, 1.0)
 
 
 def covered_at(probs: torch.Tensor, thresholds: torch.Tensor, ramp: float) -> torch.Tensor:
     """What a soft boundary covers of each token at each of its ``thresholds`` ``(tokens, n)``:
-    ``sum_e p_e clamp((p_e - t) / (ramp t), 0, 1)``, ``(tokens, n)``; non-increasing in ``t``."""
-    p, t = probs.unsqueeze(-2), thresholds.unsqueeze(-1)  # (tokens, 1, experts), (tokens, n, 1)
-    return (p * ((p - t) / (ramp * t)).clamp(0.0, 1.0)).sum(-1)
+    ``sum_e p_e ramp_weight_e(t)``, ``(tokens, n)``; non-increasing in ``t``."""
+    p = probs.unsqueeze(-2)  # (tokens, 1, experts)
+    return (p * ramp_weights(p, thresholds.unsqueeze(-1), ramp)).sum(-1)
 
 
 def ramp_threshold(probs: torch.Tensor, coverage: float, ramp: float) -> torch.Tensor:
