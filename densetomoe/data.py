@@ -129,6 +129,25 @@ def encode(tokenizer, texts: list[str], seq_len: int):
     return tokenizer(texts, truncation=True, max_length=seq_len, padding=True, padding_side="right", return_tensors="pt")
 
 
+def packed(tokenizer, texts: list[str], seq_len: int, separator: str = "\n\n"):
+    """The documents as one text (joined by ``separator``), cut into windows of ``seq_len`` tokens,
+    ``(windows, seq_len)`` (``(1, tokens)`` when all of it is shorter); the tail shorter than a window
+    is dropped. Each window starts with the BOS token where the tokenizer adds one.
+
+    How causal LMs are pretrained, and how :func:`~densetomoe.metrics.perplexity` reads its text:
+    no padding, no document cut short, every position a real token (a window may start mid-document).
+    """
+    import torch
+
+    from .metrics import adds_bos
+
+    ids = torch.tensor(tokenizer(separator.join(texts), add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    span = seq_len - len(bos)  # text tokens per window
+    windows = ids[: len(ids) // span * span].reshape(-1, span) if len(ids) >= span else ids.reshape(1, -1)
+    return torch.cat([torch.tensor(bos, dtype=torch.long).expand(len(windows), -1), windows], dim=1)
+
+
 def teacher_forced(batch):
     """``batch`` with ``labels``: its own tokens, padding ignored (-100). An encoder-decoder LM given
     ``labels`` feeds its decoder those tokens shifted right (``decoder_start_token_id`` first), so the

@@ -12,11 +12,15 @@ import pytest
 import torch
 import transformers
 from test_moe import build, dense_output, random_ffn
+from torch import nn
 
 import densetomoe
 from conftest import quick_recipe, run_without_densetomoe, sample_inputs
 from densetomoe import archs, surgery
-from densetomoe.stages.distill import History, distill_model, latest_checkpoint, lr_factor
+from densetomoe.data import packed
+from densetomoe.stages.distill import (
+    History, distill_model, fused_head, head_kl, latest_checkpoint, losses, lr_factor, moe_blocks, share_frozen, trainable,
+)  # fmt: skip
 from densetomoe.moe import Router
 from densetomoe.recipe import Distill
 from densetomoe.stages import budget
@@ -185,8 +189,11 @@ class Recording:
         self.tokenizer, self.seen = tokenizer, []
 
     def __call__(self, texts, *args, **kwargs):
-        self.seen.append(list(texts))
+        self.seen.append([texts] if isinstance(texts, str) else list(texts))
         return self.tokenizer(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
 
 
 def _pair(folder, texts_file, **settings):
@@ -223,6 +230,109 @@ def test_decoder_distillation_tracks_held_out_perplexity_against_dense(tiny_deco
     assert math.isfinite(history.dense_perplexity) and all(math.isfinite(p["perplexity"]) for p in history.held_out)
     assert first["perplexity"] != pytest.approx(history.dense_perplexity, rel=1e-3)  # top-2 of 4 is not dense
     assert last["loss"] < first["loss"]
+
+
+class Characters:
+    """A tokenizer of one id per character, with a BOS it adds as LLaMA's does (``bos=True``) or not."""
+
+    bos_token_id, eos_token_id = 0, 1
+
+    def __init__(self, bos: bool):
+        self.bos = bos
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        return {"input_ids": [0] * (self.bos and add_special_tokens) + [2 + ord(c) % 50 for c in text]}
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_a_causal_lm_reads_its_text_in_full_windows_of_the_joined_documents(bos):
+    tokenizer, texts = Characters(bos), ["first document", "second", "and a third, longer one"]
+    windows = packed(tokenizer, texts, 8)
+    stream = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    body = windows[:, 1:] if bos else windows
+    assert windows.shape == (len(stream) // body.shape[1], 8)
+    assert (windows[:, 0] == 0).all() if bos else (windows != 0).all()  # a BOS starts each window, or none
+    assert body.flatten().tolist() == stream[: body.numel()]  # every token once, in order; only a short tail dropped
+    assert packed(tokenizer, ["short"], 64).shape == (1, 5 + bos)
+
+
+@pytest.mark.parametrize("temperature, bias", [(1.0, False), (2.0, True)])
+def test_the_fused_output_layer_gives_the_logits_kl_and_its_gradient(temperature, bias):
+    torch.manual_seed(0)
+    weight, b = torch.randn(300, 16), torch.randn(300) if bias else None
+    student, teacher = torch.randn(37, 16, requires_grad=True), torch.randn(37, 16)
+    fused = head_kl(student, teacher, weight, b, temperature, chunk=8)  # 37 tokens: a short last chunk
+    (got,) = torch.autograd.grad(fused, student)
+    log_q = (nn.functional.linear(student, weight, b) / temperature).log_softmax(-1)
+    log_p = (nn.functional.linear(teacher, weight, b) / temperature).log_softmax(-1)
+    plain = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
+    (expected,) = torch.autograd.grad(plain, student)
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="frozen"):
+        head_kl(student, teacher, weight.requires_grad_(), b)
+
+
+def test_a_causal_lm_distills_through_its_shared_output_layer_where_that_is_exact(tiny_decoders, texts_file):
+    conversion, teacher = _pair(tiny_decoders["llama"], texts_file)
+    student, settings = conversion.model, Distill()
+    trainable(student, settings)
+    teacher = share_frozen(teacher, student, settings)
+    windows = packed(conversion.tokenizer, texts_file.read_text().splitlines(), 32)
+    head = fused_head(student, teacher, windows[:1, :16])
+    assert head is not None and head.weight is student.get_output_embeddings().weight
+
+    # The same losses and gradients as the KL on the models' own logits, which are not computed.
+    batch = {"input_ids": windows[:4], "attention_mask": torch.ones_like(windows[:4])}
+    student.eval()
+    moes = moe_blocks(student)
+    for m in moes:
+        m.train()
+    results = []
+    for fused in (False, True):
+        keep = {"logits_to_keep": 1} if fused else {}
+        with torch.no_grad():
+            t_out = teacher(**batch, output_hidden_states=True, **keep)
+        s_out = student(**batch, output_hidden_states=True, **keep)
+        assert s_out.logits.shape[1] == (1 if fused else 32)
+        parts = losses(s_out, t_out, batch["attention_mask"], settings, moes, head if fused else None)
+        sum(parts.values()).backward()
+        results.append(({k: v.detach() for k, v in parts.items()}, moes[0].w_up.grad.clone()))
+        student.zero_grad()
+    (plain, plain_grad), (fused, fused_grad) = results
+    assert plain.keys() == fused.keys()
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-3, atol=1e-7)
+
+    # Not where it would be wrong: a head that trains, one the teacher does not share, other logits.
+    assert fused_head(student, teacher, windows[:1, :16]) is head
+    own = type(teacher).from_pretrained(tiny_decoders["llama"]).eval()
+    assert fused_head(student, own, windows[:1, :16]) is None
+
+    class Scaled(type(teacher)):
+        def forward(self, *args, logits_to_keep=0, **kwargs):
+            out = super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    teacher.__class__ = Scaled
+    assert fused_head(student, teacher, windows[:1, :16]) is None
+    student.requires_grad_(True)
+    assert fused_head(student, own, windows[:1, :16]) is None
+
+
+def test_a_causal_lm_trains_on_windows_with_no_padding(tiny_decoders, texts_file):
+    conversion, teacher = _pair(tiny_decoders["gpt2"], texts_file)
+    texts = texts_file.read_text().splitlines()
+    recording = Recording(conversion.tokenizer)
+    settings = Distill(steps=3, batch_size=2, seq_len=16, eval_texts=4)
+    arch = archs.arch_for(teacher.config)
+    history = distill_model(conversion.model, teacher, recording, settings, arch, texts[4:], texts[:4], show_progress=False)
+    assert history.tokens == 3 * 2 * 16  # every position a token of text
+    joined = [t for call in recording.seen for t in call if len(t) > 200]  # the training text, the held-out text
+    assert len(joined) == 2 and joined[1] == "\n\n".join(texts[:4])
+    assert not any(t in joined[0] for t in texts[:4])
 
 
 def test_held_out_texts_are_never_trained_on(tiny_models, texts_file):

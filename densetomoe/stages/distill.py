@@ -50,7 +50,7 @@ from torch import nn
 
 from ..archs import Arch
 from ..console import progress
-from ..data import encode, load_texts
+from ..data import encode, load_texts, packed
 from ..errors import UsageError
 from ..moe import MoEFeedForward
 from ..recipe import Distill
@@ -84,9 +84,18 @@ class History:
 
 
 def losses(
-    student_out, teacher_out, mask: torch.Tensor, settings: Distill, moe_modules: list[MoEFeedForward]
+    student_out,
+    teacher_out,
+    mask: torch.Tensor,
+    settings: Distill,
+    moe_modules: list[MoEFeedForward],
+    head: nn.Linear | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The unweighted distillation losses of one batch (see the module docstring)."""
+    """The unweighted distillation losses of one batch (see the module docstring).
+
+    With ``head`` (a causal LM's output layer, see :func:`fused_head`), the logits' KL is computed
+    from both models' final hidden states by :func:`head_kl`, whatever logits the outputs hold.
+    """
     real = mask.bool()
     parts: dict[str, torch.Tensor] = {}
     pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))
@@ -94,7 +103,10 @@ def losses(
         [(s.float() - t.float())[real].pow(2).sum() / t.float()[real].pow(2).sum().clamp_min(1e-12) for s, t in pairs]
     ).mean()
     s_logits, t_logits = getattr(student_out, "logits", None), getattr(teacher_out, "logits", None)
-    if s_logits is not None:
+    if head is not None:
+        last_s, last_t = student_out.hidden_states[-1][real], teacher_out.hidden_states[-1][real]
+        parts["logits"] = head_kl(last_s, last_t, head.weight, head.bias, settings.temperature)
+    elif s_logits is not None:
         temperature = settings.temperature
         s_log = (s_logits.float() / temperature).log_softmax(-1)
         t_log = (t_logits.float() / temperature).log_softmax(-1)
@@ -109,6 +121,94 @@ def losses(
         parts["balance"] = torch.stack([a["balance"] for a in aux]).mean()
         parts["router"] = torch.stack([a["router"] for a in aux]).mean()
     return parts
+
+
+class _HeadKL(torch.autograd.Function):
+    """``T^2 * mean_tokens KL(softmax(W t / T) || softmax(W s / T))`` and its gradient with respect to
+    the student's states ``s``, a chunk of tokens at a time (see :func:`head_kl`)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weight, bias, temperature: float, chunk: int):
+        n, device = len(student), student.device
+        # Under autocast, the products run in its dtype; the head is cast once, not once per chunk
+        # (autocast caches the casts of trained weights only).
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        grad = torch.empty(student.shape, dtype=torch.float32, device=device)  # (tokens, hidden)
+        kl = torch.zeros((), dtype=torch.float32, device=device)
+        with torch.autocast(device.type, enabled=False):
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for start in range(0, n, chunk):
+                rows = slice(start, start + chunk)
+                log_q = (nn.functional.linear(student[rows].to(dtype), weight, bias).float() / temperature).log_softmax(-1)  # (chunk, vocab)
+                log_p = (nn.functional.linear(teacher[rows].to(dtype), weight, bias).float() / temperature).log_softmax(-1)
+                p = log_p.exp()
+                kl += (p * (log_p - log_q)).sum()
+                # d loss / d logits_s = T^2 / n * (q - p) / T, formed in log_q's memory
+                grad[rows] = log_q.exp_().sub_(p).mul_(temperature / n).to(dtype) @ weight
+        ctx.save_for_backward(grad)
+        ctx.dtype = student.dtype
+        return kl * temperature**2 / max(n, 1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output).to(ctx.dtype), None, None, None, None, None
+
+
+def head_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk: int = 128,
+) -> torch.Tensor:
+    """The logits' distillation loss from final hidden states ``(tokens, hidden)`` through a frozen
+    output layer: ``T^2`` times the mean over tokens of ``KL(teacher || student)`` of
+    ``softmax(linear(h, weight, bias) / T)``.
+
+    The same value and gradient as the KL on a causal LM's logits, without ever holding a
+    ``(tokens, vocab)`` tensor: each chunk of tokens gets its logits, its KL and its gradient with
+    respect to the student's states (``(q - p) W T / n``) at once, and only that gradient, the size of
+    the states, waits for the backward pass. With a vocabulary of 49,152, a batch of 2,048 tokens
+    otherwise holds several 400 MB tensors, and on a CPU filling them cost as much as the rest of a
+    training step. (Liger-Kernel fuses the output layer with its losses the same way.)
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("head_kl takes a frozen output layer")
+    return _HeadKL.apply(student, teacher.detach(), weight, bias, temperature, chunk)
+
+
+def fused_head(student: nn.Module, teacher: nn.Module, probe: torch.Tensor) -> nn.Linear | None:
+    """The output layer that :func:`head_kl` can compute both models' logits with, or None.
+
+    That is a frozen ``nn.Linear`` the two models share (``train: moe``), in models whose forward
+    takes ``logits_to_keep`` (so that their own logits need not be computed) and whose logits are
+    exactly ``head(hidden_states[-1])``. The last is checked on ``probe`` token ids ``(1, tokens)``,
+    not assumed: a family that scales or caps its logits, or whose last hidden state is not the
+    head's input, keeps the KL on its own logits.
+    """
+    import inspect
+
+    heads = [m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None for m in (student, teacher)]
+    head = heads[0]
+    if not all(isinstance(h, nn.Linear) for h in heads) or any(p.requires_grad for p in head.parameters()):
+        return None
+    if heads[1].weight is not head.weight or heads[1].bias is not head.bias:
+        return None
+    for model in (student, teacher):
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            return None
+        with torch.no_grad():
+            out = model(input_ids=probe, output_hidden_states=True)
+        logits, states = getattr(out, "logits", None), getattr(out, "hidden_states", None)
+        if logits is None or states is None:
+            return None
+        with torch.no_grad():
+            again = head(states[-1])
+        if again.shape != logits.shape or not torch.allclose(again, logits, rtol=1e-4, atol=1e-4):
+            return None
+    return head
 
 
 def total(parts: dict[str, torch.Tensor], settings: Distill) -> torch.Tensor:
@@ -239,6 +339,12 @@ def _tokenize(tokenizer, seq_len: int):
     return lambda texts: dict(encode(tokenizer, texts, seq_len))
 
 
+def _windows(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A DataLoader collate function for windows of :func:`~densetomoe.data.packed` text."""
+    ids = torch.stack(rows)  # (batch, seq_len)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def _checkpoints(workdir: Path) -> list[Path]:
     """The checkpoints in ``workdir``, oldest first."""
     return sorted(workdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -300,18 +406,25 @@ def distill_model(
     if not moe_modules:
         raise UsageError("the model has no MoE layers to distill")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if arch is not None and arch.decoder:  # read as causal LMs are trained: windows of one token stream
+        data, collate = list(packed(tokenizer, texts, settings.seq_len)), _windows
+    else:  # an encoder reads each document alone
+        data, collate = texts, _tokenize(tokenizer, settings.seq_len)
     loader = torch.utils.data.DataLoader(
-        texts, batch_size=settings.batch_size, shuffle=True, drop_last=len(texts) > settings.batch_size,
-        collate_fn=_tokenize(tokenizer, settings.seq_len), generator=torch.Generator().manual_seed(seed),
+        data, batch_size=settings.batch_size, shuffle=True, drop_last=len(data) > settings.batch_size,
+        collate_fn=collate, generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     teacher.to(accelerator.device).eval().requires_grad_(False)
+    head = fused_head(accelerator.unwrap_model(student), teacher, data[0][None, :16].to(accelerator.device)) if collate is _windows else None
+    keep = {"logits_to_keep": 1} if head is not None else {}  # the KL then needs no logits
+    held_out_data = held_out_texts[: settings.eval_texts]
+    if held_out_data and collate is _windows:  # read the way training reads
+        held_out_data = list(packed(tokenizer, held_out_data, settings.seq_len))
     held_out = [
         {k: v.to(accelerator.device) for k, v in batch.items()}
-        for batch in torch.utils.data.DataLoader(
-            held_out_texts[: settings.eval_texts], batch_size=settings.batch_size, collate_fn=_tokenize(tokenizer, settings.seq_len)
-        )
-    ] if settings.eval_texts and held_out_texts else []  # fmt: skip
+        for batch in torch.utils.data.DataLoader(held_out_data, batch_size=settings.batch_size, collate_fn=collate)
+    ] if settings.eval_texts else []  # fmt: skip
 
     history = History(settings=settings.model_dump(mode="json"))
     if resume:
@@ -366,10 +479,10 @@ def distill_model(
                 for group in optimizer.param_groups:
                     group["lr"] = settings.lr * lr_factor(history.step, history.elapsed, settings)
                 with torch.no_grad(), accelerator.autocast():
-                    t_out = teacher(**batch, output_hidden_states=True)
+                    t_out = teacher(**batch, output_hidden_states=True, **keep)
                 with accelerator.autocast():
-                    s_out = student(**batch, output_hidden_states=True)
-                    parts = losses(s_out, t_out, batch["attention_mask"], settings, moe_modules)
+                    s_out = student(**batch, output_hidden_states=True, **keep)
+                    parts = losses(s_out, t_out, batch["attention_mask"], settings, moe_modules, head)
                     loss = total(parts, settings)
                 if not torch.isfinite(loss):
                     raise UsageError(f"distillation diverged at step {history.step} (loss {loss.item()}); lower lr")
