@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from . import archs, card, data, folder, surgery
+from . import archs, card, data, folder, memory, surgery
 from ._version import __version__
 from .console import progress
 from .data import batches
@@ -420,7 +420,7 @@ def convert_sequential(
     )  # fmt: skip
     held_out = blockwise.capture(frame, arch, dense.held_out_batches(recipe))
     blockwise.release(frame)  # its embeddings are not needed again until every block is written (1 GB at 1B)
-    blockwise.return_freed_memory()
+    memory.return_freed_memory()
     converted_stream = held_out.copy()
     masks = calibration.masks()
     stats = ActivationStats(tokens=sum(int(m.sum()) for m in masks), sequences=sum(len(m) for m in masks))
@@ -456,7 +456,7 @@ def convert_sequential(
                         replace_ffn(block, arch.moe_at, list(arch.identity), module.to(dtype))
                     state, prefix = block.state_dict(), blockwise.block_prefix(shell, arch)
                 else:  # the native block: a dense one computes what it did; a converted one is built anew
-                    blockwise.return_freed_memory()  # the refit below allocates anew (its Gram matrix, 256 MB at 1B)
+                    memory.return_freed_memory()  # the refit below allocates anew (its Gram matrix, 256 MB at 1B)
                     state, fit = native.native_block(block.state_dict(), target, module, ffn, sample)
                     prefix = f"model.{arch.layers}."
                     if module is not None:
@@ -475,7 +475,7 @@ def convert_sequential(
                     modules[i] = module.to("meta")
                 # nothing of block i may outlive it: these name its dense FFN, its sample and its tensors
                 block = state = split = layer_stats = ffn = sample = module = None
-                blockwise.return_freed_memory()
+                memory.return_freed_memory()
                 bar.advance(task)
         if not modules:
             raise UsageError("no layer was converted")

@@ -23,10 +23,8 @@ released once the inputs of the first block are captured, and read again after t
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,27 +142,6 @@ def as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, to
 def release(module: nn.Module) -> None:
     """Give a materialised block's (or the frame's) memory back: it returns to the meta device."""
     module.to("meta")
-
-
-def return_freed_memory() -> None:
-    """Hand the memory freed so far back to the system, where the C library keeps it for reuse
-    otherwise (glibc's ``malloc_trim``; nothing elsewhere). Between blocks, what one block's work
-    freed would stay resident: 1 GB or more at the 1B shape."""
-    if _libc is not None:
-        _libc.malloc_trim(0)
-
-
-def _glibc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_libc = _glibc()
 
 
 @dataclass

@@ -28,6 +28,13 @@ one model plus its dense FFNs, not two models. With ``train: all`` every weight 
 teacher is a full copy; :func:`distill_model` refuses a teacher that shares a weight the student
 trains.
 
+A causal LM reads its text as it was pretrained: the documents joined into one token stream, cut
+into windows of ``seq_len`` (:func:`~densetomoe.data.packed`), so that every position of a batch is
+a token to learn from (documents cut to ``seq_len`` and padded to the longest left about half of
+each SmolLM2 batch padding); its held-out points are scored on windows too. Its logits' KL is
+computed from the final hidden states through the output layer that student and teacher share
+(:func:`head_kl`), a chunk of tokens at a time. An encoder reads each document alone.
+
 Training runs through ``accelerate``: one CPU process by default, the same code under
 ``accelerate launch`` on several GPUs or machines, mixed precision where the hardware has it.
 Budgets are steps and/or wall-clock minutes; checkpoints (``accelerate`` state plus the loss history)
@@ -52,6 +59,7 @@ from ..archs import Arch
 from ..console import progress
 from ..data import encode, load_texts, packed
 from ..errors import UsageError
+from ..memory import reuse_freed_memory
 from ..moe import MoEFeedForward
 from ..recipe import Distill
 from .evaluate import mean_pool, next_token_nll
@@ -97,11 +105,13 @@ def losses(
     from both models' final hidden states by :func:`head_kl`, whatever logits the outputs hold.
     """
     real = mask.bool()
+    present = mask.to(torch.float32)  # (batch, seq): a product, not a gather, picks the real tokens
     parts: dict[str, torch.Tensor] = {}
     pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))
-    parts["hidden"] = torch.stack(
-        [(s.float() - t.float())[real].pow(2).sum() / t.float()[real].pow(2).sum().clamp_min(1e-12) for s, t in pairs]
-    ).mean()
+    def squares(x: torch.Tensor) -> torch.Tensor:
+        return (x.float().pow(2).sum(-1) * present).sum()
+
+    parts["hidden"] = torch.stack([squares(s.float() - t.float()) / squares(t).clamp_min(1e-12) for s, t in pairs]).mean()
     s_logits, t_logits = getattr(student_out, "logits", None), getattr(teacher_out, "logits", None)
     if head is not None:
         last_s, last_t = student_out.hidden_states[-1][real], teacher_out.hidden_states[-1][real]
@@ -137,10 +147,13 @@ class _HeadKL(torch.autograd.Function):
         kl = torch.zeros((), dtype=torch.float32, device=device)
         with torch.autocast(device.type, enabled=False):
             weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+
+            def log_probs(states: torch.Tensor) -> torch.Tensor:  # (chunk, hidden) -> (chunk, vocab)
+                return (nn.functional.linear(states.to(dtype), weight, bias).float() / temperature).log_softmax(-1)
+
             for start in range(0, n, chunk):
                 rows = slice(start, start + chunk)
-                log_q = (nn.functional.linear(student[rows].to(dtype), weight, bias).float() / temperature).log_softmax(-1)  # (chunk, vocab)
-                log_p = (nn.functional.linear(teacher[rows].to(dtype), weight, bias).float() / temperature).log_softmax(-1)
+                log_q, log_p = log_probs(student[rows]), log_probs(teacher[rows])
                 p = log_p.exp()
                 kl += (p * (log_p - log_q)).sum()
                 # d loss / d logits_s = T^2 / n * (q - p) / T, formed in log_q's memory
@@ -399,6 +412,7 @@ def distill_model(
     if settings.batch_size % accelerator.num_processes:
         raise UsageError(f"distillation batch size {settings.batch_size} does not split between {accelerator.num_processes} processes")
     set_seed(seed)
+    reuse_freed_memory()  # every step allocates the same activations again
     home = next(student.parameters()).device
     params = trainable(student, settings)
     _check_apart(teacher, params)
@@ -416,7 +430,8 @@ def distill_model(
     )  # fmt: skip
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     teacher.to(accelerator.device).eval().requires_grad_(False)
-    head = fused_head(accelerator.unwrap_model(student), teacher, data[0][None, :16].to(accelerator.device)) if collate is _windows else None
+    probe = data[0][None, :16].to(accelerator.device) if collate is _windows else None
+    head = fused_head(accelerator.unwrap_model(student), teacher, probe) if probe is not None else None
     keep = {"logits_to_keep": 1} if head is not None else {}  # the KL then needs no logits
     held_out_data = held_out_texts[: settings.eval_texts]
     if held_out_data and collate is _windows:  # read the way training reads
