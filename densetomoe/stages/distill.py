@@ -59,7 +59,6 @@ from ..archs import Arch
 from ..console import progress
 from ..data import encode, load_texts, packed
 from ..errors import UsageError
-from ..memory import reuse_freed_memory
 from ..moe import MoEFeedForward
 from ..recipe import Distill
 from .evaluate import mean_pool, next_token_nll
@@ -412,7 +411,6 @@ def distill_model(
     if settings.batch_size % accelerator.num_processes:
         raise UsageError(f"distillation batch size {settings.batch_size} does not split between {accelerator.num_processes} processes")
     set_seed(seed)
-    reuse_freed_memory()  # every step allocates the same activations again
     home = next(student.parameters()).device
     params = trainable(student, settings)
     _check_apart(teacher, params)

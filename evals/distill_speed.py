@@ -1,0 +1,82 @@
+"""How fast distillation learns from text on this machine: tokens of text per second, per variant.
+
+SmolLM2-135M-Instruct (the bundled GGUF) converted at half the FFN (64 experts, dynamic top-k; a
+small calibration, since speed does not depend on quality), then a few distillation steps of the
+library's own ``distill_model`` per variant, each on a fresh copy of the converted model, in one
+process:
+
+* ``documents``: each document cut to ``--seq-len`` and padded to the longest of its batch, KL on
+  the model's logits (what a causal LM did before packed windows; what an encoder still does);
+* ``windows``: packed windows of the joined text and the KL through the shared output layer,
+  float32;
+* ``windows-bf16``: the same under bfloat16 autocast (fast where the CPU multiplies bfloat16 in
+  hardware: AMX or AVX512-BF16; slower than float32 where it does not).
+
+Prints real tokens trained on per second and the ratio to the first row.
+
+    python evals/distill_speed.py --steps 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import time
+
+import densetomoe
+from common import quiet_torch, smollm_gguf
+from densetomoe.pipeline import Dense
+from densetomoe.recipe import Distill
+from densetomoe.stages.distill import distill_model, share_frozen, trainable
+
+ROWS = {"documents": ("no", False), "windows": ("no", True), "windows-bf16": ("bf16", True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12, help="distillation steps per row")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    quiet_torch(args.threads)
+
+    recipe = densetomoe.Recipe.build(
+        model=smollm_gguf(), ffn_budget=0.5, calib_tokens=8192, sample_tokens=4096, router_steps=50
+    )
+    started = time.perf_counter()
+    conversion = densetomoe.convert(recipe, show_progress=False)
+    print(f"converted in {time.perf_counter() - started:.0f} s: {conversion.report.active_ffn_share:.0%} of the FFN per token")
+    dense = Dense.describe(recipe.model, False).load(recipe)
+    texts, held_out = dense.calibration_texts, dense.held_out_texts
+
+    baseline = None
+    print(f"{'row':<14} {'steps':>5} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'vs first':>8}")
+    for name in args.rows:
+        precision, packed = ROWS[name]
+        settings = Distill(
+            steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, mixed_precision=precision, eval_texts=0
+        )
+        student = copy.deepcopy(conversion.model)
+        trainable(student, settings)
+        teacher = share_frozen(copy.deepcopy(dense.model), student, settings)
+        # Without the architecture, a decoder is read as documents, as an encoder is.
+        arch = dense.arch if packed else dataclasses.replace(dense.arch, decoder=False)
+        _reset_accelerate()  # each row its own mixed precision
+        history = distill_model(student, teacher, dense.tokenizer, settings, arch, texts, held_out, show_progress=False)
+        rate = history.tokens / history.elapsed
+        baseline = baseline or rate
+        print(f"{name:<14} {history.step:>5} {history.tokens:>8,} {history.elapsed:>8.1f} {rate:>9.0f} {rate / baseline:>7.2f}x", flush=True)
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+if __name__ == "__main__":
+    main()
