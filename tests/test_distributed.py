@@ -67,7 +67,9 @@ def test_two_processes_distill_as_one_process_does(tiny_decoders, texts_file, tm
     """One global batch per step, split in two: the same training as one process, up to how each
     process normalises its share of the loss."""
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("distill:\n  steps: 4\n  lr: 0.01\n  warmup: 0\n  eval_texts: 0\n")
+    # Windows of 32 tokens, 8 a step: the tiny text holds more than one batch of them (with fewer, one
+    # process would take a short batch and two would fill theirs up by repeating windows).
+    recipe.write_text("distill:\n  steps: 4\n  lr: 0.01\n  warmup: 0\n  eval_texts: 0\n  batch_size: 8\n  seq_len: 32\n")
     outs = {}
     for name, processes, extra in (("untrained", 1, ["--no-distill"]), ("one", 1, []), ("two", 2, [])):
         outs[name] = tmp_path / name

@@ -44,6 +44,7 @@ let ``resume`` continue an interrupted run with the same budget.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import shutil
@@ -107,7 +108,8 @@ def losses(
     present = mask.to(torch.float32)  # (batch, seq): a product, not a gather, picks the real tokens
     parts: dict[str, torch.Tensor] = {}
     pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))
-    def squares(x: torch.Tensor) -> torch.Tensor:
+
+    def squares(x: torch.Tensor) -> torch.Tensor:  # (batch, seq, hidden) -> sum of squares over real tokens
         return (x.float().pow(2).sum(-1) * present).sum()
 
     parts["hidden"] = torch.stack([squares(s.float() - t.float()) / squares(t).clamp_min(1e-12) for s, t in pairs]).mean()
@@ -200,8 +202,6 @@ def fused_head(student: nn.Module, teacher: nn.Module, probe: torch.Tensor) -> n
     not assumed: a family that scales or caps its logits, or whose last hidden state is not the
     head's input, keeps the KL on its own logits.
     """
-    import inspect
-
     heads = [m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None for m in (student, teacher)]
     head = heads[0]
     if not all(isinstance(h, nn.Linear) for h in heads) or any(p.requires_grad for p in head.parameters()):
