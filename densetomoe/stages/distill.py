@@ -213,10 +213,9 @@ def fused_head(student: nn.Module, teacher: nn.Module, probe: torch.Tensor) -> n
             return None
         with torch.no_grad():
             out = model(input_ids=probe, output_hidden_states=True)
-        logits, states = getattr(out, "logits", None), getattr(out, "hidden_states", None)
-        if logits is None or states is None:
-            return None
-        with torch.no_grad():
+            logits, states = getattr(out, "logits", None), getattr(out, "hidden_states", None)
+            if logits is None or states is None:
+                return None
             again = head(states[-1])
         if again.shape != logits.shape or not torch.allclose(again, logits, rtol=1e-4, atol=1e-4):
             return None
@@ -418,7 +417,8 @@ def distill_model(
     if not moe_modules:
         raise UsageError("the model has no MoE layers to distill")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    if arch is not None and arch.decoder:  # read as causal LMs are trained: windows of one token stream
+    windows = arch is not None and arch.decoder  # read as causal LMs are trained: windows of one token stream
+    if windows:
         data, collate = list(packed(tokenizer, texts, settings.seq_len)), _windows
     else:  # an encoder reads each document alone
         data, collate = texts, _tokenize(tokenizer, settings.seq_len)
@@ -428,11 +428,12 @@ def distill_model(
     )  # fmt: skip
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     teacher.to(accelerator.device).eval().requires_grad_(False)
-    probe = data[0][None, :16].to(accelerator.device) if collate is _windows else None
-    head = fused_head(accelerator.unwrap_model(student), teacher, probe) if probe is not None else None
+    head = None  # the output layer the KL goes through, where that is exact (a causal LM's)
+    if windows:
+        head = fused_head(accelerator.unwrap_model(student), teacher, data[0][None, :16].to(accelerator.device))
     keep = {"logits_to_keep": 1} if head is not None else {}  # the KL then needs no logits
     held_out_data = held_out_texts[: settings.eval_texts]
-    if held_out_data and collate is _windows:  # read the way training reads
+    if held_out_data and windows:  # read the way training reads
         held_out_data = list(packed(tokenizer, held_out_data, settings.seq_len))
     held_out = [
         {k: v.to(accelerator.device) for k, v in batch.items()}
