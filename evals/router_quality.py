@@ -7,10 +7,15 @@ safetensors folder; ``python evals/serving.py`` writes runs/serving/dense) on th
 variant, builds the MoE layer the library builds (dynamic top-k with ``--top-k`` experts on average on
 the calibration sample, unselected-expert means, the least-squares refit) and prints its relative
 output error on the held-out tokens against the dense FFN. ``oracle`` routes by each expert's true
-share of the output (the ceiling of any router); the others are trained on the calibration sample:
+share of the output (the ceiling of any router); the others are trained on the calibration sample.
+``local-STEPS-LR`` keeps the library's router and then trains the experts (up, gate and down
+projections, unselected-expert means) by Adam to reproduce the dense FFN's output on the sample
+under that routing (layer-wise local reconstruction), and refits again:
 
     python evals/router_quality.py                       # layers 5, 15, 25; every variant
     python evals/router_quality.py --layers 10 --variants library oracle steps-2000
+    python evals/router_quality.py --model smollm2-135m-instruct --layers 5 15 25 --sample-tokens 32768 \
+        --calib-tokens 65536 --variants library local-300-1e-3 local-1000-3e-4 local-3000-3e-4
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 
 import torch
@@ -58,6 +64,32 @@ class LowRank(torch.nn.Module):
         return a[:, self.members].sum(-1).clamp_min(1e-9).log()
 
 
+def local_reconstruction(module, ffn, x, steps, lr, batch=1024, seed=0):
+    """Layer-wise local reconstruction: Adam on the experts' up, gate and down projections and the
+    unselected experts' means so that the MoE layer reproduces the dense FFN's output on ``x``, under
+    the routing inference uses (the router frozen, its selection computed once), then the refit again."""
+    with torch.no_grad():
+        y = torch.cat([ffn.neurons(part) @ ffn.w_down.T for part in x.split(CHUNK)])
+        mask = torch.cat([module.selection(part) for part in x.split(CHUNK)])
+    params = [module.w_up, module.w_gate, module.w_down, module.skip_mean]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    norm = float(y.square().mean())
+    for step in range(steps):
+        pick = torch.randint(len(x), (batch,), generator=generator)
+        xb, m = x[pick], mask[pick]
+        a = module._neurons(xb, slice(None)).reshape(batch, module.num_experts, module.expert_size)
+        loss = (module._masked_sum(a, m, m) - y[pick]).square().mean() / norm
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        lr_now = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+    refit_experts(module, ffn, x)
+    return module
+
+
 def trained(x, target, hidden, steps, lr, batch, loss, seed):
     """An MLP router trained as the library trains it (standardised inputs, :func:`fit_router`), with
     ``loss``: ``ce`` (soft-target cross-entropy to the shares: the library's) or ``mse`` (squared error
@@ -87,6 +119,13 @@ VARIANTS = {  # name: None (built in), or the trained router's (hidden, steps, l
     "hidden-512-steps-2000": (512, 2000, 3e-3, 512, "ce"),
     "mse": (128, 400, 3e-3, 512, "mse"),
     "mse-hidden-512-steps-2000": (512, 2000, 3e-3, 512, "mse"),
+    # the library's router, then layer-wise local reconstruction: local-STEPS-LR
+    "local-300-1e-4": None,
+    "local-300-3e-4": None,
+    "local-300-1e-3": None,
+    "local-1000-1e-4": None,
+    "local-1000-3e-4": None,
+    "local-3000-3e-4": None,
 }
 
 
@@ -149,11 +188,15 @@ def main() -> None:
                 module.coverage = coverage_for(module.router, stats.inputs, args.top_k)
                 refit_experts(module, ffn, stats.inputs)
             else:
-                if name == "library":
+                if name == "library" or name.startswith("local"):
                     router = ROUTERS["mlp"](ffn, stats, labels, args.experts, settings, g)
                 else:
                     router = trained(stats.inputs, target, *VARIANTS[name], seed=i)
                 module = LayerSplit(ffn, labels, router, args.experts, act, stats.inputs, refit_to=ffn, dynamic=True).build(args.top_k)
+                if name.startswith("local"):
+                    _, steps, lr = name.split("-", 2)
+                    with torch.enable_grad():
+                        local_reconstruction(module, ffn, stats.inputs, int(steps), float(lr), seed=i)
             with torch.no_grad():
                 out = torch.cat([module(part) for part in x_held.split(CHUNK)])
             err = float((out - y_held).norm() / y_held.norm())
