@@ -322,6 +322,21 @@ def test_a_causal_lm_distills_through_its_shared_output_layer_where_that_is_exac
     assert fused_head(student, own, windows[:1, :16]) is None
 
 
+def test_mixed_precision_distillation_keeps_the_fused_head(tiny_decoders, texts_file):
+    """accelerate autocasts a bf16 student's own forward: the head's check must run under the same
+    autocast, or its logits never match and every step builds the (tokens, vocabulary) logits."""
+    conversion, teacher = _pair(tiny_decoders["llama"], texts_file)
+    texts = texts_file.read_text().splitlines()
+    settings = Distill(steps=2, batch_size=2, seq_len=32, eval_texts=0, mixed_precision="bf16")
+    teacher = share_frozen(teacher, conversion.model, settings)
+    rows = []
+    head = conversion.model.get_output_embeddings()
+    head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[-2]))
+    distill_model(conversion.model, teacher, conversion.tokenizer, settings, archs.arch_for(teacher.config), texts, [], show_progress=False)
+    assert rows[-2:] == [1, 1]  # one position kept a step (after the check's own calls on 16 tokens)
+    assert 32 not in rows  # never the logits of a whole window
+
+
 def test_a_causal_lm_trains_on_windows_with_no_padding(tiny_decoders, texts_file):
     conversion, teacher = _pair(tiny_decoders["gpt2"], texts_file)
     texts = texts_file.read_text().splitlines()

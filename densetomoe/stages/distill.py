@@ -50,6 +50,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -193,14 +194,28 @@ def head_kl(
     return _HeadKL.apply(student, teacher.detach(), weight, bias, temperature, chunk)
 
 
-def fused_head(student: nn.Module, teacher: nn.Module, probe: torch.Tensor) -> nn.Linear | None:
+def _allow_precision(mixed_precision: str) -> None:
+    """accelerate keeps one state per process and refuses a second ``Accelerator`` with another mixed
+    precision; a process that distils twice (a notebook, a test run) starts the second afresh."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
+
+
+def fused_head(
+    student: nn.Module, teacher: nn.Module, probe: torch.Tensor, precision: Callable[[], AbstractContextManager] = nullcontext
+) -> nn.Linear | None:
     """The output layer that :func:`head_kl` can compute both models' logits with, or None.
 
     That is a frozen ``nn.Linear`` the two models share (``train: moe``), in models whose forward
     takes ``logits_to_keep`` (so that their own logits need not be computed) and whose logits are
     exactly ``head(hidden_states[-1])``. The last is checked on ``probe`` token ids ``(1, tokens)``,
     not assumed: a family that scales or caps its logits, or whose last hidden state is not the
-    head's input, keeps the KL on its own logits.
+    head's input, keeps the KL on its own logits. The check runs under ``precision`` (training's
+    autocast), as both the models and the head will: a student that accelerate prepared for mixed
+    precision autocasts its own forward, so its logits are only comparable to a head run the same way.
     """
     heads = [m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None for m in (student, teacher)]
     head = heads[0]
@@ -211,13 +226,13 @@ def fused_head(student: nn.Module, teacher: nn.Module, probe: torch.Tensor) -> n
     for model in (student, teacher):
         if "logits_to_keep" not in inspect.signature(model.forward).parameters:
             return None
-        with torch.no_grad():
+        with torch.no_grad(), precision():
             out = model(input_ids=probe, output_hidden_states=True)
             logits, states = getattr(out, "logits", None), getattr(out, "hidden_states", None)
             if logits is None or states is None:
                 return None
             again = head(states[-1])
-        if again.shape != logits.shape or not torch.allclose(again, logits, rtol=1e-4, atol=1e-4):
+        if again.shape != logits.shape or not torch.allclose(again.float(), logits.float(), rtol=1e-4, atol=1e-4):
             return None
     return head
 
@@ -402,6 +417,7 @@ def distill_model(
     # ``accelerate launch``: every process takes the same number of steps (uneven shards of a small
     # text would leave one process waiting in a collective for ever), and N processes train as one.
     # An expert that no token of a process's share picked has no gradient there: DDP must expect that.
+    _allow_precision(settings.mixed_precision)
     accelerator = Accelerator(
         mixed_precision=settings.mixed_precision,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -430,7 +446,7 @@ def distill_model(
     teacher.to(accelerator.device).eval().requires_grad_(False)
     head = None  # the output layer the KL goes through, where that is exact (a causal LM's)
     if windows:
-        head = fused_head(accelerator.unwrap_model(student), teacher, data[0][None, :16].to(accelerator.device))
+        head = fused_head(accelerator.unwrap_model(student), teacher, data[0][None, :16].to(accelerator.device), accelerator.autocast)
     keep = {"logits_to_keep": 1} if head is not None else {}  # the KL then needs no logits
     held_out_data = held_out_texts[: settings.eval_texts]
     if held_out_data and windows:  # read the way training reads
