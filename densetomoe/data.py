@@ -139,59 +139,13 @@ def packed(tokenizer, texts: list[str], seq_len: int, separator: str = "\n\n"):
     """
     import torch
 
-    ids, bos = _token_stream(tokenizer, texts, separator)
-    span = seq_len - len(bos)  # text tokens per window
-    windows = ids[: len(ids) // span * span].reshape(-1, span) if len(ids) >= span else ids.reshape(1, -1)
-    return torch.cat([bos.expand(len(windows), -1), windows], dim=1)
-
-
-class ShiftingWindows:
-    """:func:`packed`'s windows as a dataset whose cuts move on each pass over the text: pass ``p``
-    (:meth:`set_epoch`) starts its windows ``offset(p)`` tokens into the stream, spread by the golden
-    ratio so that no two of the first passes cut alike. A text read more than once is then not the
-    same windows again: each token is predicted from another stretch of context, so that the
-    teacher's targets differ from pass to pass. Every pass has the same number of windows (one fewer
-    than :func:`packed` where the last would not fit at every offset); a text shorter than two
-    windows is never shifted."""
-
-    GOLDEN = 0.6180339887
-
-    def __init__(self, tokenizer, texts: list[str], seq_len: int, separator: str = "\n\n"):
-        self.ids, self.bos = _token_stream(tokenizer, texts, separator)
-        self.span = seq_len - len(self.bos)
-        self.fixed = None if len(self.ids) >= 2 * self.span else packed(tokenizer, texts, seq_len, separator)
-        self.count = len(self.fixed) if self.fixed is not None else (len(self.ids) - self.span + 1) // self.span
-        self.offset = 0
-
-    def offset_of(self, epoch: int) -> int:
-        return 0 if self.fixed is not None else int(epoch * self.GOLDEN * self.span) % self.span
-
-    def set_epoch(self, epoch: int) -> None:
-        self.offset = self.offset_of(epoch)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int):
-        import torch
-
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        if self.fixed is not None:
-            return self.fixed[index]
-        start = self.offset + index * self.span
-        return torch.cat([self.bos, self.ids[start : start + self.span]])
-
-
-def _token_stream(tokenizer, texts: list[str], separator: str):
-    """The joined text's token ids and the BOS to put before each window (empty where none is added)."""
-    import torch
-
     from .metrics import adds_bos
 
     ids = torch.tensor(tokenizer(separator.join(texts), add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
-    bos = torch.tensor([tokenizer.bos_token_id] if adds_bos(tokenizer) else [], dtype=torch.long)
-    return ids, bos
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    span = seq_len - len(bos)  # text tokens per window
+    windows = ids[: len(ids) // span * span].reshape(-1, span) if len(ids) >= span else ids.reshape(1, -1)
+    return torch.cat([torch.tensor(bos, dtype=torch.long).expand(len(windows), -1), windows], dim=1)
 
 
 def teacher_forced(batch):

@@ -17,7 +17,7 @@ from torch import nn
 import densetomoe
 from conftest import quick_recipe, run_without_densetomoe, sample_inputs
 from densetomoe import archs, surgery
-from densetomoe.data import ShiftingWindows, packed
+from densetomoe.data import packed
 from densetomoe.stages.distill import (
     History, distill_model, fused_head, head_kl, latest_checkpoint, losses, lr_factor, moe_blocks, share_frozen, trainable,
 )  # fmt: skip
@@ -254,30 +254,6 @@ def test_a_causal_lm_reads_its_text_in_full_windows_of_the_joined_documents(bos)
     assert (windows[:, 0] == 0).all() if bos else (windows != 0).all()  # a BOS starts each window, or none
     assert body.flatten().tolist() == stream[: body.numel()]  # every token once, in order; only a short tail dropped
     assert packed(tokenizer, ["short"], 64).shape == (1, 5 + bos)
-
-
-@pytest.mark.parametrize("bos", [False, True])
-def test_each_pass_cuts_the_text_at_other_places(bos):
-    tokenizer, texts = Characters(bos), ["first document", "second", "and a third, longer one"]
-    stream = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-    windows = ShiftingWindows(tokenizer, texts, 8)
-    span = 8 - bos
-    offsets = []
-    for epoch in range(4):
-        windows.set_epoch(epoch)
-        rows = [windows[i] for i in range(len(windows))]
-        assert all(len(r) == 8 for r in rows) and len(rows) == (len(stream) - span + 1) // span
-        body = [r[1:] if bos else r for r in rows]
-        assert all((r[0] == 0) == bos for r in rows)  # a BOS starts each window, or none
-        start = windows.offset
-        assert torch.cat(body).tolist() == stream[start : start + len(rows) * span]  # consecutive, in order
-        offsets.append(windows.offset)
-    assert offsets[0] == 0 and len(set(offsets)) == 4  # the first pass as packed() cuts, then others
-    windows.set_epoch(0)
-    assert torch.equal(torch.stack([windows[i] for i in range(len(windows))]), packed(tokenizer, texts, 8)[: len(windows)])
-    short = ShiftingWindows(tokenizer, ["short"], 64)  # shorter than two windows: never shifted
-    short.set_epoch(1)
-    assert len(short) == 1 and torch.equal(short[0], packed(tokenizer, ["short"], 64)[0])
 
 
 @pytest.mark.parametrize("temperature, bias", [(1.0, False), (2.0, True)])

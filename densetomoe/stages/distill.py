@@ -31,8 +31,7 @@ trains.
 A causal LM reads its text as it was pretrained: the documents joined into one token stream, cut
 into windows of ``seq_len`` (:func:`~densetomoe.data.packed`), so that every position of a batch is
 a token to learn from (documents cut to ``seq_len`` and padded to the longest left about half of
-each SmolLM2 batch padding); each pass over the text cuts it at other places
-(:class:`~densetomoe.data.ShiftingWindows`), and its held-out points are scored on windows too. Its logits' KL is
+each SmolLM2 batch padding); its held-out points are scored on windows too. Its logits' KL is
 computed from the final hidden states through the output layer that student and teacher share
 (:func:`head_kl`), a chunk of tokens at a time. An encoder reads each document alone.
 
@@ -60,7 +59,7 @@ from torch import nn
 
 from ..archs import Arch
 from ..console import progress
-from ..data import ShiftingWindows, encode, load_texts, packed
+from ..data import encode, load_texts, packed
 from ..errors import UsageError
 from ..moe import MoEFeedForward
 from ..recipe import Distill
@@ -436,7 +435,7 @@ def distill_model(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     windows = arch is not None and arch.decoder  # read as causal LMs are trained: windows of one token stream
     if windows:
-        data, collate = ShiftingWindows(tokenizer, texts, settings.seq_len), _windows
+        data, collate = list(packed(tokenizer, texts, settings.seq_len)), _windows
     else:  # an encoder reads each document alone
         data, collate = texts, _tokenize(tokenizer, settings.seq_len)
     loader = torch.utils.data.DataLoader(
@@ -504,11 +503,7 @@ def distill_model(
     with progress(show_progress and accelerator.is_local_main_process) as bar:
         total_units = settings.steps if settings.steps is not None else int(settings.minutes * 60)
         task = bar.add_task("distilling", total=total_units)
-        passes = 0
         while not _finished(history, settings):
-            if windows:  # each pass cuts the text at other places (every process alike)
-                data.set_epoch(passes)
-            passes += 1
             for batch in loader:
                 started = time.perf_counter()
                 for group in optimizer.param_groups:
