@@ -64,18 +64,10 @@ def main() -> None:
         teacher = share_frozen(copy.deepcopy(dense.model), student, settings)
         # Without the architecture, a decoder is read as documents, as an encoder is.
         arch = dense.arch if packed else dataclasses.replace(dense.arch, decoder=False)
-        _reset_accelerate()  # each row its own mixed precision
         history = distill_model(student, teacher, dense.tokenizer, settings, arch, texts, held_out, show_progress=False)
         rate = history.tokens / history.elapsed
         baseline = baseline or rate
         print(f"{name:<14} {history.step:>5} {history.tokens:>8,} {history.elapsed:>8.1f} {rate:>9.0f} {rate / baseline:>7.2f}x", flush=True)
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 if __name__ == "__main__":

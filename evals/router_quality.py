@@ -75,18 +75,17 @@ def local_reconstruction(module, ffn, x, steps, lr, batch=1024, seed=0):
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     norm = float(y.square().mean())
-    for step in range(steps):
-        pick = torch.randint(len(x), (batch,), generator=generator)
-        xb, m = x[pick], mask[pick]
-        a = module._neurons(xb, slice(None)).reshape(batch, module.num_experts, module.expert_size)
-        loss = (module._masked_sum(a, m, m) - y[pick]).square().mean() / norm
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        lr_now = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-    refit_experts(module, ffn, x)
+    with torch.enable_grad():
+        for step in range(steps):
+            pick = torch.randint(len(x), (batch,), generator=generator)
+            a = module._neurons(x[pick], slice(None)).reshape(batch, module.num_experts, module.expert_size)
+            loss = (module._masked_sum(a, mask[pick], mask[pick]) - y[pick]).square().mean() / norm
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            for group in optimizer.param_groups:  # cosine decay to zero
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+    refit_experts(module, ffn, x, targets=y)  # the dense outputs computed above
     return module
 
 
@@ -119,13 +118,14 @@ VARIANTS = {  # name: None (built in), or the trained router's (hidden, steps, l
     "hidden-512-steps-2000": (512, 2000, 3e-3, 512, "ce"),
     "mse": (128, 400, 3e-3, 512, "mse"),
     "mse-hidden-512-steps-2000": (512, 2000, 3e-3, 512, "mse"),
-    # the library's router, then layer-wise local reconstruction: local-STEPS-LR
-    "local-300-1e-4": None,
-    "local-300-3e-4": None,
-    "local-300-1e-3": None,
-    "local-1000-1e-4": None,
-    "local-1000-3e-4": None,
-    "local-3000-3e-4": None,
+}
+LOCAL = {  # the library's router, then layer-wise local reconstruction: name: (steps, lr)
+    "local-300-1e-4": (300, 1e-4),
+    "local-300-3e-4": (300, 3e-4),
+    "local-300-1e-3": (300, 1e-3),
+    "local-1000-1e-4": (1000, 1e-4),
+    "local-1000-3e-4": (1000, 3e-4),
+    "local-3000-3e-4": (3000, 3e-4),
 }
 
 
@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--sample-tokens", type=int, default=8192)
     p.add_argument("--partition-tokens", type=int, help="partition on the first this many sampled tokens only (default: all)")
     p.add_argument("--heldout-tokens", type=int, default=8192)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=[*VARIANTS, *LOCAL], default=[*VARIANTS, *LOCAL])
     args = p.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
@@ -188,15 +188,13 @@ def main() -> None:
                 module.coverage = coverage_for(module.router, stats.inputs, args.top_k)
                 refit_experts(module, ffn, stats.inputs)
             else:
-                if name == "library" or name.startswith("local"):
+                if name == "library" or name in LOCAL:
                     router = ROUTERS["mlp"](ffn, stats, labels, args.experts, settings, g)
                 else:
                     router = trained(stats.inputs, target, *VARIANTS[name], seed=i)
                 module = LayerSplit(ffn, labels, router, args.experts, act, stats.inputs, refit_to=ffn, dynamic=True).build(args.top_k)
-                if name.startswith("local"):
-                    _, steps, lr = name.split("-", 2)
-                    with torch.enable_grad():
-                        local_reconstruction(module, ffn, stats.inputs, int(steps), float(lr), seed=i)
+                if name in LOCAL:
+                    local_reconstruction(module, ffn, stats.inputs, *LOCAL[name], seed=i)
             with torch.no_grad():
                 out = torch.cat([module(part) for part in x_held.split(CHUNK)])
             err = float((out - y_held).norm() / y_held.norm())
