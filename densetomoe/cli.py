@@ -292,7 +292,7 @@ def distill_command(
     batch_size: Annotated[int, typer.Option(help="Texts per step (split between the processes under accelerate launch).")] = _default("batch_size", Distill),
     seq_len: Annotated[int, typer.Option(help="Tokens per text; longer ones are cut.")] = _default("seq_len", Distill),
     expert_dropout: Annotated[float, typer.Option(help="Probability of dropping each selected expert per token while training.")] = _default("expert_dropout", Distill),
-    train: Annotated[Trainable, typer.Option(help="moe: only experts, routers and corrections learn. all: every weight.")] = _default("train", Distill),
+    train: Annotated[Trainable, typer.Option(help="moe: only experts, routers and corrections learn. blocks: also attention and norms (embeddings and output layer frozen). all: every weight.")] = _default("train", Distill),
     mixed_precision: Annotated[MixedPrecision, typer.Option(help="accelerate mixed precision: no, bf16 or fp16.")] = _default("mixed_precision", Distill),
     recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML whose distill: section sets the defaults; flags win.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Dense teacher. Default: the base model recorded in the folder.")] = None,

@@ -28,7 +28,7 @@ RouterKind = Annotated[str, AfterValidator(ROUTERS.check)]
 Budget = Annotated[str, AfterValidator(BUDGETS.check)]
 Format = Annotated[str, AfterValidator(FORMATS.check)]
 DType = Literal["float32", "bfloat16", "float16"]
-Trainable = Literal["moe", "all"]
+Trainable = Literal["moe", "blocks", "all"]
 RoutingKind = Literal["top-k", "dynamic", "dynamic-soft"]
 RAMP = 0.1  # dynamic-soft's ramp unless the recipe names one (README, Half precision)
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -54,7 +54,7 @@ class Distill(BaseModel):
     router_loss: float = Field(0.1, ge=0, description="weight of the router's cross-entropy to each expert's measured output share")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the logit KL")
     expert_dropout: float = Field(0.0, ge=0, lt=1, description="probability of dropping each selected expert per token while training")
-    train: Trainable = Field("moe", description="moe: only experts, routers and corrections learn; all: every weight")
+    train: Trainable = Field("moe", description="moe: only experts, routers and corrections learn; blocks: every weight but the embeddings and the output layer; all: every weight")
     mixed_precision: MixedPrecision = Field("no", description="accelerate's mixed precision (bf16 on recent GPUs and CPUs)")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (for --resume)")
     log_every: int = Field(10, gt=0, description="steps between points of the loss curve")

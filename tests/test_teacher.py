@@ -1,6 +1,7 @@
 """The distillation teacher shares every weight the student does not train (issue 10): with
 ``train: moe`` a conversion holds one model plus its dense FFNs, not two models, and trains exactly
-as it did with a separate copy of the dense model; with ``train: all`` the teacher is a real copy."""
+as it did with a separate copy of the dense model; with ``train: blocks`` it shares the embeddings and
+the output layer alone; with ``train: all`` the teacher is a real copy."""
 
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ def _ffn_bytes(dense: torch.nn.Module) -> int:
     return sum(p.nbytes for block in blocks_of(dense, arch.layers) for n in names for p in block.get_submodule(n).parameters())
 
 
+def _embeddings(student: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The input embeddings and the output layer: what ``train: blocks`` leaves frozen."""
+    modules = [student.get_input_embeddings(), student.get_output_embeddings()]
+    return [p for m in modules if m is not None for p in m.parameters()]
+
+
 @pytest.fixture
 def handed(monkeypatch):
     """The (student, teacher) pairs that convert() and distill() hand to distill_model, after training."""
@@ -86,6 +93,7 @@ def test_shared_teacher_trains_as_a_copied_teacher(request, monkeypatch, texts_f
     monkeypatch.setattr(pipeline, "dense_teacher", lambda dense, settings: copy.deepcopy(dense))  # as before issue 10
     copied = densetomoe.convert(recipe, show_progress=False)
     _same_training(shared, copied)
+    assert not shared.stats.layers  # the calibration samples were let go before training
     untrained = densetomoe.convert(recipe.model_copy(update={"distill": None}), show_progress=False).model.state_dict()
     assert any(not torch.equal(t, untrained[n]) for n, t in shared.model.state_dict().items())  # training moved it
 
@@ -97,7 +105,11 @@ def test_shared_teacher_trains_as_a_copied_teacher(request, monkeypatch, texts_f
 
 
 @pytest.mark.parametrize(
-    "case,train", slow_except(("encoder", "moe"), [("encoder", "moe"), ("decoder", "moe"), ("native", "moe"), ("encoder", "all"), ("native", "all")])
+    "case,train",
+    slow_except(
+        ("encoder", "moe"),
+        [("encoder", "moe"), ("decoder", "moe"), ("native", "moe"), ("encoder", "blocks"), ("decoder", "blocks"), ("encoder", "all"), ("native", "all")],
+    ),
 )
 def test_the_teacher_shares_exactly_the_weights_the_student_does_not_train(request, handed, texts_file, case, train):
     folder, settings = _folder(request, case)
@@ -113,8 +125,9 @@ def test_the_teacher_shares_exactly_the_weights_the_student_does_not_train(reque
         assert own == _ffn_bytes(dense)
         trained = [p for m in moe_blocks(student) for p in m.parameters()]
         assert trained and not set(_storages(trained)) & set(theirs)
-    else:  # a real copy: the student trained its attention, the teacher did not follow
-        assert not set(mine) & set(theirs)
+    else:  # the student trained its attention, the teacher did not follow
+        frozen = _embeddings(student) if train == "blocks" else []
+        assert set(mine) & set(theirs) == set(_storages(frozen))
         attention = next(n for n in dict(student.named_parameters()) if "attention" in n or "self_attn" in n)
         assert not torch.equal(dict(student.named_parameters())[attention], dense.state_dict()[attention])
 
@@ -148,6 +161,7 @@ FOLDERS = {  # (fixture, model, conversion settings, distill settings)
     "remote-code": ("tiny_models", "BertModel", {}, {}),
     "native": ("tiny_decoders", "llama", {"format": "native"}, {}),
     "remote-code->native, train all": ("tiny_decoders", "qwen2", {"router": "linear", "routing": "top-k"}, {"train": "all"}),
+    "decoder, train blocks": ("tiny_decoders", "llama", {}, {"train": "blocks"}),
 }
 
 
@@ -167,8 +181,8 @@ def test_distilling_a_folder_shares_the_frozen_weights_and_trains_as_before(requ
     mine, theirs = _storages(student.parameters()), _storages(teacher.parameters())
     if settings.train == "moe":
         assert sum(nbytes for ptr, nbytes in theirs.items() if ptr not in mine) == _ffn_bytes(dense)
-    else:  # the native model was built on the dense parameters: the teacher got its own copy
-        assert not set(mine) & set(theirs)
+    else:  # what trains is the teacher's own (train all: a native model built on the dense parameters got a copy)
+        assert set(mine) & set(theirs) == set(_storages(_embeddings(student) if settings.train == "blocks" else []))
     kept = teacher.state_dict()
     for name, tensor in dense.state_dict().items():
         assert torch.equal(kept[name], tensor), name

@@ -26,7 +26,9 @@ second module tree over the very same parameters, and keeps the dense FFNs that 
 replace; :func:`share_frozen` does the same for a teacher loaded apart from its student. Memory is
 one model plus its dense FFNs, not two models. With ``train: all`` every weight learns and the
 teacher is a full copy; :func:`distill_model` refuses a teacher that shares a weight the student
-trains.
+trains. ``train: blocks`` sits between them: every weight but the embeddings and the output layer
+learns (attention and norms may then make up for what the split lost), and the teacher shares
+those, so that the KL still goes through the one output layer.
 
 A causal LM reads its text as it was pretrained: the documents joined into one token stream, cut
 into windows of ``seq_len`` (:func:`~densetomoe.data.packed`), so that every position of a batch is
@@ -276,22 +278,39 @@ def _native_block(module: nn.Module) -> bool:
 
 
 def trainable(model: nn.Module, settings: Distill) -> list[nn.Parameter]:
-    """The parameters that learn: the MoE layers' (``train: moe``) or all of them (``train: all``).
+    """The parameters that learn, marked so (``requires_grad``): the MoE layers' (``train: moe``), every
+    weight but the embeddings and the output layer (``train: blocks``), or all of them (``train: all``).
 
     In a native MoE block the experts (and shared expert) learn and the gates stay frozen: their
     weights are scaled down so that the softmax is uniform (see :mod:`.stages.native`), and an
     optimizer step sized for ordinary weights would undo that.
     """
+    learning = _learning(model, settings)
     for p in model.parameters():
-        p.requires_grad_(settings.train == "all")
-    for m in moe_blocks(model):
-        if settings.train == "moe":
-            m.requires_grad_(True)
-        if _native_block(m):
-            m.gate.requires_grad_(False)
-            if hasattr(m, "shared_expert_gate"):
-                m.shared_expert_gate.requires_grad_(False)
+        p.requires_grad_(id(p) in learning)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _learning(model: nn.Module, settings: Distill) -> set[int]:
+    """The ids of the parameters of ``model`` that ``settings.train`` lets learn (see :func:`trainable`)."""
+    if settings.train == "moe":
+        learning = {id(p) for m in moe_blocks(model) for p in m.parameters()}
+    else:
+        learning = {id(p) for p in model.parameters()}
+        if settings.train == "blocks":
+            learning -= {id(p) for p in _embeddings(model)}
+    for m in moe_blocks(model):
+        if _native_block(m):
+            learning -= {id(p) for p in m.gate.parameters()}
+            if hasattr(m, "shared_expert_gate"):
+                learning -= {id(p) for p in m.shared_expert_gate.parameters()}
+    return learning
+
+
+def _embeddings(model: nn.Module) -> list[nn.Parameter]:
+    """The input embeddings' and the output layer's parameters (one matrix where they are tied)."""
+    found = [getattr(model, get)() for get in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, get)]
+    return [p for m in found if m is not None for p in m.parameters()]
 
 
 def dense_teacher(dense: nn.Module, settings: Distill) -> nn.Module:
@@ -311,28 +330,31 @@ def dense_teacher(dense: nn.Module, settings: Distill) -> nn.Module:
     (an ``accelerate``-wrapped student, an exception in the forward), and :func:`distill_model`
     treats every teacher alike. Both cost the same memory.
 
+    ``train: blocks``: the same over the embeddings and the output layer alone, the rest copied.
     ``train: all``: a full copy, since the student trains every weight and the teacher must not move.
     """
     if settings.train == "all":
         return copy.deepcopy(dense)
-    return copy.deepcopy(dense, memo={id(p): p for p in dense.parameters()})
+    shared = _embeddings(dense) if settings.train == "blocks" else dense.parameters()
+    return copy.deepcopy(dense, memo={id(p): p for p in shared})
 
 
 def share_frozen(teacher: nn.Module, student: nn.Module, settings: Distill) -> nn.Module:
     """``teacher``, loaded apart from ``student`` (``densetomoe distill`` on a folder), sharing with it
     exactly what the student will not train.
 
-    ``train: moe``: each teacher parameter that equals the student's parameter of the same name
-    (shape, dtype, device and every value) outside the MoE layers becomes that very parameter, and
-    the teacher's own copy is freed; whatever differs (a folder trained with ``train: all``, another
-    dtype) keeps its own copy, so the teacher stays the dense model. ``train: all``: a teacher that
-    shares any parameter with the student (a native model built on the dense one's parameters) gets
-    its own copy.
+    Each teacher parameter that equals the student's parameter of the same name (shape, dtype,
+    device and every value) and that the student will not train (:func:`trainable`: outside the MoE
+    layers with ``train: moe``, the embeddings and output layer with ``train: blocks``, none with
+    ``train: all``) becomes that very parameter, and the teacher's own copy is freed; whatever differs
+    (a folder trained with ``train: all``, another dtype) keeps its own copy, so the teacher stays the
+    dense model. A teacher that already shares a weight the student will train (a native model built
+    on the dense one's parameters) first gets a copy of its own.
     """
-    if settings.train == "all":
-        trained = {_storage(p) for p in student.parameters()}
-        return copy.deepcopy(teacher) if any(_storage(p) in trained for p in teacher.parameters()) else teacher
-    learning = {id(p) for m in moe_blocks(student) for p in m.parameters()}
+    learning = _learning(student, settings)
+    trained = {_storage(p) for p in student.parameters() if id(p) in learning}
+    if any(_storage(p) in trained for p in teacher.parameters()):
+        teacher = copy.deepcopy(teacher)
     theirs = {name: p for name, p in student.named_parameters(remove_duplicate=False) if id(p) not in learning}
     for name, param in list(teacher.named_parameters(remove_duplicate=False)):  # tied names each
         other = theirs.get(name)
