@@ -300,6 +300,10 @@ def convert(
     else:  # swap in place (the teacher keeps the dense FFNs swapped out)
         surgery.swap_in(model, arch, modules)
     dense.model = None  # the converted model (or the teacher) holds what is still needed
+    # the layers' calibration samples (hundreds of MB at 32,768 tokens a layer) are not needed again
+    stats.layers.clear()
+    del splits, ffns
+    memory.return_freed_memory()
 
     history = None
     if recipe.distill is not None:
