@@ -38,6 +38,8 @@ from densetomoe.stages import load
 
 TOP_K = dict(routing="top-k")
 SAMPLE_8K = dict(calib_tokens=32768, sample_tokens=8192)  # the calibration the rows before "default" were measured with
+BIG_SAMPLE = dict(calib_tokens=262144, sample_tokens=131072)  # four times the default sample
+BIG_ROUTER = dict(router_hidden=512, router_steps=2000)
 ROWS = {  # name: (what it is, settings on top of the defaults); every row at half the FFN
     "before": ("8 experts, sensitivity budget, no refit (the first default)", dict(ffn_budget=0.5, experts=8, budget="sensitivity", refit=False, **TOP_K, **SAMPLE_8K)),
     "sensitivity-8": ("8 experts, sensitivity budget, refit", dict(ffn_budget=0.5, experts=8, budget="sensitivity", **TOP_K, **SAMPLE_8K)),
@@ -50,6 +52,9 @@ ROWS = {  # name: (what it is, settings on top of the defaults); every row at ha
     "shared": ("48 routed experts + 16 shared, dynamic top-k (16 on average), refit", dict(ffn_budget=0.5, experts=48, shared_experts=16, **SAMPLE_8K)),
     "samples-8k": ("the default before: 8,192 sampled tokens per layer of 32,768 calibration tokens", dict(ffn_budget=0.5, **SAMPLE_8K)),
     "default": ("--ffn-budget 0.5: 64 experts, dynamic top-k (32 on average), refit, 32,768 sampled tokens of 65,536", dict(ffn_budget=0.5)),
+    "128-experts": ("128 experts of 12 neurons, dynamic top-k (64 on average), refit, 32,768 sampled tokens of 65,536", dict(ffn_budget=0.5, experts=128)),
+    "router-512": ("64 experts, dynamic top-k, refit, 131,072 sampled tokens of 262,144, routers of 512 hidden units trained 2,000 steps", dict(ffn_budget=0.5, **BIG_SAMPLE, **BIG_ROUTER)),
+    "128-router-512": ("128 experts of 12 neurons, dynamic top-k (64 on average), refit, 131,072 sampled tokens of 262,144, routers of 512 hidden units trained 2,000 steps", dict(ffn_budget=0.5, experts=128, **BIG_SAMPLE, **BIG_ROUTER)),
     "soft-boundary": ("the default with --routing dynamic-soft: a soft boundary, experts within a factor 1.1 above a token's threshold taken in part", dict(ffn_budget=0.5, routing="dynamic-soft")),
     "soft-boundary-0.03": ("the default with --routing dynamic-soft: a soft boundary, experts within a factor 1.03 above a token's threshold taken in part", dict(ffn_budget=0.5, routing="dynamic-soft", ramp=0.03)),
 }
