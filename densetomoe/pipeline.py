@@ -300,7 +300,7 @@ def convert(
     else:  # swap in place (the teacher keeps the dense FFNs swapped out)
         surgery.swap_in(model, arch, modules)
     dense.model = None  # the converted model (or the teacher) holds what is still needed
-    # the layers' calibration samples (hundreds of MB at 32,768 tokens a layer) are not needed again
+    # the layers' calibration samples are not needed again (SmolLM2: 2.2 GB at 32,768 tokens a layer)
     stats.layers.clear()
     del splits, ffns
     memory.return_freed_memory()
