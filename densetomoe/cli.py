@@ -107,7 +107,7 @@ def convert(
     distill: Annotated[Optional[bool], typer.Option("--distill/--no-distill", help="Recover quality by distilling from the dense model (settings: --distill-* flags or the recipe's distill: section).", show_default=False)] = None,
     distill_steps: Annotated[Optional[int], typer.Option(help="Distillation steps (implies --distill).")] = None,
     distill_minutes: Annotated[Optional[float], typer.Option(help="Distillation wall-clock budget in minutes (implies --distill).")] = None,
-    distill_data: Annotated[Optional[str], typer.Option(help="Unlabelled text to distill on, as --calib (implies --distill). Default: the calibration text.")] = None,
+    distill_data: Annotated[Optional[list[str]], typer.Option(metavar="<source>", help="Unlabelled text to distill on, as --calib (implies --distill); repeat it to read several sources, 'calibration' naming the calibration text (--distill-data calibration --distill-data more.txt.gz). Default: the calibration text.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted distillation from its checkpoints in OUT.checkpoints.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for shuffling, clustering and router training.")] = _default("seed"),
     dtype: Annotated[DType, typer.Option(help="Load the model in float32, bfloat16 or float16.")] = _default("dtype"),
@@ -139,7 +139,7 @@ def convert(
             "layers": _indices(layers),
         }  # fmt: skip
         given = {k: v for k, v in settings.items() if _given(ctx, k) or k == "model"}
-        flags = {"steps": distill_steps, "minutes": distill_minutes, "data": distill_data}
+        flags = {"steps": distill_steps, "minutes": distill_minutes, "data": _sources(distill_data)}
         flags = {k: v for k, v in flags.items() if v is not None}
         if distill is False and flags:
             raise UsageError("--no-distill contradicts the --distill-* flags given")
@@ -199,6 +199,11 @@ def _indices(text: str | None) -> list[int] | None:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UsageError(f"--layers takes comma-separated layer indices (e.g. 0,1,5), got {text!r}") from None
+
+
+def _sources(given: list[str] | None) -> str | list[str] | None:
+    """A repeated ``--distill-data`` / ``--data``: one source as itself, several as a list (``Distill.data``)."""
+    return given[0] if given and len(given) == 1 else given or None
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -287,7 +292,7 @@ def distill_command(
     moe_dir: Annotated[Path, typer.Argument(help="A folder written by densetomoe convert.")],
     steps: Annotated[Optional[int], typer.Option(help="Optimisation steps.")] = _default("steps", Distill),
     minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget; training stops at whichever of steps and minutes comes first.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Unlabelled text (.txt, .jsonl, .csv, datasets name). Default: the folder's calibration text.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(metavar="<source>", help="Unlabelled text (.txt, .jsonl, .csv, datasets name); repeat it to read several sources, 'calibration' naming the folder's calibration text. Default: the folder's calibration text.", show_default=False)] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, cosine decay).")] = _default("lr", Distill),
     batch_size: Annotated[int, typer.Option(help="Texts per step (split between the processes under accelerate launch).")] = _default("batch_size", Distill),
     seq_len: Annotated[int, typer.Option(help="Tokens per text; longer ones are cut.")] = _default("seq_len", Distill),
@@ -309,7 +314,7 @@ def distill_command(
         from .pipeline import distill as run_distillation
 
         flags = {
-            "steps": steps, "minutes": minutes, "data": data, "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
+            "steps": steps, "minutes": minutes, "data": _sources(data), "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
             "expert_dropout": expert_dropout, "train": train, "mixed_precision": mixed_precision,
         }  # fmt: skip
         given = {k: v for k, v in flags.items() if _given(ctx, k)}

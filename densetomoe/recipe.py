@@ -39,7 +39,11 @@ class Distill(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: str | None = Field(None, description="unlabelled training text (as calib); None: the calibration text")
+    data: str | list[str] | None = Field(
+        None,
+        description="unlabelled training text: a source as calib, or a list of them read in turn; 'calibration' names the "
+        "calibration text, so [calibration, more.txt.gz] adds to it; None: the calibration text",
+    )
     steps: int | None = Field(300, gt=0, description="optimisation steps; None: until minutes run out")
     minutes: float | None = Field(None, gt=0, description="wall-clock budget; training stops at whichever comes first")
     batch_size: int = Field(16, gt=0, description="texts per step (split between the processes under accelerate launch)")

@@ -20,6 +20,7 @@ from densetomoe import archs, surgery
 from densetomoe.data import packed
 from densetomoe.stages.distill import (
     History, distill_model, fused_head, head_kl, latest_checkpoint, losses, lr_factor, moe_blocks, share_frozen, trainable,
+    training_texts,
 )  # fmt: skip
 from densetomoe.moe import Router
 from densetomoe.recipe import Distill
@@ -361,6 +362,23 @@ def test_held_out_texts_are_never_trained_on(tiny_models, texts_file):
     assert not {t for batch in training for t in batch} & set(texts[:4])
 
 
+@pytest.mark.parametrize("sources", ["extra", ["calibration", "extra"]])
+def test_distillation_reads_the_sources_it_is_given(tiny_models, texts_file, tmp_path, sources):
+    conversion, teacher = _pair(tiny_models["BertModel"], texts_file)
+    texts = texts_file.read_text().splitlines()
+    extra = tmp_path / "extra.txt"
+    extra.write_text("\n".join(f"an extra document number {i} about nothing in particular" for i in range(8)))
+    data = str(extra) if sources == "extra" else ["calibration", str(extra)]
+    assert training_texts(data, texts) == (extra.read_text().splitlines() if sources == "extra" else texts + extra.read_text().splitlines())
+    recording = Recording(conversion.tokenizer)
+    settings = Distill(data=data, steps=20, batch_size=4, seq_len=32, eval_texts=4)
+    distill_model(conversion.model, teacher, recording, settings, None, texts, texts[:4], show_progress=False)
+    seen = {t for batch in recording.seen[1:] for t in batch}
+    assert seen & set(extra.read_text().splitlines())
+    assert bool(seen & set(texts[4:])) == (sources != "extra")
+    assert not seen & set(texts[:4])  # held out whatever the sources
+
+
 def test_interrupted_distillation_resumes_from_its_checkpoint(tiny_models, texts_file, tmp_path):
     folder = tiny_models["BertModel"]
     texts = texts_file.read_text().splitlines()
@@ -437,10 +455,12 @@ def test_distill_command_updates_a_folder_in_place_and_eval_reports_the_curve(ti
     densetomoe.convert(quick_recipe(folder, texts_file), out=out, show_progress=False)
     before = json.loads((out / "densetomoe_conversion.json").read_text())["quick_eval"]
     run = subprocess.run(
-        [sys.executable, "-m", "densetomoe.cli", "distill", str(out), "--steps", "30", "--batch-size", "8", "--seq-len", "32", "--lr", "0.003", "--no-progress"],
+        [sys.executable, "-m", "densetomoe.cli", "distill", str(out), "--steps", "30", "--batch-size", "8", "--seq-len", "32", "--lr", "0.003",
+         "--data", "calibration", "--data", str(texts_file), "--no-progress"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "- calibration" in (out / "densetomoe_recipe.yaml").read_text()  # the repeated --data, as a list
     figures = json.loads((out / "densetomoe_conversion.json").read_text())
     assert figures["distillation"]["step"] == 30
     assert figures["quick_eval"]["hidden_rel_error"] < before["hidden_rel_error"]

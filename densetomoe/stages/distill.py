@@ -68,6 +68,7 @@ from ..recipe import Distill
 from .evaluate import mean_pool, next_token_nll
 
 STATE_FILE = "densetomoe_distill_state.json"
+CALIBRATION_TEXT = "calibration"  # a source in Distill.data: the text the folder was calibrated on
 KEEP_CHECKPOINTS = 2
 
 
@@ -403,6 +404,17 @@ def latest_checkpoint(workdir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def training_texts(data: str | list[str] | None, calibration_texts: list[str]) -> list[str]:
+    """The documents ``Distill.data`` names: one source or several in turn, each a file or dataset as
+    :func:`~densetomoe.data.load_texts` reads it, or :data:`CALIBRATION_TEXT` for ``calibration_texts``
+    (None: those alone)."""
+    sources = [CALIBRATION_TEXT] if data is None else [data] if isinstance(data, str) else data
+    texts: list[str] = []
+    for source in sources:
+        texts += calibration_texts if source == CALIBRATION_TEXT else load_texts(source)
+    return texts
+
+
 def distill_model(
     student: nn.Module,
     teacher: nn.Module,
@@ -423,14 +435,15 @@ def distill_model(
     ``teacher`` is frozen and put in eval mode here; it may share any weight the student does not
     train (:func:`dense_teacher`, :func:`share_frozen`), and none that it does.
 
-    ``default_texts`` are used when ``settings.data`` is None; ``held_out_texts`` give the held-out
+    ``default_texts`` (the calibration text) are used when ``settings.data`` is None or names them
+    (:func:`training_texts`); ``held_out_texts`` give the held-out
     points of the curve and are removed from the training text. With ``workdir``, checkpoints are written there every
     ``settings.checkpoint_every`` steps and removed once training has finished.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
-    texts = load_texts(settings.data) if settings.data else list(default_texts)
+    texts = training_texts(settings.data, default_texts)
     unseen = set(held_out_texts)
     texts = [t for t in texts if t not in unseen]  # the held-out points must stay held out
     if not texts:
