@@ -1,8 +1,8 @@
 """What a model costs: parameters, analytical FLOPs per token, and measured speed.
 
 FLOPs are counted from shapes (2 per multiply-add): every linear layer once per token, the MoE
-feed-forward for its ``top_k`` experts plus its router, and attention's two sequence-length
-products (scores and weighted values) per layer. Speed is measured, never assumed: models are
+feed-forward for its ``top_k`` experts plus its router and its unselected experts' means, and
+attention's two sequence-length products (scores and weighted values) per layer. Speed is measured, never assumed: models are
 timed in interleaved rounds in the same process and compared by their medians.
 """
 
@@ -41,12 +41,13 @@ def active_neurons(m: MoEFeedForward) -> int:
 
 
 def moe_ffn_flops(m: MoEFeedForward) -> float:
-    """Per token: the active neurons' projections (:func:`active_neurons`), plus the router when it
-    runs (top_k < experts)."""
-    k = min(m.top_k, m.num_experts)
+    """Per token: the active neurons' projections (:func:`active_neurons`), plus, when tokens skip
+    experts (:attr:`~densetomoe.moe.MoEFeedForward.sparse`), the router and the unselected experts'
+    mean outputs (one ``experts x hidden`` product: 6% of SmolLM2's FFN at 256 experts)."""
     flops = ffn_flops(m.hidden_size, active_neurons(m), m.gated)
-    if k < m.num_experts:
+    if m.sparse:
         flops += sum(_linear_flops(layer) or 0.0 for layer in m.router.modules())
+        flops += 2.0 * m.num_experts * m.hidden_size
     return flops
 
 
