@@ -41,7 +41,7 @@ def load_texts(source: str | None) -> list[str]:
     path = Path(source).expanduser()
     if path.exists():
         texts = _read_file(path)
-    elif path.suffix.lower() in {".txt", ".jsonl", ".csv", ".gz", ".json"} or "/" in source and path.parent.exists():
+    elif missing_file(source):
         raise UsageError(f"calibration file {source} does not exist")
     else:
         texts = _read_dataset(source)
@@ -49,6 +49,15 @@ def load_texts(source: str | None) -> list[str]:
     if not texts:
         raise UsageError(f"calibration source {source} holds no text")
     return texts
+
+
+def missing_file(source: str) -> bool:
+    """Whether ``source`` names a local file (by its suffix or folder) that is not there, rather than
+    a ``datasets`` name."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return False
+    return path.suffix.lower() in {".txt", ".jsonl", ".csv", ".gz", ".json"} or "/" in source and path.parent.exists()
 
 
 def _read_file(path: Path) -> list[str]:

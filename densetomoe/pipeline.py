@@ -27,7 +27,7 @@ from .moe import MoEFeedForward, blocks_of, moe_modules, replace_ffn, structure_
 from .recipe import Distill, Recipe, check_against_model
 from .stages import blockwise, budget, evaluate, export, load, native
 from .stages.calibrate import ActivationStats, LayerRecorder, LayerStats, calibrate, calibration_batches, layer_generator
-from .stages.distill import History, dense_teacher, distill_model, share_frozen
+from .stages.distill import History, check_sources, dense_teacher, distill_model, share_frozen
 from .stages.partition import PARTITIONS
 from .stages.router import ROUTERS, RouterSettings
 
@@ -254,6 +254,8 @@ def convert(
     arch, ffn_size, num_layers = dense.arch, dense.ffn_size, dense.num_layers
     check_against_model(recipe, ffn_size, num_layers)
     check_seq2seq(recipe, arch)
+    if recipe.distill is not None:
+        check_sources(recipe.distill.data)
     target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
     load.check_memory(dense.source, recipe.dtype, copies=2 if recipe.distill is not None else 1)
     dense.load(recipe, log)
@@ -596,6 +598,7 @@ def distill(
     workdir = checkpoint_folder(out)
     if resume and not workdir.is_dir():
         raise UsageError(f"--resume: no checkpoints to resume from in {workdir}")
+    check_sources(settings.data)
 
     dense = Dense.describe(base or folder.recorded_base(source_folder), recipe.allow_pickle).load(recipe, log)
     teacher, arch = dense.model, dense.arch

@@ -488,6 +488,7 @@ def test_distill_command_updates_a_folder_in_place_and_eval_reports_the_curve(ti
         (["--resume"], "no checkpoints"),
         (["--ffn-budget", "0.05"], "budget"),
         (["--experts", "5", "--shared-experts", "1"], "do not split"),
+        (["--distill-data", "calibration", "--distill-data", "corpora/missing.txt.gz"], "distillation text corpora/missing.txt.gz does not exist"),
     ],
 )
 def test_bad_recovery_settings_fail_in_one_line(tiny_models, texts_file, tmp_path, args, message):

@@ -61,7 +61,7 @@ from torch import nn
 
 from ..archs import Arch
 from ..console import progress
-from ..data import encode, load_texts, packed
+from ..data import encode, load_texts, missing_file, packed
 from ..errors import UsageError
 from ..moe import MoEFeedForward
 from ..recipe import Distill
@@ -408,11 +408,21 @@ def training_texts(data: str | list[str] | None, calibration_texts: list[str]) -
     """The documents ``Distill.data`` names: one source or several in turn, each a file or dataset as
     :func:`~densetomoe.data.load_texts` reads it, or :data:`CALIBRATION_TEXT` for ``calibration_texts``
     (None: those alone)."""
-    sources = [CALIBRATION_TEXT] if data is None else [data] if isinstance(data, str) else data
     texts: list[str] = []
-    for source in sources:
+    for source in _sources(data):
         texts += calibration_texts if source == CALIBRATION_TEXT else load_texts(source)
     return texts
+
+
+def check_sources(data: str | list[str] | None) -> None:
+    """Refuse a distillation text file that is not there before any heavy work (not after the conversion)."""
+    for source in _sources(data):
+        if source != CALIBRATION_TEXT and missing_file(source):
+            raise UsageError(f"distillation text {source} does not exist")
+
+
+def _sources(data: str | list[str] | None) -> list[str]:
+    return [CALIBRATION_TEXT] if data is None else [data] if isinstance(data, str) else list(data)
 
 
 def distill_model(
