@@ -2,8 +2,9 @@
 
 FLOPs are counted from shapes (2 per multiply-add): every linear layer once per token, the MoE
 feed-forward for its ``top_k`` experts plus its router and its unselected experts' means, and
-attention's two sequence-length products (scores and weighted values) per layer. Speed is measured, never assumed: models are
-timed in interleaved rounds in the same process and compared by their medians.
+attention's two sequence-length products (scores and weighted values) per layer. Speed is measured,
+never assumed: models are timed in interleaved rounds in the same process and compared by their
+medians.
 """
 
 from __future__ import annotations

@@ -446,8 +446,8 @@ def distill_model(
     train (:func:`dense_teacher`, :func:`share_frozen`), and none that it does.
 
     ``default_texts`` (the calibration text) are used when ``settings.data`` is None or names them
-    (:func:`training_texts`); ``held_out_texts`` give the held-out
-    points of the curve and are removed from the training text. With ``workdir``, checkpoints are written there every
+    (:func:`training_texts`); ``held_out_texts`` give the held-out points of the curve and are removed
+    from the training text. With ``workdir``, checkpoints are written there every
     ``settings.checkpoint_every`` steps and removed once training has finished.
     """
     from accelerate import Accelerator
