@@ -16,13 +16,13 @@ from torch import nn
 
 import densetomoe
 from conftest import quick_recipe, run_without_densetomoe, sample_inputs
-from densetomoe import archs, surgery
+from densetomoe import archs, memory, surgery
 from densetomoe.data import packed
 from densetomoe.stages.distill import (
     History, distill_model, fused_head, head_kl, latest_checkpoint, losses, lr_factor, moe_blocks, share_frozen, trainable,
     training_texts,
 )  # fmt: skip
-from densetomoe.moe import Router
+from densetomoe.moe import Router, output_shares
 from densetomoe.recipe import Distill
 from densetomoe.stages import budget
 from densetomoe.stages.partition import at_random
@@ -47,6 +47,16 @@ def test_training_forward_has_the_inference_value_and_trains_the_router(gated):
     router_grad = sum(p.grad.abs().sum() for p in moe.router.parameters())
     assert router_grad > 0
     assert moe.w_up.grad.abs().sum() > 0 and moe.skip_mean.grad.abs().sum() > 0
+
+
+def test_the_router_target_is_each_experts_share_of_the_output_norms():
+    """The router loss's target, from Gram matrices, equals the norms of the experts' actual outputs."""
+    moe, _ = build(random_ffn(gated=True), top_k=2)
+    x = torch.randn(30, 16)
+    a = moe._neurons(x, slice(None)).reshape(len(x), moe.num_experts, moe.expert_size)
+    outputs = torch.einsum("tes,esh->teh", a, moe.w_down)  # each expert's output, (tokens, experts, hidden)
+    norms = outputs.norm(dim=-1)
+    torch.testing.assert_close(output_shares(a, moe.w_down), norms / norms.sum(-1, keepdim=True), rtol=1e-4, atol=1e-6)
 
 
 def test_straight_through_gate_alone_reaches_the_router():
@@ -158,6 +168,28 @@ def test_nested_recipe_overrides_merge_key_by_key(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(memory._libc is None, reason="glibc's allocator only (Linux)")
+def test_training_keeps_freed_memory_for_reuse_and_returns_it_after():
+    """Inside the block a freed 16 MB tensor stays resident for the next one; after it, it goes back."""
+    def allocate_and_free() -> int:  # resident bytes kept after 64 MB were written and freed
+        before = resident_bytes()
+        tensors = [torch.ones(4 << 20) for _ in range(4)]  # 4 x 16 MB
+        del tensors
+        return resident_bytes() - before
+
+    with memory.reuse_freed_memory():
+        kept = allocate_and_free()
+        inside = resident_bytes()
+    assert kept >= 48 << 20
+    assert inside - resident_bytes() >= 48 << 20  # handed back on leaving
+    assert allocate_and_free() < 16 << 20  # and freed memory is returned as before
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
