@@ -10,27 +10,40 @@ process:
 * ``windows``: packed windows of the joined text and the KL through the shared output layer,
   float32;
 * ``windows-bf16``: the same under bfloat16 autocast (fast where the CPU multiplies bfloat16 in
-  hardware: AMX or AVX512-BF16; slower than float32 where it does not).
+  hardware: AMX or AVX512-BF16; slower than float32 where it does not);
+* ``bf16-fresh-memory``: the same with glibc's allocator left as it is, which maps each large tensor
+  afresh every step (training keeps freed memory for reuse: ``densetomoe.memory.reuse_freed_memory``).
 
-Prints real tokens trained on per second and the ratio to the first row.
+Prints real tokens trained on per second, the ratio to the first row, and the minor page faults
+per step (each one a page the kernel mapped and zeroed).
 
     python evals/distill_speed.py --steps 12
+    python evals/distill_speed.py --steps 10 --batch-size 4 --seq-len 512 --experts 256 --rows windows-bf16 bf16-fresh-memory
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import resource
 import time
+from unittest import mock
 
 import densetomoe
 from common import quiet_torch, smollm_gguf
+from densetomoe import memory
 from densetomoe.pipeline import Dense
 from densetomoe.recipe import Distill
 from densetomoe.stages.distill import distill_model, share_frozen, trainable
 
-ROWS = {"documents": ("no", False), "windows": ("no", True), "windows-bf16": ("bf16", True)}
+ROWS = {  # name: (mixed precision, packed windows, freed memory kept for reuse)
+    "documents": ("no", False, True),
+    "windows": ("no", True, True),
+    "windows-bf16": ("bf16", True, True),
+    "bf16-fresh-memory": ("bf16", True, False),
+}
 
 
 def main() -> None:
@@ -40,11 +53,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=64, help="experts per FFN (the recipe: 256)")
     args = parser.parse_args()
     quiet_torch(args.threads)
 
     recipe = densetomoe.Recipe.build(
-        model=smollm_gguf(), ffn_budget=0.5, calib_tokens=8192, sample_tokens=4096, router_steps=50
+        model=smollm_gguf(), ffn_budget=0.5, experts=args.experts, calib_tokens=8192, sample_tokens=4096, router_steps=50
     )
     started = time.perf_counter()
     conversion = densetomoe.convert(recipe, show_progress=False)
@@ -53,9 +67,9 @@ def main() -> None:
     texts, held_out = dense.calibration_texts, dense.held_out_texts
 
     baseline = None
-    print(f"{'row':<14} {'steps':>5} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'vs first':>8}")
+    print(f"{'row':<18} {'steps':>5} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'vs first':>8} {'faults/step':>12}")
     for name in args.rows:
-        precision, packed = ROWS[name]
+        precision, packed, reuse = ROWS[name]
         settings = Distill(
             steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, mixed_precision=precision, eval_texts=0
         )
@@ -64,10 +78,17 @@ def main() -> None:
         teacher = share_frozen(copy.deepcopy(dense.model), student, settings)
         # Without the architecture, a decoder is read as documents, as an encoder is.
         arch = dense.arch if packed else dataclasses.replace(dense.arch, decoder=False)
-        history = distill_model(student, teacher, dense.tokenizer, settings, arch, texts, held_out, show_progress=False)
+        allocator = contextlib.nullcontext() if reuse else mock.patch.object(memory, "reuse_freed_memory", contextlib.nullcontext)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        with allocator:
+            history = distill_model(student, teacher, dense.tokenizer, settings, arch, texts, held_out, show_progress=False)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / history.step  # setting up included
         rate = history.tokens / history.elapsed
         baseline = baseline or rate
-        print(f"{name:<14} {history.step:>5} {history.tokens:>8,} {history.elapsed:>8.1f} {rate:>9.0f} {rate / baseline:>7.2f}x", flush=True)
+        print(
+            f"{name:<18} {history.step:>5} {history.tokens:>8,} {history.elapsed:>8.1f} {rate:>9.0f} {rate / baseline:>7.2f}x {faults:>12,.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import memory
 from ..archs import Arch
 from ..console import progress
 from ..data import encode, load_texts, missing_file, packed
@@ -154,7 +155,8 @@ class _HeadKL(torch.autograd.Function):
             weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
 
             def log_probs(states: torch.Tensor) -> torch.Tensor:  # (chunk, hidden) -> (chunk, vocab)
-                return (nn.functional.linear(states.to(dtype), weight, bias).float() / temperature).log_softmax(-1)
+                logits = nn.functional.linear(states.to(dtype), weight, bias).float()
+                return (logits if temperature == 1 else logits.div_(temperature)).log_softmax(-1)
 
             for start in range(0, n, chunk):
                 rows = slice(start, start + chunk)
@@ -545,7 +547,8 @@ def distill_model(
         evaluate_held_out()
     set_mode(True)
     window: dict[str, list[float]] = {}
-    with progress(show_progress and accelerator.is_local_main_process) as bar:
+    on_cpu = accelerator.device.type == "cpu"  # each step allocates what the last one freed: keep it (see memory)
+    with progress(show_progress and accelerator.is_local_main_process) as bar, memory.reuse_freed_memory() if on_cpu else nullcontext():
         total_units = settings.steps if settings.steps is not None else int(settings.minutes * 60)
         task = bar.add_task("distilling", total=total_units)
         while not _finished(history, settings):
