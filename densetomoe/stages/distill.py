@@ -162,7 +162,7 @@ class _HeadKL(torch.autograd.Function):
                 rows = slice(start, start + chunk)
                 log_q, log_p = log_probs(student[rows]), log_probs(teacher[rows])
                 p = log_p.exp()
-                kl += (p * (log_p - log_q)).sum()
+                kl += log_p.sub_(log_q).mul_(p).sum()  # in log_p's memory, as each chunk's tensors are reused
                 # d loss / d logits_s = T^2 / n * (q - p) / T, formed in log_q's memory
                 grad[rows] = log_q.exp_().sub_(p).mul_(temperature / n).to(dtype) @ weight
         ctx.save_for_backward(grad)
