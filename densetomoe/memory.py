@@ -1,6 +1,6 @@
-"""The C library's allocator, where torch's CPU tensors live: handing freed memory back to the system,
-or keeping it for reuse while a loop allocates the same sizes over and over (glibc only; elsewhere
-this does nothing)."""
+"""The C library's allocator, where torch's CPU tensors live: handing freed memory back to the
+system, or keeping it for reuse while a loop allocates the same sizes over and over (glibc only;
+elsewhere this does nothing)."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ def reuse_freed_memory() -> Iterator[None]:
     afresh and unmaps it when freed, or gives the freed top of its heap back, so every step the
     kernel faults in and zeroes those pages again. Here blocks up to 32 MB (the most glibc allows)
     come from the heap, and up to 1 GB of freed heap stays mapped: a distillation step of
-    SmolLM2-135M at 256 experts (4 x 512 tokens, 2 cores) took 7.5-8.4 s instead of 10.3 s. (PyTorch's
-    CPU tuning guide suggests jemalloc or tcmalloc, which keep freed memory, for the same reason.)
+    SmolLM2-135M at 256 experts (4 x 512 tokens, 2 cores) took 7.5-8.4 s instead of 10.3 s.
+    (PyTorch's CPU tuning guide suggests jemalloc or tcmalloc, which keep freed memory, for the
+    same reason.)
 
     Afterwards the freed memory goes back to the system and the three settings to glibc's defaults
     (fixed ones: once a program sets any of them, glibc no longer adapts its mapping threshold).
