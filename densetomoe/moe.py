@@ -444,7 +444,8 @@ def output_shares(a: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     ``einsum("ted,edf,tef->te")``, which ran as tokens x experts products of one row each.
     """
     by_expert = a.transpose(0, 1).float()  # (experts, tokens, size)
-    gram = w_down.float() @ w_down.float().transpose(1, 2)  # (experts, size, size)
+    w = w_down.float()
+    gram = w @ w.transpose(1, 2)  # (experts, size, size)
     norms = (torch.bmm(by_expert, gram) * by_expert).sum(-1).clamp_min(0).sqrt().T  # (tokens, experts)
     return norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
 
