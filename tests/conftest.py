@@ -235,16 +235,20 @@ def sample_inputs(folder: Path) -> dict:
     )
 
 
-def run_without_densetomoe(script: str, timeout: int = 300) -> str:
-    """Run ``script`` in a fresh Python process in which ``import densetomoe`` fails (as it does for a
-    user of an exported folder who never installed it); returns its stdout, fails the test on an error."""
+def run_fresh(script: str, timeout: int = 300) -> str:
+    """Run ``script`` in a fresh Python process; returns its stdout, fails the test on an error."""
     import subprocess
     import sys
 
-    prelude = "import sys\nsys.modules['densetomoe'] = None\n"
-    run = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True, timeout=timeout)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
+
+
+def run_without_densetomoe(script: str, timeout: int = 300) -> str:
+    """:func:`run_fresh` in a process in which ``import densetomoe`` fails (as it does for a user of an
+    exported folder who never installed it)."""
+    return run_fresh("import sys\nsys.modules['densetomoe'] = None\n" + script, timeout)
 
 
 # -- encoder-decoders ----------------------------------------------------------------------------------

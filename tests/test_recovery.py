@@ -15,7 +15,7 @@ from test_moe import build, dense_output, random_ffn
 from torch import nn
 
 import densetomoe
-from conftest import quick_recipe, run_without_densetomoe, sample_inputs
+from conftest import quick_recipe, run_fresh, run_without_densetomoe, sample_inputs
 from densetomoe import archs, memory, surgery
 from densetomoe.data import packed
 from densetomoe.stages.distill import (
@@ -202,9 +202,7 @@ print(kept, inside - resident_bytes(), kept_after)
 def test_training_keeps_freed_memory_for_reuse_and_returns_it_after():
     """Inside the block freed 16 MB tensors stay resident for the next ones; leaving it hands them back
     and restores glibc's defaults."""
-    run = subprocess.run([sys.executable, "-c", _FREED_MEMORY_SCRIPT], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    kept, handed_back, kept_after = (int(n) for n in run.stdout.split())
+    kept, handed_back, kept_after = (int(n) for n in run_fresh(_FREED_MEMORY_SCRIPT, timeout=120).split())
     assert kept >= 48 << 20  # of 64 MB (other allocations of the process move the figures a little)
     assert handed_back >= 48 << 20  # on leaving
     assert kept_after < 16 << 20  # after a block, freed memory is returned as by default
