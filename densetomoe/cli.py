@@ -113,6 +113,7 @@ def convert(
     dtype: Annotated[DType, typer.Option(help="Load the model in float32, bfloat16 or float16.")] = _default("dtype"),
     format: Annotated[FormatName, _explained(FORMATS, "How the folder holds the model.", "--format")] = _default("format"),
     sequential: Annotated[Optional[bool], typer.Option("--sequential/--in-memory", help="Convert one block at a time, reading each block's weights from the safetensors files: peak memory is one block plus the calibration activations, whatever the depth (the same folder as in memory; not for GGUF sources, --ffn-budget or --distill). Default: one block at a time for decoders of 1B parameters and more.", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="Where the stages compute (calibration, partition, routers, refit, evaluation): cpu, cuda, cuda:N, mps, or auto: this process's accelerator if it has one (under accelerate launch, each process's own), else the CPU. Weights are read and written on the CPU.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: ./<model>-moe-<experts>x<top-k>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML; flags given on the command line win over its keys.")] = None,
@@ -156,7 +157,7 @@ def convert(
         shape = f"{plan.experts}x{plan.top_k}" if plan.ffn_budget is None else f"{plan.experts}-budget{plan.ffn_budget:g}"
         destination = out or Path(f"{name or 'model'}-moe-{shape}")
         _quiet_transformers()
-        result = run_conversion(plan, destination, overwrite, show_progress=progress, log=_log, resume=resume)
+        result = run_conversion(plan, destination, overwrite, show_progress=progress, log=_log, resume=resume, device=device)
         if _main_process():
             _print_summary(result)
             if push_to_hub:

@@ -8,7 +8,7 @@ numbers are computed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -40,6 +40,11 @@ class DenseFFN:
         if self.w_gate is None:
             return self.activation(h)
         return self.activation(nn.functional.linear(x, self.w_gate, self.b_gate)) * h
+
+    def to(self, device: torch.device | str) -> DenseFFN:
+        """The same FFN with its tensors on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return DenseFFN(**{name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in moved.items()})
 
     def subset(self, neurons: torch.Tensor, with_bias: bool = True) -> DenseFFN:
         """The FFN restricted to ``neurons`` (indices); the down bias stays only ``with_bias``."""

@@ -184,14 +184,16 @@ def figures(
     format: str,
     native: dict | None = None,
     distillation: dict | None = None,
+    device: str | None = None,
 ) -> dict:
     """The content of :data:`FIGURES_FILE` (its schema, key by key):
 
     ``densetomoe_version``; ``base_model`` (:func:`public_name` of the source: a Hub id, else a file
     or folder name); ``calibration`` ``{tokens, sequences}``;
     ``quick_eval`` (the fidelity check at conversion, :class:`~densetomoe.stages.evaluate.QuickReport`);
-    ``seconds`` per stage; ``format`` (a :data:`FORMATS` entry); ``native`` (format native: what the
-    export did); ``distillation`` (when distilled: the loss history).
+    ``seconds`` per stage; ``device`` (where the stages computed, :func:`densetomoe.devices.describe`);
+    ``format`` (a :data:`FORMATS` entry); ``native`` (format native: what the export did);
+    ``distillation`` (when distilled: the loss history).
     """
     record = {
         "densetomoe_version": version,
@@ -199,6 +201,7 @@ def figures(
         "calibration": calibration,
         "quick_eval": quick_eval,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "device": device,
         "format": format,
     }
     if native is not None:

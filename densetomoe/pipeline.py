@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from . import archs, card, data, folder, memory, surgery
+from . import archs, card, data, devices, folder, memory, surgery
 from ._version import __version__
 from .console import progress
 from .data import batches
@@ -82,14 +82,16 @@ class Dense:
         held_out = list(batches(self.tokenizer, self.held_out_texts, recipe.seq_len, size))
         return [data.teacher_forced(b) for b in held_out] if self.arch.seq2seq else held_out
 
-    def load(self, recipe: Recipe, log: Callable[[str], None] = lambda message: None) -> Dense:
-        """The recipe's text split, the weights, the tokenizer, and the dense outputs on held-out text."""
+    def load(self, recipe: Recipe, log: Callable[[str], None] = lambda message: None, device: torch.device | str = "cpu") -> Dense:
+        """The recipe's text split, the weights and the tokenizer, the model on ``device``, and the dense
+        outputs on held-out text (kept there too)."""
         self.split(recipe)
         log(f"{self.source.name}: {self.arch.family}, {self.num_layers} layers, FFN {self.ffn_size}")
         self.model, self.tokenizer = load.load_model(
             self.source, self.config, recipe.dtype, recipe.allow_pickle, causal_lm=self.arch.decoder
         )
-        held_out = self.held_out_batches(recipe)
+        self.model.to(device)
+        held_out = devices.to_device(self.held_out_batches(recipe), device)
         self.probe = evaluate.record(self.model, held_out, causal_lm=self.arch.generates)
         return self
 
@@ -108,6 +110,7 @@ class Conversion:
     out: Path | None = None
     native: native.NativeReport | None = None  # format native: what the native export did
     weights: Path | None = None  # sequential: the folder the weights were written to as blocks converted
+    device: str | None = None  # where the stages computed (devices.describe)
 
     @property
     def source(self) -> load.Source:
@@ -146,6 +149,7 @@ class Conversion:
             format=self.format,
             native=None if self.native is None else self.native.as_dict(),
             distillation=None if self.history is None else self.history.as_dict(),
+            device=self.device,
         )
 
     def card(self) -> str:
@@ -231,16 +235,20 @@ def convert(
     show_progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
     resume: bool = False,
+    device: str | None = None,
 ) -> Conversion:
     """Convert ``recipe.model`` to an MoE model; write it to ``out`` when given.
 
     With ``recipe.distill``, the MoE model is then distilled from the dense one; its checkpoints go
     to ``<out>.checkpoints`` and ``resume`` continues from the latest of them.
+
+    The stages compute on ``device`` (:func:`densetomoe.devices.resolve`; default: this process's
+    accelerator if it has one, else the CPU); the model returned is on the CPU.
     """
-    processes()  # before any Accelerator: see processes()
+    device = devices.resolve(device, processes().device)  # processes() before any Accelerator: see there
     recipe = with_model_defaults(recipe)
     if recipe.sequential:
-        return convert_sequential(recipe, out, overwrite, show_progress, log)
+        return convert_sequential(recipe, out, overwrite, show_progress, log, device)
     clock = _Clock()
     out = Path(out) if out is not None else None
     if out is not None:
@@ -258,24 +266,26 @@ def convert(
         check_sources(recipe.distill.data)
     target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
     load.check_memory(dense.source, recipe.dtype, copies=2 if recipe.distill is not None else 1)
-    dense.load(recipe, log)
+    dense.load(recipe, log, device)
     model = dense.model
     clock.lap("load")
 
     # calibrate
     layers = sorted(set(recipe.layers)) if recipe.layers else list(range(num_layers))
-    ffns, stats = calibrate_layers(model, dense.tokenizer, dense.calibration_texts, arch, layers, recipe, show_progress)
+    with devices.computing_on(device):
+        ffns, stats = calibrate_layers(model, dense.tokenizer, dense.calibration_texts, arch, layers, recipe, show_progress)
     clock.lap("calibrate")
     if stats.tokens < recipe.calib_tokens:
         log(f"warning: the calibration text ran out after {stats.tokens:,} of {recipe.calib_tokens:,} tokens")
 
     # partition and route, layer by layer: the split does not depend on top-k
-    splits = split_layers(ffns, stats, layers, recipe, archs.activation(dense.config, arch), show_progress, log)
+    splits = split_layers(ffns, stats, layers, recipe, archs.activation(dense.config, arch), show_progress, log, device)
     clock.lap("partition+route")
 
     # budget: each layer's top-k, or dense
-    plan = plan_layers(recipe, splits, model, arch, dense.probe, ffn_size, num_layers, show_progress)
-    modules = {i: splits[i].build(k) for i, k in plan.items() if k is not None}
+    with devices.computing_on(device):
+        plan = plan_layers(recipe, splits, model, arch, dense.probe, ffn_size, num_layers, show_progress)
+        modules = {i: splits[i].build(k) for i, k in plan.items() if k is not None}
     if not modules:
         raise UsageError(f"an FFN budget of {recipe.ffn_budget:.0%} keeps every layer dense: nothing to convert")
     if recipe.ffn_budget is not None:
@@ -292,9 +302,10 @@ def convert(
     if target is not None:  # a new native model, built on the dense one's parameters
         native.check_plan(plan, recipe.experts)
         samples = {i: stats.layers[i].inputs for i in modules}
-        model, native_report = native.to_native(
-            model, target, arch.layers, modules, {i: ffns[i] for i in modules}, samples, ffn_size, show_progress
-        )
+        with devices.computing_on(device):
+            model, native_report = native.to_native(
+                model, target, arch.layers, modules, {i: ffns[i] for i in modules}, samples, ffn_size, show_progress
+            )
         clock.lap("native")
         if not native_report.llama_cpp:
             log(f"note: layers {', '.join(map(str, native_report.mlp_only_layers))} stay dense (mlp_only_layers): "
@@ -317,10 +328,14 @@ def convert(
 
     # measure against the dense outputs recorded before
     del teacher
-    report = evaluate.compare(model, dense.probe, ffn_size, num_layers, converted=list(modules.values()))
+    with devices.computing_on(device):
+        report = evaluate.compare(model, dense.probe, ffn_size, num_layers, converted=list(modules.values()))
+    model.to("cpu")
     clock.lap("evaluate")
 
-    result = Conversion(recipe, dense, model, report, stats, clock.seconds, history=history, native=native_report)
+    result = Conversion(
+        recipe, dense, model, report, stats, clock.seconds, history=history, native=native_report, device=devices.describe(device)
+    )  # fmt: skip
     if out is not None:
         result.write(out, overwrite)
         clock.lap("export")
@@ -393,6 +408,7 @@ def convert_sequential(
     overwrite: bool = False,
     show_progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    device: torch.device | str = "cpu",
 ) -> Conversion:
     """:func:`convert` one block at a time (:mod:`.stages.blockwise`): the same stages, the same result,
     with one block of the dense model in memory instead of all of them.
@@ -400,6 +416,8 @@ def convert_sequential(
     Each block is read from the checkpoint, calibrated on the dense hidden states that reach it, split
     and routed, written to the output's weight shards, and released. Held-out text travels two ways
     at once, through the dense blocks and through the converted ones, for the quick evaluation.
+    The blocks and the hidden states compute on ``device``; the embeddings and the head (the frame)
+    stay on the CPU, where they run once.
     """
     clock = _Clock()
     if out is None:
@@ -425,6 +443,7 @@ def convert_sequential(
         frame, arch, list(calibration_batches(dense.tokenizer, dense.calibration_texts, recipe.seq_len, recipe.batch_size, recipe.calib_tokens))
     )  # fmt: skip
     held_out = blockwise.capture(frame, arch, dense.held_out_batches(recipe))
+    calibration, held_out = calibration.to(device), held_out.to(device)
     blockwise.release(frame)  # its embeddings are not needed again until every block is written (1 GB at 1B)
     memory.return_freed_memory()
     converted_stream = held_out.copy()
@@ -444,10 +463,10 @@ def convert_sequential(
     weights = out.parent / f".{out.name}.weights-{os.getpid()}"
     writer = blockwise.ShardWriter(weights)
     try:
-        with progress(show_progress) as bar:
+        with progress(show_progress) as bar, devices.computing_on(device):
             task = bar.add_task("blocks", total=num_layers)
             for i in range(num_layers):
-                block = blockwise.load_block(shell, arch, i, checkpoint, dtype)
+                block = blockwise.load_block(shell, arch, i, checkpoint, dtype, device)
                 module = ffn = sample = None
                 if i in layers:
                     ffn = dense_ffn(block, arch, activation)
@@ -471,11 +490,12 @@ def convert_sequential(
                             mlp_only = [j for j in range(num_layers) if j not in layers]
                             native_shell = _native_shell(dense.config, target, ffn_size, module, mlp_only)
                         blockwise.release(block)
-                        block = blockwise.materialise(native_shell, arch, i, state, dtype)
+                        block = blockwise.materialise(native_shell, arch, i, state, dtype, device)
                 blockwise.run_block(block, converted_stream)
                 names = shell if target is None or module is None else native_shell  # whose checkpoint names to write
                 # the block is released next and its tensors never change: they are written as they are
-                writer.add(blockwise.as_saved(names, {f"{prefix}{i}.{name}": t.to(dtype) for name, t in state.items()}), copy=False)
+                state = {f"{prefix}{i}.{name}": t.to("cpu", dtype) for name, t in state.items()}
+                writer.add(blockwise.as_saved(names, state), copy=False)
                 blockwise.release(block)
                 if module is not None:
                     modules[i] = module.to("meta")
@@ -494,6 +514,7 @@ def convert_sequential(
             writer.add({name: tensor}, copy=False)
         writer.close()
         clock.lap("partition+route")
+        held_out, converted_stream = held_out.to("cpu"), converted_stream.to("cpu")  # to meet the frame
 
         with blockwise.replay(frame, arch, held_out):
             probe = evaluate.record(frame, held_out.batches, causal_lm=arch.decoder)
@@ -509,7 +530,9 @@ def convert_sequential(
             surgery.swap_in(model, arch, modules)
         model.generation_config = frame.generation_config if model.can_generate() else None
         dense.probe = probe
-        result = Conversion(recipe, dense, model, report, stats, clock.seconds, native=native_report, weights=weights)
+        result = Conversion(
+            recipe, dense, model, report, stats, clock.seconds, native=native_report, weights=weights, device=devices.describe(device)
+        )  # fmt: skip
         result.write(out, overwrite)
         clock.lap("export")
     finally:
@@ -627,7 +650,7 @@ def distill(
     calibration = figures.get("calibration", {})
     stats = ActivationStats(tokens=calibration.get("tokens", 0), sequences=calibration.get("sequences", 0))
     seconds = {**figures.get("seconds", {}), "distill": clock.seconds["distill"]}
-    result = Conversion(recipe, dense, student, report, stats, seconds, history=history, native=native_report)
+    result = Conversion(recipe, dense, student, report, stats, seconds, history=history, native=native_report, device=figures.get("device"))
     result.write(out, True if out == source_folder else overwrite)
     return result
 
@@ -691,25 +714,27 @@ def split_layers(
     activation: str,
     show_progress: bool,
     log: Callable[[str], None] = lambda message: None,
+    device: torch.device | str = "cpu",
 ) -> dict[int, surgery.LayerSplit]:
-    """Every layer's :func:`split_layer`. Under ``accelerate launch`` the layers are shared out between
-    the processes (layer ``i`` to process ``i mod n``) and the splits gathered back in every process;
-    each layer has its own random stream, so the result does not depend on the number of processes."""
+    """Every layer's :func:`split_layer`, computed on ``device``. Under ``accelerate launch`` the layers
+    are shared out between the processes (layer ``i`` to process ``i mod n``), each computing on its
+    own device, and the splits gathered back in every process (through the CPU); each layer has its
+    own random stream, so the result does not depend on the number of processes."""
     state = processes()
     mine = layers[state.process_index :: state.num_processes]
     if state.num_processes > 1:
         log(f"partition and routing: layers shared out between {state.num_processes} processes")
     settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps)
     splits = {}
-    with progress(show_progress and state.is_main_process) as bar:
+    with progress(show_progress and state.is_main_process) as bar, devices.computing_on(device):
         task = bar.add_task("experts", total=len(mine))
         for i in mine:
             splits[i] = split_layer(ffns[i], stats.layers[i], recipe, activation, settings, layer_generator(recipe.seed, i, "split"))
             bar.advance(task)
     if state.num_processes > 1:
         gathered = [None] * state.num_processes
-        torch.distributed.all_gather_object(gathered, splits)
-        splits = {i: split for part in gathered for i, split in part.items()}
+        torch.distributed.all_gather_object(gathered, {i: split.to("cpu") for i, split in splits.items()})
+        splits = {i: split.to(device) for part in gathered for i, split in part.items()}
     return {i: splits[i] for i in layers}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -39,6 +39,15 @@ class LayerSplit:
     @property
     def shared_size(self) -> int:
         return 0 if self.shared is None else self.shared.size
+
+    def to(self, device: torch.device | str) -> LayerSplit:
+        """The split with its tensors on ``device`` (to gather splits made on other processes'
+        accelerators, say); the router moves in place, as ``nn.Module.to`` does."""
+        move = lambda part: None if part is None else part.to(device)  # noqa: E731
+        return replace(
+            self, routed=move(self.routed), labels=move(self.labels), router=move(self.router), sample=move(self.sample),
+            shared=move(self.shared), refit_to=move(self.refit_to),
+        )  # fmt: skip
 
     def build(self, top_k: int) -> moe.MoEFeedForward:
         """The MoE feed-forward at ``top_k`` (with ``dynamic``: ``top_k`` experts per token on average

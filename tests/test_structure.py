@@ -25,7 +25,7 @@ PACKAGE = Path(densetomoe.__file__).parent
 # The house, from the ground up: a module imports only from its own floor or below.
 FLOORS = {
     1: {"_version", "errors", "moe", "console", "memory", "metrics", "registry"},
-    2: {"archs", "data", "ffn", "folder", "efficiency", "suites", "llamacpp"},
+    2: {"archs", "data", "devices", "ffn", "folder", "efficiency", "suites", "llamacpp"},
     3: {"recipe", "surgery", "card", "loading", "stages"},  # stages.*: calibrate ... export, distill
     4: {"pipeline", "evaluation", "hub", "report"},
     5: {"cli", "__init__"},

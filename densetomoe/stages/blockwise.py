@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..archs import Arch
+from ..devices import to_device
 from ..errors import UsageError
 from ..moe import blocks_of
 
@@ -109,8 +110,10 @@ def skeleton(cls: type, config) -> nn.Module:
 
 
 @torch.no_grad()
-def load_block(model: nn.Module, arch: Arch, index: int, checkpoint: Checkpoint, dtype: torch.dtype) -> nn.Module:
-    """Block ``index`` of the meta ``model``, materialised with its weights from ``checkpoint``."""
+def load_block(
+    model: nn.Module, arch: Arch, index: int, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Block ``index`` of the meta ``model``, materialised on ``device`` with its weights from ``checkpoint``."""
     prefix = f"{block_prefix(model, arch)}{index}."
     state = {}
     for name in blocks_of(model, arch.layers)[index].state_dict():
@@ -118,14 +121,16 @@ def load_block(model: nn.Module, arch: Arch, index: int, checkpoint: Checkpoint,
         if stored is None:
             raise UsageError(f"the checkpoint has no tensor {prefix + name!r}")
         state[name] = checkpoint.get(stored, dtype)
-    return materialise(model, arch, index, state, dtype)
+    return materialise(model, arch, index, state, dtype, device)
 
 
 @torch.no_grad()
-def materialise(model: nn.Module, arch: Arch, index: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    """Block ``index`` of the meta ``model`` with ``state`` (block-relative names) as its weights."""
+def materialise(
+    model: nn.Module, arch: Arch, index: int, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Block ``index`` of the meta ``model`` on ``device``, with ``state`` (block-relative names) as its weights."""
     block = blocks_of(model, arch.layers)[index]
-    block.to_empty(device="cpu")
+    block.to_empty(device=device)
     block.load_state_dict({name: t.to(dtype) for name, t in state.items()})
     return block.to(dtype)
 
@@ -159,6 +164,11 @@ class Stream:
 
     def copy(self) -> Stream:
         return Stream(self.batches, list(self.hidden), self.arguments, self.returns_tuple)
+
+    def to(self, device: torch.device | str) -> Stream:
+        """The stream with its tensors (hidden states, arguments, batches) on ``device``."""
+        move = lambda value: to_device(value, device)  # noqa: E731
+        return Stream(move(self.batches), move(self.hidden), move(self.arguments), self.returns_tuple)
 
 
 class _Caught(Exception):

@@ -37,15 +37,17 @@ class Reservoir:
         self.seen += take
         rest = rows[take:]
         if len(rest):
-            index = torch.arange(self.seen, self.seen + len(rest), dtype=torch.float64)
-            slot = (torch.rand(len(rest), generator=self.generator, dtype=torch.float64) * (index + 1)).long()
+            # the slots are drawn where the generator draws (the CPU), whatever device the rows are on
+            here = self.generator.device
+            index = torch.arange(self.seen, self.seen + len(rest), dtype=torch.float64, device=here)
+            slot = (torch.rand(len(rest), generator=self.generator, dtype=torch.float64, device=here) * (index + 1)).long()
             # Several rows of one batch can draw the same slot. Row by row, the last of them would win;
             # an assignment with repeated indices (rows[slot] = rest) leaves the winner undefined, and on
             # several threads it changes from run to run. Pick the last row per slot explicitly.
             keep = (slot < self.size).nonzero().squeeze(1)  # positions in rest
-            last = torch.full((self.size,), -1, dtype=torch.long).scatter_reduce_(0, slot[keep], keep, "amax")
+            last = torch.full((self.size,), -1, dtype=torch.long, device=here).scatter_reduce_(0, slot[keep], keep, "amax")
             taken = (last >= 0).nonzero().squeeze(1)  # slots replaced
-            self.rows[taken] = rest[last[taken]]
+            self.rows[taken.to(rows.device)] = rest[last[taken].to(rows.device)]
             self.seen += len(rest)
 
     def sample(self) -> torch.Tensor:
@@ -88,8 +90,8 @@ class LayerRecorder:
     def __init__(self, ffn: DenseFFN, sample_tokens: int, generator: torch.Generator):
         self.ffn = ffn
         self.reservoir = Reservoir(sample_tokens, generator)
-        self.sums = torch.zeros(ffn.size, dtype=torch.float64)
-        self.fired = torch.zeros(ffn.size, dtype=torch.float64)
+        self.sums = torch.zeros(ffn.size, dtype=torch.float64, device=ffn.w_up.device)
+        self.fired = torch.zeros(ffn.size, dtype=torch.float64, device=ffn.w_up.device)
 
     def add(self, x: torch.Tensor) -> None:
         """``x`` ``(real tokens, hidden)``: FFN inputs, padding already removed."""

@@ -41,10 +41,12 @@ def balanced_assign(similarity: torch.Tensor) -> torch.Tensor:
     if n % k:
         raise ValueError(f"{n} items do not split into {k} equal clusters: use a cluster count that divides {n}")
     if k == 1:
-        return torch.zeros(n, dtype=torch.long)
-    benefit = similarity.double()  # (n, k): differences of float32 inputs are exact in float64
-    with _one_thread():
-        return cancel_exchange_cycles(benefit, auction_assign(benefit))
+        return torch.zeros(n, dtype=torch.long, device=similarity.device)
+    # (n, k) on the CPU: thousands of small steps, each waiting on the last, are no work for an accelerator;
+    # differences of float32 inputs are exact in float64
+    benefit = similarity.double().cpu()
+    with _one_thread(), torch.device("cpu"):
+        return cancel_exchange_cycles(benefit, auction_assign(benefit)).to(similarity.device)
 
 
 @contextmanager
@@ -205,12 +207,12 @@ def balanced_kmeans(
     x = features if in_place else features.float().clone()
     x.div_(x.norm(dim=1, keepdim=True).clamp_min(1e-12))  # (n, f)
     n = x.shape[0]
-    first = int(torch.randint(n, (1,), generator=generator))
+    first = int(torch.randint(n, (1,), generator=generator, device=generator.device))
     centroids = [x[first]]
     nearest = x @ x[first]  # (n,) cosine to the closest centroid so far
     for _ in range(1, k):
         distance = (1 - nearest).clamp_min(0)  # (n,)
-        pick = int(torch.multinomial(distance + 1e-12, 1, generator=generator))
+        pick = int(torch.multinomial((distance + 1e-12).to(generator.device), 1, generator=generator))
         centroids.append(x[pick])
         # one column at a time: x @ (f, 2..11) is ~50x slower than a matrix-vector product when x is a
         # transposed view, as the coactivation features are
@@ -249,7 +251,7 @@ def by_parameters(ffn: DenseFFN, stats: LayerStats, experts: int, generator: tor
 @PARTITIONS.register("random", "neurons assigned to experts at random (baseline)")
 def at_random(ffn: DenseFFN, stats: LayerStats, experts: int, generator: torch.Generator) -> torch.Tensor:
     """A random equal split: the baseline that any real method must beat."""
-    order = torch.randperm(ffn.size, generator=generator)
-    labels = torch.empty(ffn.size, dtype=torch.long)
-    labels[order] = torch.arange(ffn.size) % experts
-    return labels
+    order = torch.randperm(ffn.size, generator=generator, device=generator.device)
+    labels = torch.empty(ffn.size, dtype=torch.long, device=generator.device)
+    labels[order] = torch.arange(ffn.size, device=generator.device) % experts
+    return labels.to(ffn.w_up.device)

@@ -71,7 +71,7 @@ def mlp_router(ffn, stats, labels, experts, settings, generator) -> Router:
     """
     x = stats.inputs  # (samples, hidden)
     target = expert_shares(ffn, x, labels, experts)  # (samples, experts)
-    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator, device=generator.device)))
     router = Router(x.shape[1], experts, hidden=settings.hidden)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     fit_router(router, router.parameters(), (x - mean) / std, target, settings, generator)
@@ -87,7 +87,7 @@ def linear_router(ffn, stats, labels, experts, settings, generator) -> Router:
     """
     x = stats.inputs  # (samples, hidden)
     target = expert_shares(ffn, x, labels, experts)  # (samples, experts)
-    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator, device=generator.device)))
     router = Router(x.shape[1], experts, hidden=0)
     linear = router.layers[0]
     scale = x.pow(2).mean(0).sqrt().clamp_min(1e-6)  # per-feature RMS: scaling folds in, a shift would need a bias
@@ -122,7 +122,8 @@ def fit_router(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
     with torch.enable_grad():
         for _ in range(settings.steps):
-            pick = torch.randint(len(inputs), (min(settings.batch, len(inputs)),), generator=generator)
+            pick = torch.randint(len(inputs), (min(settings.batch, len(inputs)),), generator=generator, device=generator.device)
+            pick = pick.to(inputs.device)
             value = loss(router(inputs[pick]), target[pick])
             optimizer.zero_grad()
             value.backward()
