@@ -107,7 +107,9 @@ def skip_means(
             weighted += (ffn.neurons(part) * skipped[:, expert_of]).sum(0)
             count += skipped.sum(0)
         outputs = (ffn.w_down[:, kept] * weighted[kept]).T  # (kept neurons, hidden)
-        total = torch.zeros(experts, ffn.w_down.shape[0]).index_add_(0, expert_of[kept], outputs)
+        # summed by a product with the experts' one-hot membership, not index_add_: an accelerator's
+        # index_add_ adds in whatever order its threads finish, and the same recipe must give the same weights
+        total = nn.functional.one_hot(expert_of[kept], experts).T.to(outputs.dtype) @ outputs  # (experts, hidden)
         return total / count.clamp_min(1).unsqueeze(-1)
 
 

@@ -5,10 +5,10 @@
 #
 # 1. a tiny LLaMA (random weights) converted on the GPU, then distilled under accelerate launch: one
 #    process (recipes/accelerate/1-gpu.yaml) and FSDP2 (8-gpu-fsdp.yaml with one process);
-# 2. evals/scale.py on LLaMA-3.2-1B's shape (random weights), both paths, --device cuda;
-# 3. the fast test suite with the GPU visible: every tiny-model conversion then computes on it
-#    (convert's --device auto takes the accelerator);
-# 4. the sequential path on 2 blocks of the 1B shape on the same machine's CPU cores, for comparison.
+# 2. the fast tests of the conversion paths with the GPU visible: every tiny-model conversion then
+#    computes on it (convert's --device auto takes the accelerator);
+# 3. evals/scale.py on 4 blocks of LLaMA-3.2-1B's shape (random weights), both paths on the GPU,
+#    then one block at a time on the same machine's CPU cores, for comparison.
 # TOKENIZER_DIR is any tokenizer folder (SmolLM2's, say) for the random-weight models. Each step
 # writes its log to OUT_DIR and the script goes on after a failure; the summary comes last.
 set -u
@@ -46,9 +46,11 @@ step tiny-convert 45 python3 -m densetomoe.cli convert "$WORK/tiny" --experts 4 
 step distill-1gpu 75 accelerate launch --config_file recipes/accelerate/1-gpu.yaml -m densetomoe.cli distill "$WORK/tiny-moe" --steps 4 --batch-size 4 --out "$WORK/tiny-1gpu" --overwrite --no-progress
 step distill-fsdp 75 accelerate launch --config_file recipes/accelerate/8-gpu-fsdp.yaml --num_processes 1 -m densetomoe.cli distill "$WORK/tiny-moe" --steps 4 --batch-size 4 --out "$WORK/tiny-fsdp" --overwrite --no-progress
 
-step scale-1b-cuda 180 python3 evals/scale.py --device cuda --work "$WORK/scale" --tokenizer "$TOKENIZER"
-step tests 150 python3 -m pytest -q -m "not slow" -p no:cacheprovider --timeout 60 --maxfail 20 --continue-on-collection-errors --deselect tests/test_distributed.py
-step scale-2l-cpu 60 python3 evals/scale.py --device cpu --paths sequential --layers 2 --work "$WORK/scale-cpu" --tokenizer "$TOKENIZER"
+# -v: each test's name and outcome as it ends, so a step cut short still says which failed
+step tests 150 python3 -m pytest -v --tb=line -m "not slow" -p no:cacheprovider --timeout 60 --continue-on-collection-errors \
+    tests/test_convert.py tests/test_decoders.py tests/test_dynamic.py tests/test_native.py tests/test_sequential.py tests/test_refit.py tests/test_recovery.py
+step scale-4l-cuda 150 python3 evals/scale.py --device cuda --layers 4 --work "$WORK/scale" --tokenizer "$TOKENIZER"
+step scale-4l-cpu 150 python3 evals/scale.py --device cpu --layers 4 --paths sequential --work "$WORK/scale" --tokenizer "$TOKENIZER"
 
 echo "== summary"
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"

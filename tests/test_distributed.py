@@ -84,3 +84,56 @@ def test_two_processes_distill_as_one_process_does(tiny_decoders, texts_file, tm
     # Adam's first steps follow the gradient's sign: close, not bit-identical.
     apart = {n: float((one[n] - two[n]).norm()) / moved[n] for n in one if moved[n] > 0}
     assert max(apart.values()) < 0.35, sorted(apart.items(), key=lambda kv: -kv[1])[:3]
+
+
+FSDP_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import densetomoe
+from densetomoe.stages.distill import unsharded
+
+dist.init_process_group("gloo")
+model = densetomoe.load(sys.argv[1])
+ids = torch.tensor([[5, 9, 2, 7, 3, 8, 1, 4]])
+expected = model(ids).logits
+weights = {name: t.clone() for name, t in model.state_dict().items()}
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+for block in model.model.layers:  # as accelerate's TRANSFORMER_BASED_WRAP does, then the root
+    fully_shard(block, mesh=mesh)
+fully_shard(model, mesh=mesh)
+assert any(isinstance(p, DTensor) for p in model.parameters())
+torch.testing.assert_close(model(ids).logits, expected)  # sharded, it computes the same
+plain = unsharded(model, "cpu")
+assert type(plain).__name__ == sys.argv[2], type(plain)
+state = plain.state_dict()
+assert sorted(state) == sorted(weights) and not any(isinstance(t, DTensor) for t in state.values())
+assert [name for name, t in weights.items() if not torch.equal(state[name], t)] == []
+torch.testing.assert_close(plain(ids).logits, expected)  # (a layout may change the last bits)
+tied = plain.config.tie_word_embeddings
+assert (plain.lm_head.weight is plain.get_input_embeddings().weight) == tied
+print("plain again", dist.get_rank())
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("format", ["remote-code", "native"])
+def test_a_model_fsdp_sharded_for_distillation_comes_back_whole(tiny_decoders, texts_file, tmp_path, format):
+    """accelerate enables FSDP on GPUs only, so FSDP2 itself shards the model here, over gloo on two CPU
+    processes, as accelerate's FSDP config would: :func:`unsharded` must give back, in every process,
+    the ordinary model that evaluation and export need (with dynamic top-k's coverage and the tied head)."""
+    out = tmp_path / "moe"
+    settings = {"routing": "top-k"} if format == "native" else {}
+    densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, format=format, **settings), out, show_progress=False)
+    name = densetomoe.load(out).__class__.__name__
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(out), name], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("plain again") == 2

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 import densetomoe
 from conftest import quick_recipe
 from densetomoe import devices
+from densetomoe.pipeline import processes
 from densetomoe.stages import export
 
 
@@ -74,8 +74,9 @@ def test_folder_explains_itself(converted, tmp_path):
     figures = json.loads((out / "densetomoe_conversion.json").read_text())
     assert 0 < figures["quick_eval"]["ffn_flops_ratio"] < 1
     assert figures["calibration"]["tokens"] == converted.stats.tokens > 0
-    # where the stages computed: this process's accelerator, else the CPU
-    assert figures["device"] == (devices.describe(torch.device("cuda")) if torch.cuda.is_available() else "cpu")
+    # where the stages computed: this process's device (accelerate's state, which a Trainer run with
+    # use_cpu earlier in the process may have put on the CPU)
+    assert figures["device"] == devices.describe(processes().device)
     source_tokenizer = json.loads((converted.source.path / "tokenizer_config.json").read_text())
     # the source's settings, without how this machine loaded them (transformers 5 saves is_local)
     assert json.loads((out / "tokenizer_config.json").read_text()) == source_tokenizer

@@ -367,6 +367,33 @@ def share_frozen(teacher: nn.Module, student: nn.Module, settings: Distill) -> n
     return teacher
 
 
+def unsharded(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model`` as an ordinary module on ``device`` when FSDP2 sharded it (``accelerate launch`` with an
+    FSDP config), else ``model`` itself.
+
+    A sharded model keeps FSDP's hooks, which gather its parameters on the accelerator for every
+    forward: evaluation and export need the plain model again. Each parameter is gathered whole, one
+    at a time, straight to ``device``, in every process (each goes on to evaluate), and loaded into a
+    new module of the model's own class (built without memory first); tied weights are tied again."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(model, FSDPModule):
+        return model
+    from accelerate import init_empty_weights
+
+    state = {name: (t.full_tensor() if isinstance(t, DTensor) else t).to(device) for name, t in model.state_dict().items()}
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 made a subclass of it
+    with init_empty_weights():  # parameters on the meta device, every one assigned below; buffers real
+        plain = cls(model.config)
+    plain.load_state_dict(state, assign=True)
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    return plain
+
+
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
@@ -588,7 +615,7 @@ def distill_model(
     if not history.held_out or history.held_out[-1]["step"] != history.step:
         evaluate_held_out()
     set_mode(False)
-    student = accelerator.unwrap_model(student)
+    student = unsharded(accelerator.unwrap_model(student), home)
     student.eval().requires_grad_(False).to(home)
     teacher.to(home)
     accelerator.wait_for_everyone()
