@@ -100,6 +100,7 @@ def main() -> None:
     results = {}
     for path in args.paths:  # sequential first: RUSAGE_CHILDREN keeps the largest child, so the smaller goes first
         results[path] = convert(folder, args.work / f"out-{path}", path == "sequential", args)
+        print(f"{path}: {json.dumps(results[path])}", file=sys.stderr, flush=True)  # as it comes, should a later path not end
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     report = {"shape": args.shape, "layers": layers, "fp32_weight_bytes": size, "results": results}
     if args.json:

@@ -138,10 +138,12 @@ def materialise(
 def as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` (``model``'s state-dict names) as ``save_pretrained`` would write them: transformers'
     own reverse weight conversion, such as fused 3-D experts split into the per-expert checkpoint
-    tensors that other tools (llama.cpp's converter) read."""
+    tensors that other tools (llama.cpp's converter) read. Made on the CPU, where the shards are
+    written, also while the stages compute on an accelerator (:func:`densetomoe.devices.computing_on`)."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    return revert_weight_conversion(model, tensors)
+    with torch.device("cpu"):
+        return revert_weight_conversion(model, tensors)
 
 
 def release(module: nn.Module) -> None:
