@@ -27,7 +27,7 @@ from .moe import MoEFeedForward, blocks_of, moe_modules, replace_ffn, structure_
 from .recipe import Distill, Recipe, check_against_model
 from .stages import blockwise, budget, evaluate, export, load, native
 from .stages.calibrate import ActivationStats, LayerRecorder, LayerStats, calibrate, calibration_batches, layer_generator
-from .stages.distill import History, check_sources, dense_teacher, distill_model, share_frozen
+from .stages.distill import History, check_sources, dense_teacher, distill_model, reset_coverage, share_frozen
 from .stages.partition import PARTITIONS
 from .stages.router import ROUTERS, RouterSettings
 
@@ -324,6 +324,8 @@ def convert(
             model, teacher, dense.tokenizer, recipe.distill, arch, dense.calibration_texts, dense.held_out_texts,
             workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,
         )  # fmt: skip
+        with devices.computing_on(device):
+            hold_the_budget(model, dense, recipe, log)
         clock.lap("distill")
 
     # measure against the dense outputs recorded before
@@ -639,6 +641,7 @@ def distill(
         student, teacher, dense.tokenizer, settings, arch, dense.calibration_texts, dense.held_out_texts,
         workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,
     )  # fmt: skip
+    hold_the_budget(student, dense, recipe, log)
     clock.lap("distill")
     dense.model = teacher = None
     report = evaluate.compare(student, dense.probe, dense.ffn_size, dense.num_layers, converted=converted or None)
@@ -653,6 +656,15 @@ def distill(
     result = Conversion(recipe, dense, student, report, stats, seconds, history=history, native=native_report, device=figures.get("device"))
     result.write(out, True if out == source_folder else overwrite)
     return result
+
+
+def hold_the_budget(model: nn.Module, dense: Dense, recipe: Recipe, log: Callable[[str], None]) -> None:
+    """After distillation, dynamic top-k's coverage set again on calibration text, so that tokens take
+    each layer's top-k experts on average, as the FLOPs are counted (:func:`reset_coverage`)."""
+    changed = reset_coverage(model, dense.tokenizer, dense.calibration_texts, recipe.seq_len, recipe.batch_size)
+    if changed:
+        before, after = (sum(pair[n] for pair in changed.values()) / len(changed) for n in (0, 1))
+        log(f"dynamic top-k after training: {before:.1f} -> {after:.1f} experts per token on calibration text (coverage set again)")
 
 
 def calibrate_layers(

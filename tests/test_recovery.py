@@ -19,6 +19,7 @@ from conftest import quick_recipe, run_fresh, run_without_densetomoe, sample_inp
 from densetomoe import archs, memory, surgery
 from densetomoe.data import packed
 from densetomoe.stages.distill import (
+    reset_coverage,
     History, distill_model, fused_head, head_kl, latest_checkpoint, losses, lr_factor, moe_blocks, share_frozen, trainable,
     training_texts,
 )  # fmt: skip
@@ -279,6 +280,20 @@ def test_decoder_distillation_tracks_held_out_perplexity_against_dense(tiny_deco
     assert math.isfinite(history.dense_perplexity) and all(math.isfinite(p["perplexity"]) for p in history.held_out)
     assert first["perplexity"] != pytest.approx(history.dense_perplexity, rel=1e-3)  # top-2 of 4 is not dense
     assert last["loss"] < first["loss"]
+
+
+def test_distillation_keeps_dynamic_top_k_on_its_budget(tiny_decoders, texts_file, tmp_path):
+    """Training moves the routers and what reaches them; the coverage is then set again, so that the
+    calibration tokens still take each layer's top-k experts on average, as the FLOPs are counted."""
+    out = tmp_path / "moe"
+    settings = {"steps": 20, "batch_size": 8, "seq_len": 32, "lr": 1e-2, "warmup": 0, "eval_texts": 0}
+    conversion = densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, distill=settings), out, show_progress=False)
+    model = densetomoe.load(out)
+    recipe = conversion.recipe
+    assert recipe.dynamic
+    # measured anew on the written folder: what its tokens take (the first of each pair), then set again
+    measured = reset_coverage(model, conversion.tokenizer, conversion.dense.calibration_texts, recipe.seq_len, recipe.batch_size)
+    assert measured and all(before == pytest.approx(recipe.top_k, rel=0.01) for before, _ in measured.values()), measured
 
 
 class Characters:
