@@ -8,6 +8,7 @@ full activation matrix of every token is never held.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -110,12 +111,18 @@ class LayerRecorder:
 
     def hook(self, mask: dict[str, torch.Tensor]):
         """A forward pre-hook for the FFN's input projection; ``mask["tokens"]`` marks the real tokens."""
+        return real_token_inputs(self.add, mask)
 
-        def record(module, args):
-            x = args[0].float()
-            self.add(x.reshape(-1, x.shape[-1])[mask["tokens"].reshape(-1)])  # OPT passes (tokens, hidden)
 
-        return record
+def real_token_inputs(add: Callable[[torch.Tensor], None], mask: dict[str, torch.Tensor]):
+    """A forward pre-hook that hands a module's input to ``add`` as ``(real tokens, hidden)`` float32
+    rows, padding removed (``mask["tokens"]``, set before each batch, marks the real tokens)."""
+
+    def record(module, args):
+        x = args[0].float()
+        add(x.reshape(-1, x.shape[-1])[mask["tokens"].reshape(-1)])  # OPT passes (tokens, hidden)
+
+    return record
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ from ..data import encode, load_texts, missing_file, packed
 from ..errors import UsageError
 from ..moe import MoEFeedForward, Routing, moe_modules, set_top_k
 from ..recipe import Distill
-from .calibrate import calibration_batches
+from .calibrate import calibration_batches, real_token_inputs
 from .evaluate import mean_pool, next_token_nll
 from .router import coverage_for
 
@@ -386,15 +386,7 @@ def reset_coverage(model: nn.Module, tokenizer, texts: list[str], seq_len: int, 
         return {}
     mask: dict[str, torch.Tensor] = {}
     samples: dict[int, list[torch.Tensor]] = {i: [] for i in modules}
-
-    def recorder(index: int):
-        def record(module, args):
-            x = args[0]
-            samples[index].append(x.reshape(-1, x.shape[-1])[mask["tokens"].reshape(-1)].float())
-
-        return record
-
-    handles = [m.register_forward_pre_hook(recorder(i)) for i, m in modules.items()]
+    handles = [m.register_forward_pre_hook(real_token_inputs(samples[i].append, mask)) for i, m in modules.items()]
     device = next(model.parameters()).device
     try:
         for batch in calibration_batches(tokenizer, texts, seq_len, batch_size, tokens):
@@ -403,14 +395,11 @@ def reset_coverage(model: nn.Module, tokenizer, texts: list[str], seq_len: int, 
     finally:
         for handle in handles:
             handle.remove()
-    changed = {}
-    for i, m in modules.items():
-        sample = torch.cat(samples[i])[:tokens]
-        before = float(m.selection(sample).sum(-1).mean())
-        set_top_k(model, {i: Routing(m.top_k, coverage_for(m.router, sample, m.top_k, m.ramp))})
-        changed[i] = (before, float(m.selection(sample).sum(-1).mean()))
-        samples[i] = []
-    return changed
+    sample = {i: torch.cat(samples.pop(i))[:tokens] for i in modules}
+    taken = lambda i: float(modules[i].selection(sample[i]).sum(-1).mean())  # noqa: E731
+    before = {i: taken(i) for i in modules}
+    set_top_k(model, {i: Routing(m.top_k, coverage_for(m.router, sample[i], m.top_k, m.ramp)) for i, m in modules.items()})
+    return {i: (before[i], taken(i)) for i in modules}
 
 
 def unsharded(model: nn.Module, device: torch.device | str) -> nn.Module:
