@@ -320,7 +320,7 @@ def convert(
 
     history = None
     if recipe.distill is not None:
-        history = distill_model(
+        model, history = distill_model(  # a new module where FSDP sharded the one it trained
             model, teacher, dense.tokenizer, recipe.distill, arch, dense.calibration_texts, dense.held_out_texts,
             workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,
         )  # fmt: skip
@@ -637,7 +637,7 @@ def distill(
         clock.lap("native")
     teacher = share_frozen(teacher, student, settings)  # no second copy of what the student does not train
     dense.model = None  # the teacher and the student hold what is still needed
-    history = distill_model(
+    student, history = distill_model(  # a new module where FSDP sharded the one it trained
         student, teacher, dense.tokenizer, settings, arch, dense.calibration_texts, dense.held_out_texts,
         workdir=workdir, resume=resume, show_progress=show_progress, log=log, seed=recipe.seed,
     )  # fmt: skip

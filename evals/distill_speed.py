@@ -81,7 +81,7 @@ def main() -> None:
         allocator = contextlib.nullcontext() if reuse else mock.patch.object(memory, "reuse_freed_memory", contextlib.nullcontext)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         with allocator:
-            history = distill_model(student, teacher, dense.tokenizer, settings, arch, texts, held_out, show_progress=False)
+            student, history = distill_model(student, teacher, dense.tokenizer, settings, arch, texts, held_out, show_progress=False)
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / history.step  # setting up included
         rate = history.tokens / history.elapsed
         baseline = baseline or rate

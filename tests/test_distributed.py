@@ -95,20 +95,21 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import densetomoe
-from densetomoe.stages.distill import unsharded
+from densetomoe.stages.distill import skeleton, unsharded
 
 dist.init_process_group("gloo")
 model = densetomoe.load(sys.argv[1])
 ids = torch.tensor([[5, 9, 2, 7, 3, 8, 1, 4]])
 expected = model(ids).logits
 weights = {name: t.clone() for name, t in model.state_dict().items()}
+like = skeleton(model)  # before sharding, as distill_model takes it
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 for block in model.model.layers:  # as accelerate's TRANSFORMER_BASED_WRAP does, then the root
     fully_shard(block, mesh=mesh)
 fully_shard(model, mesh=mesh)
 assert any(isinstance(p, DTensor) for p in model.parameters())
 torch.testing.assert_close(model(ids).logits, expected)  # sharded, it computes the same
-plain = unsharded(model, "cpu")
+plain = unsharded(model, "cpu", like)
 assert type(plain).__name__ == sys.argv[2], type(plain)
 state = plain.state_dict()
 assert sorted(state) == sorted(weights) and not any(isinstance(t, DTensor) for t in state.values())

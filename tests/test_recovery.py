@@ -257,7 +257,7 @@ def test_distillation_lowers_the_held_out_loss(tiny_models, texts_file):
     conversion, teacher = _pair(tiny_models["BertForSequenceClassification"], texts_file, top_k=1)
     texts = texts_file.read_text().splitlines()
     settings = Distill(steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup=2, log_every=5, eval_texts=8)
-    history = distill_model(conversion.model, teacher, conversion.tokenizer, settings, None, texts[8:], texts[:8], show_progress=False)
+    _, history = distill_model(conversion.model, teacher, conversion.tokenizer, settings, None, texts[8:], texts[:8], show_progress=False)
     assert history.step == 40 and len(history.steps) == 8
     assert {"hidden", "logits", "balance", "router"} <= set(history.parts)
     assert history.held_out[-1]["loss"] < 0.7 * history.held_out[0]["loss"]
@@ -272,7 +272,7 @@ def test_decoder_distillation_tracks_held_out_perplexity_against_dense(tiny_deco
     texts = texts_file.read_text().splitlines()
     settings = Distill(steps=20, batch_size=8, seq_len=32, lr=3e-3, warmup=2, eval_texts=8)
     arch = archs.arch_for(teacher.config)
-    history = distill_model(conversion.model, teacher, conversion.tokenizer, settings, arch, texts[8:], texts[:8], show_progress=False)
+    _, history = distill_model(conversion.model, teacher, conversion.tokenizer, settings, arch, texts[8:], texts[:8], show_progress=False)
     first, last = history.held_out[0], history.held_out[-1]
     # Each held-out point holds the student's perplexity, and the history the dense model's on the same texts.
     # Random weights give them no order to rely on (the split model may start above or below dense, and
@@ -407,7 +407,7 @@ def test_a_causal_lm_trains_on_windows_with_no_padding(tiny_decoders, texts_file
     recording = Recording(conversion.tokenizer)
     settings = Distill(steps=3, batch_size=2, seq_len=16, eval_texts=4)
     arch = archs.arch_for(teacher.config)
-    history = distill_model(conversion.model, teacher, recording, settings, arch, texts[4:], texts[:4], show_progress=False)
+    _, history = distill_model(conversion.model, teacher, recording, settings, arch, texts[4:], texts[:4], show_progress=False)
     assert history.tokens == 3 * 2 * 16  # every position a token of text
     joined = [t for call in recording.seen for t in call if len(t) > 200]  # the training text, the held-out text
     assert len(joined) == 2 and joined[1] == "\n\n".join(texts[:4])
@@ -455,7 +455,7 @@ def test_interrupted_distillation_resumes_from_its_checkpoint(tiny_models, texts
     assert saved.step == 4
 
     fresh, teacher = _pair(folder, texts_file)
-    history = distill_model(fresh.model, teacher, fresh.tokenizer, settings, None, texts, texts[:4], workdir=workdir, resume=True, show_progress=False)
+    _, history = distill_model(fresh.model, teacher, fresh.tokenizer, settings, None, texts, texts[:4], workdir=workdir, resume=True, show_progress=False)
     assert history.step == 6
     assert history.steps == [1, 2, 3, 4, 5, 6]  # the curve continues where the checkpoint left it
     assert not workdir.exists()  # finished: checkpoints are removed

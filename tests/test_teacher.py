@@ -16,6 +16,7 @@ from conftest import quick_recipe, sample_inputs, slow_except
 from densetomoe import archs, pipeline
 from densetomoe.moe import blocks_of
 from densetomoe.recipe import Distill
+from densetomoe.stages import distill as distill_stage
 from densetomoe.stages.distill import dense_teacher, distill_model, moe_blocks
 
 DISTILL = dict(steps=6, batch_size=4, seq_len=32, lr=3e-3, warmup=1, log_every=1, eval_every=3, eval_texts=4)
@@ -63,9 +64,9 @@ def handed(monkeypatch):
     pairs = []
 
     def spy(student, teacher, *args, **kwargs):
-        history = distill_model(student, teacher, *args, **kwargs)
-        pairs.append((student, teacher))
-        return history
+        trained, history = distill_model(student, teacher, *args, **kwargs)
+        pairs.append((trained, teacher))
+        return trained, history
 
     monkeypatch.setattr(pipeline, "distill_model", spy)
     return pairs
@@ -186,3 +187,27 @@ def test_distilling_a_folder_shares_the_frozen_weights_and_trains_as_before(requ
     kept = teacher.state_dict()
     for name, tensor in dense.state_dict().items():
         assert torch.equal(kept[name], tensor), name
+
+
+# -- what distillation hands back ---------------------------------------------------------------------
+def test_the_module_distillation_hands_back_is_the_one_evaluated_and_written(monkeypatch, tiny_decoders, texts_file, tmp_path):
+    """Under FSDP, distillation ends with a new, unsharded module (the one it trained is sharded in
+    place, and cannot be evaluated off the GPU): convert and distill must go on with that one. Here
+    :func:`unsharded` fills the model's skeleton with its MoE layers' weights halved, as a stand-in
+    for FSDP's (which a CPU cannot run under accelerate): in memory, the skeleton is of a dense
+    model whose FFNs were swapped for MoE layers; from a folder, of the remote-code class."""
+    handed_back = []
+
+    def new_module(model, device, like):  # FSDP's gathers each tensor whole, which moves nothing
+        state = {name: t * 0.5 if ".mlp." in name else t for name, t in model.state_dict().items()}  # only it has these
+        handed_back.append(distill_stage.filled(like, state, device))
+        return handed_back[-1]
+
+    monkeypatch.setattr(distill_stage, "unsharded", new_module)
+    recipe = quick_recipe(tiny_decoders["llama"], texts_file, distill=DISTILL)
+    converted = densetomoe.convert(recipe, out=tmp_path / "converted", show_progress=False)
+    distilled = densetomoe.distill(tmp_path / "converted", Distill(**DISTILL), out=tmp_path / "distilled", show_progress=False)
+    assert [converted.model, distilled.model] == handed_back  # (the same objects: modules compare by identity)
+    for result, folder in [(converted, tmp_path / "converted"), (distilled, tmp_path / "distilled")]:
+        written = densetomoe.load(folder).state_dict()
+        assert all(torch.equal(written[name], t) for name, t in result.model.state_dict().items())

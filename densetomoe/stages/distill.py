@@ -402,31 +402,50 @@ def reset_coverage(model: nn.Module, tokenizer, texts: list[str], seq_len: int, 
     return {i: (before[i], taken(i)) for i in modules}
 
 
-def unsharded(model: nn.Module, device: torch.device | str) -> nn.Module:
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its parameters on the meta device (no memory; ties kept), its buffers
+    and everything else copied: what :func:`unsharded` fills again. Taken before FSDP shards
+    ``model``, since a sharded module cannot be copied, and any model, a dense one whose FFNs were
+    swapped for MoE layers too, has one (a class rebuilt from its config would be the dense model)."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def unsharded(model: nn.Module, device: torch.device | str, like: nn.Module) -> nn.Module:
     """``model`` as an ordinary module on ``device`` when FSDP2 sharded it (``accelerate launch`` with an
     FSDP config), else ``model`` itself.
 
     A sharded model keeps FSDP's hooks, which gather its parameters on the accelerator for every
     forward: evaluation and export need the plain model again. Each parameter is gathered whole, one
-    at a time, straight to ``device``, in every process (each goes on to evaluate), and loaded into a
-    new module of the model's own class (built without memory first); tied weights are tied again."""
+    at a time, straight to ``device``, in every process (each goes on to evaluate), into ``like``, the
+    model's :func:`skeleton` taken before it was sharded."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     if not isinstance(model, FSDPModule):
         return model
-    from accelerate import init_empty_weights
+    whole: dict[int, torch.Tensor] = {}  # a tensor under two names (a tied head) is gathered once
 
-    state = {name: (t.full_tensor() if isinstance(t, DTensor) else t).to(device) for name, t in model.state_dict().items()}
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 made a subclass of it
-    with init_empty_weights():  # parameters on the meta device, every one assigned below; buffers real
-        plain = cls(model.config)
-    plain.load_state_dict(state, assign=True)
-    if hasattr(plain, "tie_weights"):
-        plain.tie_weights()
-    if getattr(model, "generation_config", None) is not None:
-        plain.generation_config = model.generation_config
-    return plain
+    def gathered(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in whole:
+            whole[id(t)] = (t.full_tensor() if isinstance(t, DTensor) else t).to(device)
+        return whole[id(t)]
+
+    return filled(like, {name: gathered(t) for name, t in model.state_dict().items()}, device)
+
+
+def filled(like: nn.Module, state: dict[str, torch.Tensor], device: torch.device | str) -> nn.Module:
+    """``like`` (a :func:`skeleton`) with ``state`` as its parameters and buffers, on ``device``; a
+    parameter it holds under several names (a tied head) is one parameter again."""
+    names: dict[int, list[str]] = {}
+    for name, p in like.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    like.load_state_dict(state, assign=True)
+    for first, *others in names.values():
+        for other in others:
+            owner, _, attr = other.rpartition(".")
+            setattr(like.get_submodule(owner), attr, like.get_parameter(first))
+    return like.to(device)
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -503,8 +522,13 @@ def distill_model(
     show_progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
     seed: int = 0,
-) -> History:
-    """Train ``student`` in place to match ``teacher``; returns the loss history.
+) -> tuple[nn.Module, History]:
+    """Train ``student`` to match ``teacher``; returns the trained student and the loss history.
+
+    The student comes back as an ordinary module on the device it came from: ``student`` itself,
+    trained in place, or, where ``accelerate launch`` sharded it with FSDP (which turns the module
+    into a sharded one in place), a plain copy of it gathered whole (:func:`unsharded`). Go on with
+    the returned module, not with ``student``.
 
     ``teacher`` is frozen and put in eval mode here; it may share any weight the student does not
     train (:func:`dense_teacher`, :func:`share_frozen`), and none that it does.
@@ -536,6 +560,7 @@ def distill_model(
         raise UsageError(f"distillation batch size {settings.batch_size} does not split between {accelerator.num_processes} processes")
     set_seed(seed)
     home = next(student.parameters()).device
+    like = skeleton(student)  # should FSDP shard the student: what it turns back into, after training
     params = trainable(student, settings)
     _check_apart(teacher, params)
     moe_modules = moe_blocks(student)
@@ -650,7 +675,7 @@ def distill_model(
     if not history.held_out or history.held_out[-1]["step"] != history.step:
         evaluate_held_out()
     set_mode(False)
-    student = unsharded(accelerator.unwrap_model(student), home)
+    student = unsharded(accelerator.unwrap_model(student), home, like)
     student.eval().requires_grad_(False).to(home)
     teacher.to(home)
     accelerator.wait_for_everyone()
@@ -662,7 +687,7 @@ def distill_model(
         if history.held_out
         else f"distilled {history.step} steps in {history.elapsed / 60:.1f} min"
     )
-    return history
+    return student, history
 
 
 def _log_point(history: History, window: dict[str, list[float]]) -> None:
