@@ -438,14 +438,13 @@ def convert_sequential(
     dtype = load.DTYPES[recipe.dtype]
     cls = load.model_class(dense.config, arch.decoder)
     checkpoint = blockwise.Checkpoint(dense.source.path)
-    frame = blockwise.frame(cls, dense.source.path, dense.config, arch, dtype)
+    # what surrounds the blocks computes where they do, as in memory: the same numbers from both paths
+    frame = blockwise.frame(cls, dense.source.path, dense.config, arch, dtype).to(device)
     shell = blockwise.skeleton(cls, dense.config).to(dtype)
     dense.tokenizer = data.for_batches(load.load_tokenizer(dense.source))
-    calibration = blockwise.capture(
-        frame, arch, list(calibration_batches(dense.tokenizer, dense.calibration_texts, recipe.seq_len, recipe.batch_size, recipe.calib_tokens))
-    )  # fmt: skip
-    held_out = blockwise.capture(frame, arch, dense.held_out_batches(recipe))
-    calibration, held_out = calibration.to(device), held_out.to(device)
+    batches = calibration_batches(dense.tokenizer, dense.calibration_texts, recipe.seq_len, recipe.batch_size, recipe.calib_tokens)
+    calibration = blockwise.capture(frame, arch, devices.to_device(list(batches), device))
+    held_out = blockwise.capture(frame, arch, devices.to_device(dense.held_out_batches(recipe), device))
     blockwise.release(frame)  # its embeddings are not needed again until every block is written (1 GB at 1B)
     memory.return_freed_memory()
     converted_stream = held_out.copy()
@@ -516,12 +515,12 @@ def convert_sequential(
             writer.add({name: tensor}, copy=False)
         writer.close()
         clock.lap("partition+route")
-        held_out, converted_stream = held_out.to("cpu"), converted_stream.to("cpu")  # to meet the frame
-
-        with blockwise.replay(frame, arch, held_out):
-            probe = evaluate.record(frame, held_out.batches, causal_lm=arch.decoder)
-        with blockwise.replay(frame, arch, converted_stream):
-            report = evaluate.compare(frame, probe, ffn_size, num_layers, converted=list(modules.values()))
+        frame.to(device)  # written: now for the norm and head of the evaluation
+        with devices.computing_on(device):
+            with blockwise.replay(frame, arch, held_out):
+                probe = evaluate.record(frame, held_out.batches, causal_lm=arch.decoder)
+            with blockwise.replay(frame, arch, converted_stream):
+                report = evaluate.compare(frame, probe, ffn_size, num_layers, converted=list(modules.values()))
         clock.lap("evaluate")
 
         native_report = None

@@ -12,7 +12,6 @@ import torch
 from densetomoe import devices
 from densetomoe.errors import UsageError
 from densetomoe.ffn import DenseFFN
-from densetomoe.stages.blockwise import Stream
 from densetomoe.surgery import LayerSplit
 from test_cli import FAST, assert_clean_failure, invoke
 
@@ -71,17 +70,3 @@ def test_a_layer_split_moves_every_tensor_it_holds():
     assert all(t.is_meta for t in tensors)
     assert moved.routed.b_up is None and moved.routed.activation is split.routed.activation
     assert not split.sample.is_meta and not split.routed.w_up.is_meta  # a new split: the old one's tensors stay
-
-
-def test_a_stream_moves_its_hidden_states_arguments_and_batches():
-    stream = Stream(
-        batches=[{"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3)}],
-        hidden=[torch.zeros(1, 3, 4)],
-        arguments=[((), {"position_embeddings": (torch.ones(3, 2), torch.ones(3, 2)), "use_cache": False})],
-        returns_tuple=True,
-    )
-    moved = stream.to("meta")
-    assert moved.hidden[0].is_meta and moved.batches[0]["attention_mask"].is_meta
-    cos, sin = moved.arguments[0][1]["position_embeddings"]
-    assert cos.is_meta and sin.is_meta and moved.arguments[0][1]["use_cache"] is False
-    assert moved.returns_tuple and not stream.hidden[0].is_meta

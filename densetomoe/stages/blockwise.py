@@ -35,7 +35,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..archs import Arch
-from ..devices import to_device
 from ..errors import UsageError
 from ..moe import blocks_of
 
@@ -166,11 +165,6 @@ class Stream:
 
     def copy(self) -> Stream:
         return Stream(self.batches, list(self.hidden), self.arguments, self.returns_tuple)
-
-    def to(self, device: torch.device | str) -> Stream:
-        """The stream with its tensors (hidden states, arguments, batches) on ``device``."""
-        move = lambda value: to_device(value, device)  # noqa: E731
-        return Stream(move(self.batches), move(self.hidden), move(self.arguments), self.returns_tuple)
 
 
 class _Caught(Exception):
