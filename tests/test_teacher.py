@@ -211,3 +211,22 @@ def test_the_module_distillation_hands_back_is_the_one_evaluated_and_written(mon
     for result, folder in [(converted, tmp_path / "converted"), (distilled, tmp_path / "distilled")]:
         written = densetomoe.load(folder).state_dict()
         assert all(torch.equal(written[name], t) for name, t in result.model.state_dict().items())
+
+
+def test_a_model_filled_into_its_skeleton_is_the_model_again(tiny_decoders, texts_file):
+    """What FSDP's student turns back into: the skeleton, taken after a training forward (whose aux
+    losses hold a graph), filled with the model's weights computes what the model does, on the
+    weights given, with the tied head tied again."""
+    model = densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file), show_progress=False).model
+    ids = torch.tensor([[5, 9, 2, 7, 3, 8, 1, 4]])
+    model.train()
+    model(ids).logits.sum().backward()  # as a training step leaves it
+    model.eval()
+    like = distill_stage.skeleton(model)
+    assert all(p.is_meta for p in like.parameters())
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    plain = distill_stage.filled(like, state, "cpu")
+    assert plain.config.tie_word_embeddings and plain.lm_head.weight is plain.get_input_embeddings().weight
+    assert all(t is state[name] or torch.equal(t, state[name]) for name, t in plain.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -408,6 +408,11 @@ def skeleton(model: nn.Module) -> nn.Module:
     ``model``, since a sharded module cannot be copied, and any model, a dense one whose FFNs were
     swapped for MoE layers too, has one (a class rebuilt from its config would be the dense model)."""
     memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+    for module in model.modules():  # what a forward left with its graph (an MoE layer's aux losses) cannot be copied
+        for value in vars(module).values():
+            for t in value.values() if isinstance(value, dict) else [value]:
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    memo[id(t)] = t.detach()
     return copy.deepcopy(model, memo)
 
 
