@@ -39,8 +39,11 @@ computed from the final hidden states through the output layer that student and 
 
 Training runs through ``accelerate``: one CPU process by default, the same code under
 ``accelerate launch`` on several GPUs or machines, mixed precision where the hardware has it.
-Budgets are steps and/or wall-clock minutes; checkpoints (``accelerate`` state plus the loss history)
-let ``resume`` continue an interrupted run with the same budget.
+FSDP shards the student in place; it comes back whole, as a new module filled into a copy of its
+structure taken before training (:func:`skeleton`, :func:`unsharded`), which is why
+:func:`distill_model` returns the student it trained. Budgets are steps and/or wall-clock minutes;
+checkpoints (``accelerate`` state plus the loss history) let ``resume`` continue an interrupted run
+with the same budget.
 """
 
 from __future__ import annotations
