@@ -50,6 +50,7 @@ class Distill(BaseModel):
     seq_len: int = Field(128, ge=8, description="tokens per text, longer ones are cut")
     lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW, warm-up then cosine decay)")
     warmup: int = Field(20, ge=0, description="warm-up steps")
+    final_lr: float = Field(0.1, ge=0, le=1, description="the learning rate the cosine decay ends at, as a fraction of lr")
     weight_decay: float = Field(0.0, ge=0)
     hidden_loss: float = Field(1.0, ge=0, description="weight of the per-layer hidden-state loss (normalised MSE)")
     logits_loss: float = Field(1.0, ge=0, description="weight of KL(dense || MoE) on logits, where the model has a head or an LM")

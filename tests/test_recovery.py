@@ -209,13 +209,15 @@ def test_training_keeps_freed_memory_for_reuse_and_returns_it_after():
     assert kept_after < 16 << 20  # after a block, freed memory is returned as by default
 
 
-def test_learning_rate_warms_up_then_decays_to_a_tenth():
+def test_learning_rate_warms_up_then_decays_to_a_tenth_or_the_final_lr():
     s = Distill(steps=100, warmup=10)
     assert lr_factor(0, 0, s) < lr_factor(9, 0, s) <= 1.0
     assert lr_factor(10, 0, s) == pytest.approx(1.0)
     assert lr_factor(100, 0, s) == pytest.approx(0.1)
     timed = Distill(steps=None, minutes=1, warmup=0)
     assert lr_factor(5, 30.0, timed) == pytest.approx(0.55)
+    to_zero = Distill(steps=None, minutes=1, warmup=0, final_lr=0.0)
+    assert lr_factor(5, 30.0, to_zero) == pytest.approx(0.5) and lr_factor(50, 60.0, to_zero) == 0.0
 
 
 # -- distillation ------------------------------------------------------------------------------------

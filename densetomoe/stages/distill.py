@@ -259,7 +259,8 @@ def total(parts: dict[str, torch.Tensor], settings: Distill) -> torch.Tensor:
 
 
 def lr_factor(step: int, elapsed: float, settings: Distill) -> float:
-    """Linear warm-up, then cosine decay to 10% over whichever budget (steps or minutes) runs out first."""
+    """Linear warm-up, then cosine decay to ``final_lr`` (a fraction of the peak) over whichever budget
+    (steps or minutes) runs out first."""
     if step < settings.warmup:
         return (step + 1) / (settings.warmup + 1)
     done = 0.0
@@ -267,7 +268,8 @@ def lr_factor(step: int, elapsed: float, settings: Distill) -> float:
         done = max(done, (step - settings.warmup) / max(settings.steps - settings.warmup, 1))
     if settings.minutes:
         done = max(done, elapsed / (settings.minutes * 60))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+    end = settings.final_lr
+    return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
 def _finished(history: History, settings: Distill) -> bool:
