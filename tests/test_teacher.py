@@ -81,8 +81,12 @@ def _same_training(a: densetomoe.Conversion, b: densetomoe.Conversion) -> None:
     torch.testing.assert_close([p["loss"] for p in a.history.held_out], [p["loss"] for p in b.history.held_out], rtol=1e-6, atol=1e-7)
     mine, theirs = a.model.state_dict(), b.model.state_dict()
     assert mine.keys() == theirs.keys()
+    # On a GPU the two teachers' forwards differ in the last bits (the same elements run after run:
+    # the kernels chosen, not chance), and Adam's step, divided by a gradient near zero, carries that
+    # to 1e-5 of a weight in one element in thousands (H200, 2026-12-04). On a CPU they agree to 1e-6.
+    rtol, atol = (1e-4, 1e-5) if torch.cuda.is_available() else (1e-6, 1e-7)
     for name in mine:
-        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(mine[name], theirs[name], rtol=rtol, atol=atol, msg=lambda why: f"{name}: {why}")
 
 
 # -- convert --distill -------------------------------------------------------------------------------
@@ -130,12 +134,12 @@ def test_the_teacher_shares_exactly_the_weights_the_student_does_not_train(reque
         frozen = _embeddings(student) if train == "blocks" else []
         assert set(mine) & set(theirs) == set(_storages(frozen))
         attention = next(n for n in dict(student.named_parameters()) if "attention" in n or "self_attn" in n)
-        assert not torch.equal(dict(student.named_parameters())[attention], dense.state_dict()[attention])
+        assert not torch.equal(dict(student.named_parameters())[attention].cpu(), dense.state_dict()[attention])
 
     # either way the teacher is still the dense model, every weight of it
-    kept = teacher.state_dict()
+    kept = teacher.state_dict()  # (on the conversion's device: a GPU where there is one)
     for name, tensor in dense.state_dict().items():
-        assert torch.equal(kept[name], tensor), name
+        assert torch.equal(kept[name].cpu(), tensor), name
 
 
 def test_the_teacher_follows_the_student_where_it_moves(tiny_decoders):
@@ -184,9 +188,9 @@ def test_distilling_a_folder_shares_the_frozen_weights_and_trains_as_before(requ
         assert sum(nbytes for ptr, nbytes in theirs.items() if ptr not in mine) == _ffn_bytes(dense)
     else:  # what trains is the teacher's own (train all: a native model built on the dense parameters got a copy)
         assert set(mine) & set(theirs) == set(_storages(_embeddings(student) if settings.train == "blocks" else []))
-    kept = teacher.state_dict()
+    kept = teacher.state_dict()  # (on the conversion's device: a GPU where there is one)
     for name, tensor in dense.state_dict().items():
-        assert torch.equal(kept[name], tensor), name
+        assert torch.equal(kept[name].cpu(), tensor), name
 
 
 # -- what distillation hands back ---------------------------------------------------------------------
