@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The conversion stages and distillation on one CUDA GPU: what CI (CPU only) cannot check.
 #
-#   bash evals/gpu_check.sh OUT_DIR TOKENIZER_DIR    # about 6 minutes on one H200 (348 s, 2026-12-04)
+#   bash evals/gpu_check.sh OUT_DIR TOKENIZER_DIR    # about 7 minutes on one H200 (432 s, 2026-12-04)
 #
 # Where the machine has torch and accelerate but not this project's other needs, carry them as
 # wheels and put them first on the path (transformers 5.24, pydantic 2.14.4 with pydantic-core,
