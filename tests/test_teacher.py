@@ -45,6 +45,14 @@ def _dense(folder) -> torch.nn.Module:
     return getattr(transformers, config.architectures[0]).from_pretrained(folder).eval()
 
 
+def _still_dense(teacher: torch.nn.Module, dense: torch.nn.Module) -> None:
+    """The teacher is still the dense model, every weight of it (the teacher's on the conversion's
+    device: a GPU where there is one)."""
+    kept = teacher.state_dict()
+    for name, tensor in dense.state_dict().items():
+        assert torch.equal(kept[name].cpu(), tensor), name
+
+
 def _ffn_bytes(dense: torch.nn.Module) -> int:
     """Bytes of the dense FFN weights of every block (the tiny conversions convert them all)."""
     arch = archs.arch_for(dense.config)
@@ -136,10 +144,7 @@ def test_the_teacher_shares_exactly_the_weights_the_student_does_not_train(reque
         attention = next(n for n in dict(student.named_parameters()) if "attention" in n or "self_attn" in n)
         assert not torch.equal(dict(student.named_parameters())[attention].cpu(), dense.state_dict()[attention])
 
-    # either way the teacher is still the dense model, every weight of it
-    kept = teacher.state_dict()  # (on the conversion's device: a GPU where there is one)
-    for name, tensor in dense.state_dict().items():
-        assert torch.equal(kept[name].cpu(), tensor), name
+    _still_dense(teacher, dense)  # either way
 
 
 def test_the_teacher_follows_the_student_where_it_moves(tiny_decoders):
@@ -188,9 +193,7 @@ def test_distilling_a_folder_shares_the_frozen_weights_and_trains_as_before(requ
         assert sum(nbytes for ptr, nbytes in theirs.items() if ptr not in mine) == _ffn_bytes(dense)
     else:  # what trains is the teacher's own (train all: a native model built on the dense parameters got a copy)
         assert set(mine) & set(theirs) == set(_storages(_embeddings(student) if settings.train == "blocks" else []))
-    kept = teacher.state_dict()  # (on the conversion's device: a GPU where there is one)
-    for name, tensor in dense.state_dict().items():
-        assert torch.equal(kept[name].cpu(), tensor), name
+    _still_dense(teacher, dense)
 
 
 # -- what distillation hands back ---------------------------------------------------------------------
