@@ -65,6 +65,16 @@ class DenseFFN:
         total = sum(self.neurons(part).abs().sum(0) for part in x.split(CHUNK))
         return total / len(x) * self.w_down.norm(dim=0)
 
+    def peak_contributions(self, x: torch.Tensor) -> torch.Tensor:
+        """``(d_ff,)``: each neuron's largest contribution to the output on inputs ``x``,
+        ``max_t |a_tj| ||W_down[:, j]||``, as a multiple of the median token's output norm ``||y_t||``."""
+        peak, norms = torch.zeros(self.size), []
+        for part in x.split(CHUNK):
+            a = self.neurons(part).float()
+            peak = torch.maximum(peak, a.abs().amax(0).to(peak.device))
+            norms.append((a @ self.w_down.float().T).norm(dim=-1))
+        return peak.to(self.w_down.device) * self.w_down.float().norm(dim=0) / torch.cat(norms).median().clamp_min(1e-12)
+
     def abs_activations(self, x: torch.Tensor) -> torch.Tensor:
         """``|a|`` transposed, ``(d_ff, tokens)``, built a chunk of tokens at a time (one copy in memory)."""
         out = x.new_empty(self.size, len(x), dtype=torch.float32)

@@ -761,6 +761,7 @@ def split_layer(
         shared_idx, routed_idx = surgery.shared_neurons(ffn, sample, recipe.shared_experts * expert_size(ffn.size, recipe.experts, recipe.shared_experts))
         shared, ffn, stats = ffn.subset(shared_idx, with_bias=False), ffn.subset(routed_idx), stats.subset(routed_idx)
     labels = PARTITIONS[recipe.partition](ffn, stats, recipe.experts, generator)
+    labels = surgery.group_massive(labels, ffn.peak_contributions(sample), recipe.experts)
     if recipe.prune:
         keep = expert_size(ffn.size, recipe.experts, prune=recipe.prune)
         labels = surgery.prune_experts(labels, ffn.importance(sample), recipe.experts, keep)

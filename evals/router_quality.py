@@ -39,7 +39,7 @@ from densetomoe.stages.calibrate import LayerRecorder, calibration_batches, laye
 from densetomoe.stages.partition import PARTITIONS
 from densetomoe.stages.refit import refit_experts
 from densetomoe.stages.router import ROUTERS, RouterSettings, _fold_normalisation, coverage_for, expert_shares, fit_router
-from densetomoe.surgery import LayerSplit
+from densetomoe.surgery import LayerSplit, group_massive
 
 
 class LowRank(torch.nn.Module):
@@ -139,6 +139,7 @@ def main() -> None:
     p.add_argument("--sample-tokens", type=int, default=8192)
     p.add_argument("--partition-tokens", type=int, help="partition on the first this many sampled tokens only (default: all)")
     p.add_argument("--heldout-tokens", type=int, default=8192)
+    p.add_argument("--split-massive", action="store_true", help="leave massive neurons where the partition put them (the library groups them: surgery.group_massive)")
     p.add_argument("--variants", nargs="+", choices=[*VARIANTS, *LOCAL], default=[*VARIANTS, *LOCAL])
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -175,6 +176,8 @@ def main() -> None:
         g = layer_generator(0, i, "split")
         part_stats = stats if args.partition_tokens is None else dataclasses.replace(stats, inputs=stats.inputs[: args.partition_tokens])
         labels = PARTITIONS[recipe.partition](ffn, part_stats, args.experts, g)
+        if not args.split_massive:
+            labels = group_massive(labels, ffn.peak_contributions(stats.inputs), args.experts)
         target = expert_shares(ffn, stats.inputs, labels, args.experts)
         row = {}
         for name in args.variants:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from densetomoe import surgery
 from densetomoe.stages import partition
 from densetomoe.stages.calibrate import LayerStats
 from densetomoe.ffn import expert_members
@@ -160,3 +161,64 @@ def test_random_partition_depends_on_seed():
     a = PARTITIONS["random"](ffn, None, 4, torch.Generator().manual_seed(0))
     b = PARTITIONS["random"](ffn, None, 4, torch.Generator().manual_seed(1))
     assert not torch.equal(a, b)
+
+
+def _with_massive_neurons(massive: list[int], d_ff: int = 24, hidden: int = 16):
+    """A gated FFN, and calibration inputs, where the ``massive`` neurons alone fire on one token (the
+    last), hundreds of times a usual token's output: a first token's outliers, as in SmolLM2's layer 11."""
+    ffn = random_ffn(hidden=hidden, d_ff=d_ff, gated=True, bias=False)
+    u = torch.zeros(hidden)
+    u[0] = 1.0
+    others = [j for j in range(d_ff) if j not in massive]
+    for w in (ffn.w_gate, ffn.w_up):
+        w[others, 0] = 0.0  # the others never see the outlier direction
+        w[massive] = 2.0 * u
+    x = torch.randn(300, hidden, generator=torch.Generator().manual_seed(1))
+    x[:, 0] = 0.0
+    return ffn, torch.cat([x, 50.0 * u[None]])
+
+
+def test_peak_contributions_are_each_neurons_largest_output_against_the_median_token():
+    ffn, x = _with_massive_neurons([3, 17])
+    a = ffn.neurons(x)
+    outputs = a[:, :, None] * ffn.w_down.T[None]  # (tokens, d_ff, hidden): each neuron's output
+    expected = outputs.norm(dim=-1).amax(0) / (a @ ffn.w_down.T).norm(dim=-1).median()
+    peaks = ffn.peak_contributions(x)
+    torch.testing.assert_close(peaks, expected, rtol=1e-4, atol=1e-6)
+    assert sorted(int(j) for j in (peaks > surgery.MASSIVE).nonzero()) == [3, 17]
+
+
+def test_massive_neurons_split_by_the_partition_are_brought_into_one_expert():
+    ffn, x = _with_massive_neurons([3, 17])
+    labels = torch.arange(24) % 8  # 3 and 17 in experts 3 and 1
+    grouped = surgery.group_massive(labels, ffn.peak_contributions(x), 8)
+    assert grouped[3] == grouped[17]
+    assert torch.bincount(grouped, minlength=8).tolist() == [3] * 8
+    assert int((grouped != labels).sum()) == 2  # one swap: the rest stays where the partition put it
+
+
+def test_more_massive_neurons_than_an_expert_holds_fill_as_few_experts_as_they_need():
+    peaks = torch.ones(24)
+    peaks[[0, 5, 9, 14, 22]] = torch.tensor([900.0, 800.0, 700.0, 600.0, 500.0])
+    labels = torch.arange(24) % 8
+    grouped = surgery.group_massive(labels, peaks, 8)
+    assert len({int(grouped[j]) for j in (0, 5, 9)}) == 1 and len({int(grouped[j]) for j in (14, 22)}) == 1
+    assert grouped[0] != grouped[14]
+    assert torch.bincount(grouped, minlength=8).tolist() == [3] * 8
+    assert torch.equal(surgery.group_massive(labels, torch.ones(24), 8), labels)  # none massive: unchanged
+
+
+def test_conversion_groups_the_massive_neurons_whatever_the_partition():
+    from densetomoe.pipeline import split_layer
+    from densetomoe.recipe import Recipe
+    from densetomoe.stages.router import RouterSettings
+
+    ffn, x = _with_massive_neurons([3, 17])
+    a = ffn.neurons(x)
+    stats = LayerStats(inputs=x, tokens=len(x), mean_abs=a.abs().mean(0), fire_rate=(a > 0).float().mean(0))
+    recipe = Recipe(model="unused", experts=8, partition="random", router="centroid")
+    random = PARTITIONS["random"](ffn, stats, 8, torch.Generator().manual_seed(0))
+    assert random[3] != random[17]  # the partition alone splits them
+    split = split_layer(ffn, stats, recipe, "silu", RouterSettings(hidden=8, steps=1), torch.Generator().manual_seed(0))
+    assert split.labels[3] == split.labels[17]
+    assert torch.bincount(split.labels, minlength=8).tolist() == [3] * 8
