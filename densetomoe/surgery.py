@@ -135,9 +135,10 @@ def group_massive(labels: torch.Tensor, peaks: torch.Tensor, experts: int, thres
     Massive neurons fire together, on a few tokens, with outputs hundreds of times a token's usual
     FFN output. Split between two experts, a token that takes one of them and skips the other loses
     a huge output, and the stand-in mean of the skipped expert (fit over all tokens that skip it)
-    becomes a large constant added to every ordinary token: in SmolLM2 at 512 experts of 3 neurons,
-    one such split made layer 11's output error 0.19 instead of 0.02, and the whole model's
-    perplexity 4.3x dense instead of 1.5x.
+    becomes a large constant added to every ordinary token. In SmolLM2 at 512 experts of 3 neurons,
+    one such split gave layer 11 a stand-in mean of norm 439 and an output error of 0.19 (0.02 at
+    256 experts, where the two shared an expert by chance), and the converted model a perplexity of
+    126.9 on the quick evaluation's text (dense 29.4; 43.0 at 256 experts).
     """
     massive = [int(j) for j in peaks.argsort(descending=True) if peaks[j] > threshold]
     if not massive:
