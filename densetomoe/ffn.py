@@ -68,12 +68,13 @@ class DenseFFN:
     def peak_contributions(self, x: torch.Tensor) -> torch.Tensor:
         """``(d_ff,)``: each neuron's largest contribution to the output on inputs ``x``,
         ``max_t |a_tj| ||W_down[:, j]||``, as a multiple of the median token's output norm ``||y_t||``."""
-        peak, norms = torch.zeros(self.size), []
+        w = self.w_down.float()
+        peak, norms = torch.zeros(self.size, device=w.device), []
         for part in x.split(CHUNK):
             a = self.neurons(part).float()
-            peak = torch.maximum(peak, a.abs().amax(0).to(peak.device))
-            norms.append((a @ self.w_down.float().T).norm(dim=-1))
-        return peak.to(self.w_down.device) * self.w_down.float().norm(dim=0) / torch.cat(norms).median().clamp_min(1e-12)
+            peak = torch.maximum(peak, a.abs().amax(0))
+            norms.append((a @ w.T).norm(dim=-1))
+        return peak * w.norm(dim=0) / torch.cat(norms).median().clamp_min(1e-12)
 
     def abs_activations(self, x: torch.Tensor) -> torch.Tensor:
         """``|a|`` transposed, ``(d_ff, tokens)``, built a chunk of tokens at a time (one copy in memory)."""
