@@ -56,6 +56,7 @@ ROWS = {  # name: (what it is, settings on top of the defaults); every row at ha
     "router-512": ("64 experts, dynamic top-k, refit, 131,072 sampled tokens of 262,144, routers of 512 hidden units trained 2,000 steps", dict(ffn_budget=0.5, **BIG_SAMPLE, **BIG_ROUTER)),
     "128-router-512": ("128 experts of 12 neurons, dynamic top-k (64 on average), refit, 131,072 sampled tokens of 262,144, routers of 512 hidden units trained 2,000 steps", dict(ffn_budget=0.5, experts=128, **BIG_SAMPLE, **BIG_ROUTER)),
     "256-router-512": ("256 experts of 6 neurons, dynamic top-k (128 on average), refit, 131,072 sampled tokens of 262,144, routers of 512 hidden units trained 2,000 steps", dict(ffn_budget=0.5, experts=256, **BIG_SAMPLE, **BIG_ROUTER)),
+    "512-router-512": ("512 experts of 3 neurons, dynamic top-k (256 on average), refit, 131,072 sampled tokens of 262,144, routers of 512 hidden units trained 2,000 steps", dict(ffn_budget=0.5, experts=512, **BIG_SAMPLE, **BIG_ROUTER)),
     "soft-boundary": ("the default with --routing dynamic-soft: a soft boundary, experts within a factor 1.1 above a token's threshold taken in part", dict(ffn_budget=0.5, routing="dynamic-soft")),
     "soft-boundary-0.03": ("the default with --routing dynamic-soft: a soft boundary, experts within a factor 1.03 above a token's threshold taken in part", dict(ffn_budget=0.5, routing="dynamic-soft", ramp=0.03)),
 }
