@@ -205,6 +205,11 @@ class Conversion:
             loss_figure(self.history.as_dict(), staging / FIGURE_LOSS)
 
 
+def _fixed_top_k(recipe: Recipe) -> int | None:
+    """The top-k of every converted layer when the recipe fixes it; None when an FFN budget plans it."""
+    return recipe.top_k if recipe.ffn_budget is None else None
+
+
 def check_seq2seq(recipe: Recipe, arch: archs.Arch) -> None:
     """What an encoder-decoder cannot do yet: one block at a time, distillation, the native format."""
     if not arch.seq2seq:
@@ -264,7 +269,7 @@ def convert(
     check_seq2seq(recipe, arch)
     if recipe.distill is not None:
         check_sources(recipe.distill.data)
-    target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
+    target = native.check_source(dense.config, recipe.shared_experts, _fixed_top_k(recipe)) if recipe.format == "native" else None
     load.check_memory(dense.source, recipe.dtype, copies=2 if recipe.distill is not None else 1)
     dense.load(recipe, log, device)
     model = dense.model
@@ -300,7 +305,7 @@ def convert(
     teacher = dense_teacher(model, recipe.distill) if recipe.distill is not None else None
     native_report = None
     if target is not None:  # a new native model, built on the dense one's parameters
-        native.check_plan(plan, recipe.experts)
+        native.check_plan(plan, recipe.experts, target)
         samples = {i: stats.layers[i].inputs for i in modules}
         with devices.computing_on(device):
             model, native_report = native.to_native(
@@ -432,7 +437,7 @@ def convert_sequential(
     arch, ffn_size, num_layers = dense.arch, dense.ffn_size, dense.num_layers
     check_against_model(recipe, ffn_size, num_layers)
     check_seq2seq(recipe, arch)
-    target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
+    target = native.check_source(dense.config, recipe.shared_experts, _fixed_top_k(recipe)) if recipe.format == "native" else None
     dense.split(recipe)
     log(f"{dense.source.name}: {arch.family}, {num_layers} layers, FFN {ffn_size}, one block at a time")
     dtype = load.DTYPES[recipe.dtype]
@@ -687,7 +692,7 @@ def _native_from_folder(student, teacher, tokenizer, recipe: Recipe, arch, texts
     if any(m.coverage for m in modules.values()):
         raise UsageError("--format native: this model uses dynamic top-k, and a native MoE gives every token the same number of experts; convert with --routing top-k")
     num_layers = archs.num_layers(teacher.config, arch)
-    native.check_plan({i: modules[i].top_k if i in modules else None for i in range(num_layers)}, recipe.experts)
+    native.check_plan({i: modules[i].top_k if i in modules else None for i in range(num_layers)}, recipe.experts, target)
     ffns, stats = calibrate_layers(teacher, tokenizer, texts, arch, list(modules), recipe, show_progress)
     _, ffn_size = archs.ffn_sizes(teacher.config, arch)
     samples = {i: stats.layers[i].inputs for i in modules}

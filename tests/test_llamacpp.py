@@ -7,6 +7,9 @@ Needs ``make llamacpp`` (``make test`` runs it first); skipped with the reason o
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +19,7 @@ from conftest import quick_recipe, save_tiny_decoder
 
 import densetomoe
 from densetomoe import data, llamacpp, metrics
-from densetomoe.stages import load
+from densetomoe.stages import load, native
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(llamacpp.missing() is not None, reason=f"llama.cpp: {llamacpp.missing()}")]
 
@@ -139,3 +142,37 @@ def test_real_smollm_native_moe_computes_in_llama_cpp_what_transformers_computes
     assert float(np.median(errors)) < 1e-4, summary
     assert np.mean(agree) > 0.7, summary  # 0.85 to 0.99 over repeated conversions; 0.31 at 2^-14
     assert served.nll == pytest.approx(measured.nll, rel=0.03), summary  # perplexity within ~30% at ~8.5 nats a token
+
+
+def loads_in_llama_cpp(gguf) -> bool:
+    """Whether llama.cpp loads ``gguf`` and evaluates three tokens; in a child process, since a graph
+    that does not fit aborts the whole process."""
+    code = f"from densetomoe import llamacpp; llamacpp.load({str(gguf)!r}, n_ctx=512).eval([1, 2, 3]); print('evaluated')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return run.returncode == 0 and "evaluated" in run.stdout
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe"])
+def test_llama_cpp_loads_the_most_experts_per_token_the_native_export_allows_and_no_more(lm_tokenizer, tmp_path, model_type):
+    """The engine's limit that the export checks (``Target.llama_cpp_top_k``) is the installed llama.cpp's:
+    a 16-layer model at the limit loads, one more expert per token aborts it (it does not depend on depth
+    beyond 8 layers: the graph's room and its MoE nodes both grow with the layer count)."""
+    target = next(t for t in native.TARGETS if t.model_type == model_type)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(lm_tokenizer)
+    shape = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=16, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=64, moe_intermediate_size=8, tie_word_embeddings=False, max_position_embeddings=512,
+    )  # fmt: skip
+    if model_type == "qwen2_moe":
+        shape.update(shared_expert_intermediate_size=8, norm_topk_prob=False, qkv_bias=True)
+    else:
+        shape.update(head_dim=8)
+    loaded = {}
+    for top_k in (target.llama_cpp_top_k, target.llama_cpp_top_k + 1):
+        folder = tmp_path / f"top{top_k}"
+        config = transformers.AutoConfig.for_model(model_type, num_experts_per_tok=top_k, **shape)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        loaded[top_k] = loads_in_llama_cpp(llamacpp.to_gguf(folder, tmp_path / f"top{top_k}.gguf", "f16"))
+    assert loaded == {target.llama_cpp_top_k: True, target.llama_cpp_top_k + 1: False}

@@ -116,9 +116,53 @@ def test_native_refuses_an_mlp_router_and_mixed_top_k():
     assert densetomoe.Recipe.build(model="m").router == "mlp"
     with pytest.raises(densetomoe.UsageError, match="float16"):
         densetomoe.Recipe.build(model="m", format="native", dtype="float16")
-    assert native.check_plan({0: None, 1: 2, 2: 2}, 8) == 2
+    qwen2_moe = native.TARGETS[0]
+    assert native.check_plan({0: None, 1: 2, 2: 2}, 8, qwen2_moe) == 2
     with pytest.raises(densetomoe.UsageError, match="one top-k"):
-        native.check_plan({0: 2, 1: 4}, 8)
+        native.check_plan({0: 2, 1: 4}, 8, qwen2_moe)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_native_refuses_more_experts_per_token_than_llama_cpp_loads(tiny_decoders, tmp_path, family, monkeypatch):
+    """Past the engine's limit llama.cpp aborts at load (tests/test_llamacpp.py pins the limit): the
+    export refuses first, in one line, before any weights or text are read."""
+    target = native.target_for(transformers.AutoConfig.from_pretrained(tiny_decoders[family]))
+    limit = target.llama_cpp_top_k
+    monkeypatch.setattr(densetomoe.pipeline.Dense, "load", lambda *a, **k: pytest.fail("the weights were loaded"))
+    args = ["convert", str(tiny_decoders[family]), "--format", "native", "--experts", "64", "--out", str(tmp_path / "o"), "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--top-k", str(limit + 1)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert f"llama.cpp aborts at load on a {target.model_type} with more than {limit} experts per token" in message
+    assert f"use --top-k {limit} or less" in message and not (tmp_path / "o").exists()
+    # a plan that an FFN budget makes is checked too, once it is known
+    with pytest.raises(densetomoe.UsageError, match=f"more than {limit} experts per token"):
+        native.check_plan({0: limit + 1, 1: None}, 64, target)
+    assert native.check_plan({0: limit, 1: None}, 64, target) == limit
+
+
+def test_a_one_expert_folder_is_the_dense_family_pruned_to_the_expert_width(tiny_decoders, texts_file, tmp_path):
+    """``--experts 1 --top-k 1 --prune P``: the FFN width-pruned and refit; as qwen2 it computes the same."""
+    folder = tiny_decoders["llama"]
+    recipe = quick_recipe(folder, texts_file, experts=1, top_k=1, prune=0.5, format="native")
+    densetomoe.convert(recipe, out=tmp_path / "pruned", show_progress=False)
+    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    dense = native.dense_equivalent(moe)
+    assert dense.config.model_type == "qwen2" and dense.config.intermediate_size == moe.config.moe_intermediate_size == 32
+    dense.save_pretrained(tmp_path / "dense")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert type(reloaded).__name__ == "Qwen2ForCausalLM"
+    inputs = lm_inputs(folder)
+    with torch.no_grad():
+        want = moe(**inputs).logits
+        assert rel(reloaded(**inputs).logits, want) < 1e-6
+        assert rel(want, dense_logits(folder, "llama", inputs)) > 1e-2  # half the neurons are gone
+    two = transformers.Qwen2MoeConfig(
+        num_experts=2, num_hidden_layers=1, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, moe_intermediate_size=8, shared_expert_intermediate_size=8, vocab_size=64,
+    )  # fmt: skip
+    with pytest.raises(densetomoe.UsageError, match="only a native MoE of one expert"):
+        native.dense_equivalent(transformers.AutoModelForCausalLM.from_config(two))
 
 
 def ridge_fit(z: torch.Tensor, y: torch.Tensor, initial: torch.Tensor, ridge: float) -> torch.Tensor:

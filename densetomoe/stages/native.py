@@ -29,6 +29,12 @@ the two agree where they can:
   separate output matrix (the model computes the same; the file grows by one embedding matrix).
 * **Per-layer structure**: layers that stay dense become ``mlp_only_layers``. Every MoE layer must use
   the same top-k (the config has one ``num_experts_per_tok``).
+* **The engine's limit on top-k**: llama.cpp sizes its compute graph at 8 nodes per weight tensor, and
+  its MoE layer adds two nodes per selected expert; past :attr:`Target.llama_cpp_top_k` experts per
+  token it aborts at load (``ggml_new_object: not enough space in the context's memory pool``), so the
+  export refuses such a structure before any work.
+* **One expert** (``--experts 1 --top-k 1 --prune P``) is the FFN pruned to a narrower width, refit and
+  trained as an MoE; :func:`dense_equivalent` writes it as the dense family it came from.
 """
 
 from __future__ import annotations
@@ -62,6 +68,17 @@ class Target:
     renormalises: bool  # the engines renormalise the top-k weights to sum 1 (norm_topk_prob)
     engines: str  # who runs it, for the model card and messages
     untied_head: bool = False  # llama.cpp needs its own output matrix: tied embeddings are written twice
+    llama_cpp_top_k: int | None = None  # the most experts per token llama.cpp loads (see check_top_k)
+    dense_type: str = ""  # the dense model type a one-expert folder is written as (dense_equivalent)
+
+    def check_top_k(self, top_k: int) -> None:
+        """Refuse a top-k that llama.cpp, which serves this model type, aborts on at load."""
+        if self.llama_cpp_top_k is not None and top_k > self.llama_cpp_top_k:
+            raise UsageError(
+                f"--format native: llama.cpp aborts at load on a {self.model_type} with more than {self.llama_cpp_top_k} "
+                f"experts per token (its compute graph runs out of room), this one has {top_k}; use --top-k "
+                f"{self.llama_cpp_top_k} or less (fewer, larger experts keep the share of the FFN)"
+            )
 
 
 TARGETS: tuple[Target, ...] = (
@@ -72,8 +89,18 @@ TARGETS: tuple[Target, ...] = (
         renormalises=False,  # llama.cpp's qwen2moe never renormalises, whatever norm_topk_prob says
         engines="transformers, vLLM, SGLang; llama.cpp when every layer is MoE",
         untied_head=True,  # llama.cpp's qwen2moe requires output.weight, with no fallback to the embeddings
+        llama_cpp_top_k=40,  # llama.cpp 0.3.36: 40 loads and 41 aborts at 16 and at 30 layers (tests/test_llamacpp.py)
+        dense_type="qwen2",  # LLaMA attention with q/k/v biases, as qwen2_moe's
     ),
-    Target("qwen3_moe", ("qwen3",), shared_expert=False, renormalises=True, engines="transformers, vLLM, SGLang, llama.cpp"),
+    Target(
+        "qwen3_moe",
+        ("qwen3",),
+        shared_expert=False,
+        renormalises=True,
+        engines="transformers, vLLM, SGLang, llama.cpp",
+        llama_cpp_top_k=22,  # llama.cpp 0.3.36: 22 loads and 23 aborts at 16 and at 30 layers (no shared-expert tensors)
+        dense_type="qwen3",
+    ),
 )
 
 
@@ -92,9 +119,12 @@ def target_for(config) -> Target:
     )
 
 
-def check_source(config, shared_experts: int) -> Target:
-    """Everything about the dense config that the target must match, before weights are read."""
+def check_source(config, shared_experts: int, top_k: int | None = None) -> Target:
+    """Everything about the dense config that the target must match, before weights are read; ``top_k``:
+    the recipe's, when it is fixed before planning (no FFN budget)."""
     target = target_for(config)
+    if top_k is not None:
+        target.check_top_k(top_k)
     act = getattr(config, "hidden_act", None)
     if act != "silu":
         raise UsageError(f"--format native: the engines' {target.model_type} uses SiLU, this model's FFN uses {act!r}")
@@ -108,7 +138,7 @@ def check_source(config, shared_experts: int) -> Target:
     return target
 
 
-def check_plan(plan: dict[int, int | None], experts: int) -> int:
+def check_plan(plan: dict[int, int | None], experts: int, target: Target) -> int:
     """The one top-k every MoE layer of a native model shares (dense layers: ``None`` in ``plan``)."""
     used = sorted({k for k in plan.values() if k is not None})
     if len(used) > 1:
@@ -118,7 +148,9 @@ def check_plan(plan: dict[int, int | None], experts: int) -> int:
             f"--format native: a native MoE config has one top-k for all MoE layers, this plan mixes them ({listing}); "
             "use --top-k, or --format remote-code for per-layer top-k"
         )
-    return used[0] if used else experts
+    top_k = used[0] if used else experts
+    target.check_top_k(top_k)
+    return top_k
 
 
 @dataclass
@@ -349,3 +381,41 @@ def to_native(
         model.tie_weights()
     model.generation_config = dense.generation_config
     return model.eval(), NativeReport.from_fits(target.model_type, mlp_only, first.shared_size, fits)
+
+
+def dense_equivalent(model: nn.Module) -> nn.Module:
+    """A native MoE of one expert per layer (the FFN pruned to a narrower width: ``--experts 1 --top-k 1
+    --prune P``) as the dense model type it is (``qwen2_moe`` -> ``qwen2``, ``qwen3_moe`` -> ``qwen3``), with
+    ``intermediate_size`` the expert's width. The same function: a lone expert's softmax weight is exactly
+    1, and the all-zero shared expert adds nothing. Serving engines then run a plain FFN, the honest
+    baseline that an MoE of the same share of neurons has to beat."""
+    config = model.config
+    target = next((t for t in TARGETS if t.model_type == config.model_type), None)
+    if target is None or config.num_experts != 1:
+        raise UsageError(f"only a native MoE of one expert has a dense equivalent, this is {config.model_type} with {getattr(config, 'num_experts', 0)} experts")
+    if config.mlp_only_layers:
+        raise UsageError(f"layers {config.mlp_only_layers} stayed dense at full width: a dense config has one FFN width")
+    state = model.state_dict()
+    layers = config.num_hidden_layers
+    if any(float(state.get(f"model.layers.{i}.mlp.shared_expert.down_proj.weight", torch.zeros(1)).abs().max()) > 0 for i in range(layers)):
+        raise UsageError("the shared expert computes something: with it the model is not one FFN of the expert's width")
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    settings["intermediate_size"] = config.moe_intermediate_size
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
+                "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits", "qkv_bias"):  # fmt: skip
+        settings.pop(key, None)
+    dense_config = CONFIG_MAPPING[target.dense_type](**settings)
+    dense_state = {}
+    for name, tensor in state.items():
+        prefix, _, rest = name.partition(".mlp.")
+        if not rest:
+            dense_state[name] = tensor
+        elif rest == "experts.gate_up_proj":  # (1, 2 x width, hidden)
+            gate, up = tensor[0].chunk(2)
+            dense_state[f"{prefix}.mlp.gate_proj.weight"], dense_state[f"{prefix}.mlp.up_proj.weight"] = gate, up
+        elif rest == "experts.down_proj":  # (1, hidden, width)
+            dense_state[f"{prefix}.mlp.down_proj.weight"] = tensor[0]
+    dense = AutoModelForCausalLM.from_config(dense_config, dtype=model.dtype)
+    dense.load_state_dict(dense_state, strict=True)
+    dense.generation_config = model.generation_config
+    return dense.eval()
