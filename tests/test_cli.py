@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -154,3 +155,53 @@ def test_recipe_with_flag_overrides(tiny_models, texts_file, tmp_path):
     assert result.exit_code == 0, result.output
     saved = (out / "densetomoe_recipe.yaml").read_text()
     assert "top_k: 2" in saved and "router: centroid" in saved and "experts: 4" in saved
+
+
+# -- a damaged checkpoint and a full disk: refused in one line before any work, or when the write fails
+def assert_one_line(result):
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Fail the test if any calibration text is read: the refusals below come before any work."""
+    from densetomoe import data
+
+    monkeypatch.setattr(data, "load_texts", lambda *a, **k: pytest.fail("the calibration text was read"))
+
+
+def copy_of(folder, tmp_path):
+    return shutil.copytree(folder, tmp_path / f"copy-{folder.name}")
+
+
+def test_a_truncated_checkpoint_is_refused_in_one_line_naming_the_file(tiny_models, tmp_path, no_calibration):
+    model = copy_of(tiny_models["BertModel"], tmp_path)
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    out = tmp_path / "out"
+    result = invoke("convert", model, "--experts", "4", "--out", out)
+    assert_clean_failure(result, f"{weights} is truncated or corrupt", out)
+    assert_one_line(result)
+
+
+def sharded(folder, tmp_path):
+    """``folder``'s model saved again in shards of at most 100 kB, with their index."""
+    model = transformers.AutoModel.from_pretrained(folder)
+    copy = copy_of(folder, tmp_path)
+    (copy / "model.safetensors").unlink()
+    model.save_pretrained(copy, max_shard_size="100KB")
+    assert (copy / "model.safetensors.index.json").is_file() and len(list(copy.glob("*.safetensors"))) > 1
+    return copy
+
+
+@pytest.mark.parametrize(
+    "damage,message", [("truncate", "is truncated or corrupt"), ("delete", "is missing (the checkpoint's index names it)")]
+)
+def test_every_shard_is_checked(tiny_models, tmp_path, no_calibration, damage, message):
+    model = sharded(tiny_models["BertModel"], tmp_path)
+    shard = max(model.glob("*.safetensors"))
+    os.truncate(shard, shard.stat().st_size // 2) if damage == "truncate" else shard.unlink()
+    out = tmp_path / "out"
+    result = invoke("convert", model, "--experts", "4", "--out", out)
+    assert_clean_failure(result, f"{shard} {message}", out)
+    assert_one_line(result)
