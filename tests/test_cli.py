@@ -205,3 +205,30 @@ def test_every_shard_is_checked(tiny_models, tmp_path, no_calibration, damage, m
     result = invoke("convert", model, "--experts", "4", "--out", out)
     assert_clean_failure(result, f"{shard} {message}", out)
     assert_one_line(result)
+
+
+def estimated(model) -> str:
+    """What the refusals say the output of ``convert model --experts 4`` needs, in words."""
+    from densetomoe.pipeline import Dense, output_size
+    from densetomoe.recipe import Recipe
+    from densetomoe.stages import export
+
+    needed = output_size(Dense.describe(str(model), False), Recipe.build(model=str(model), experts=4), None)
+    return export._bytes(needed)
+
+
+def fake_free_space(monkeypatch, free):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+
+@pytest.mark.parametrize("driver", ["in memory", "sequential"])
+def test_too_little_free_space_is_refused_before_any_work(tiny_models, tiny_decoders, tmp_path, monkeypatch, no_calibration, driver):
+    model = tiny_models["BertModel"] if driver == "in memory" else tiny_decoders["llama"]
+    flags = ["--in-memory"] if driver == "in memory" else ["--sequential"]
+    fake_free_space(monkeypatch, 1000)
+    out = tmp_path / "out"
+    result = invoke("convert", model, "--experts", "4", *flags, "--out", out)
+    space = f"needs about {estimated(model)}, 1 kB free on its filesystem"
+    assert_clean_failure(result, f"--out {out}: {space}; free some space or choose another --out", out)
+    assert_one_line(result)

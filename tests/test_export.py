@@ -10,7 +10,7 @@ import yaml
 import densetomoe
 from conftest import quick_recipe
 from densetomoe import devices
-from densetomoe.pipeline import processes
+from densetomoe.pipeline import OUTPUT_FILES, Dense, output_size, processes
 from densetomoe.stages import export
 
 
@@ -48,6 +48,15 @@ def test_failure_midway_leaves_nothing(converted, tmp_path, monkeypatch, interru
     with pytest.raises(interruption):
         write(converted, out)
     assert not out.exists() and leftovers(out) == []
+
+
+def test_the_output_estimate_covers_the_folder(converted, tmp_path):
+    """What convert checks before the work is at least what export writes, and not far more."""
+    out = write(converted, tmp_path / "out")
+    written = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    dense = Dense.describe(converted.recipe.model, False)
+    estimate = output_size(dense, converted.recipe, None)
+    assert written < estimate < 1.25 * written + OUTPUT_FILES
 
 
 def test_failed_overwrite_keeps_the_old_folder(converted, tmp_path, monkeypatch):

@@ -31,11 +31,41 @@ def check_destination(out: Path, overwrite: bool) -> None:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
-    ancestor = out.resolve().parent  # created at write time if missing
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = _existing_parent(out)  # the folders missing are created at write time
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
         raise UsageError(f"cannot write {out}: {ancestor} is not a writable folder")
+
+
+def _existing_parent(out: Path) -> Path:
+    ancestor = Path(out).resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    return ancestor
+
+
+def free_space(out: Path) -> int:
+    """Bytes free on the filesystem that will hold ``out`` (its nearest existing parent's)."""
+    return shutil.disk_usage(_existing_parent(out)).free
+
+
+def check_space(out: Path, needed: int) -> None:
+    """Refuse before any work an ``out`` whose filesystem has less than ``needed`` bytes free."""
+    free = free_space(out)
+    if needed > free:
+        raise UsageError(f"--out {out}: {_space(needed, free)}; free some space or choose another --out")
+
+
+def _space(needed: int | None, free: int) -> str:
+    needs = "" if needed is None else f"needs about {_bytes(needed)}, "
+    return f"{needs}{_bytes(free)} free on its filesystem"
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes in kB, MB, GB or TB (powers of 1000, as ``df -H`` counts), to three figures."""
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 999.5 or unit == "TB":
+            return f"{n:.3g} {unit}" if n < 99.95 else f"{n:,.0f} {unit}"
 
 
 def write(
