@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,8 +172,9 @@ class Conversion:
             seq2seq=self.dense.arch.seq2seq,
         )
 
-    def write(self, out: Path, overwrite: bool) -> None:
-        """Export to ``out`` (in one process under ``accelerate launch``)."""
+    def write(self, out: Path, overwrite: bool, needed: int | None = None) -> None:
+        """Export to ``out`` (in one process under ``accelerate launch``); ``needed``: the bytes estimated
+        before the work (:func:`output_size`), which a failed write reports."""
         if not is_main_process():
             return
         export.write(
@@ -190,6 +189,7 @@ class Conversion:
             extras=self._extras,
             format=self.format,
             weights=self.weights,
+            needed=needed,
         )
         self.out = out
 
@@ -303,8 +303,7 @@ def convert(
         check_sources(recipe.distill.data)
     target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
     load.check_memory(dense.source, recipe.dtype, copies=2 if recipe.distill is not None else 1)
-    if out is not None:
-        check_output_space(dense, recipe, target, out)
+    needed = check_output_space(dense, recipe, target, out) if out is not None else None
     dense.load(recipe, log, device)
     model = dense.model
     clock.lap("load")
@@ -378,7 +377,7 @@ def convert(
         recipe, dense, model, report, stats, clock.seconds, history=history, native=native_report, device=devices.describe(device)
     )  # fmt: skip
     if out is not None:
-        result.write(out, overwrite)
+        result.write(out, overwrite, needed)
         clock.lap("export")
     return result
 
@@ -472,7 +471,7 @@ def convert_sequential(
     check_against_model(recipe, ffn_size, num_layers)
     check_seq2seq(recipe, arch)
     target = native.check_source(dense.config, recipe.shared_experts) if recipe.format == "native" else None
-    check_output_space(dense, recipe, target, out)
+    needed = check_output_space(dense, recipe, target, out)
     dense.split(recipe)
     log(f"{dense.source.name}: {arch.family}, {num_layers} layers, FFN {ffn_size}, one block at a time")
     dtype = load.DTYPES[recipe.dtype]
@@ -501,9 +500,9 @@ def convert_sequential(
     modules: dict[int, MoEFeedForward] = {}  # kept on the meta device: their shapes describe the model
     fits = []
     native_shell = None
-    weights = out.parent / f".{out.name}.weights-{os.getpid()}"
-    writer = blockwise.ShardWriter(weights)
-    try:
+    # each block is written as it converts, to a scratch folder whose files then move into the export
+    with export.scratch(out, needed, "weights") as weights:
+        writer = blockwise.ShardWriter(weights)
         with progress(show_progress) as bar, devices.computing_on(device):
             task = bar.add_task("blocks", total=num_layers)
             for i in range(num_layers):
@@ -574,10 +573,8 @@ def convert_sequential(
         result = Conversion(
             recipe, dense, model, report, stats, clock.seconds, native=native_report, weights=weights, device=devices.describe(device)
         )  # fmt: skip
-        result.write(out, overwrite)
+        result.write(out, overwrite, needed)
         clock.lap("export")
-    finally:
-        shutil.rmtree(weights, ignore_errors=True)
     return result
 
 

@@ -232,3 +232,29 @@ def test_too_little_free_space_is_refused_before_any_work(tiny_models, tiny_deco
     space = f"needs about {estimated(model)}, 1 kB free on its filesystem"
     assert_clean_failure(result, f"--out {out}: {space}; free some space or choose another --out", out)
     assert_one_line(result)
+
+
+NO_SPACE = "Error while serializing: I/O error: No space left on device (os error 28)"  # what safetensors raises
+
+
+@pytest.mark.parametrize("driver", ["in memory", "sequential"])
+def test_a_disk_that_fills_during_the_write_is_one_line_and_leaves_nothing(tiny_decoders, texts_file, tmp_path, monkeypatch, driver):
+    from safetensors import SafetensorError
+
+    from densetomoe.stages import blockwise
+
+    def full(*args, **kwargs):
+        raise SafetensorError(NO_SPACE)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)  # save_pretrained's
+    monkeypatch.setattr(blockwise, "save_file", full)  # one block at a time
+    fake_free_space(monkeypatch, 10**9)  # the check before the work passes, whatever this disk holds
+    out = tmp_path / "out"
+    flags = ["--in-memory"] if driver == "in memory" else ["--sequential"]
+    result = invoke("convert", tiny_decoders["llama"], "--experts", "4", "--calib", texts_file, *flags, "--out", out, *FAST)
+    assert result.exit_code == 2, result.output
+    *work, last = result.output.strip().splitlines()  # what the conversion logged, then the one line
+    space = f"needs about {estimated(tiny_decoders['llama'])}, 1 GB free on its filesystem"  # as the check before the work
+    assert last == f"error: cannot write --out {out}: No space left on device (os error 28) ({space})"
+    assert "error" not in " ".join(work) and "Traceback" not in result.output
+    assert not out.exists() and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
