@@ -22,12 +22,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from .errors import UsageError
 from .folder import REPORT_FILE
+from .stages.export import staged
 
 MARKDOWN_FILE = "report.md"
 FIGURE_ROUTING = "expert_load.png"
@@ -55,23 +54,15 @@ def check_destination(out: Path) -> None:
 
 
 def write(report: dict, out: Path) -> Path:
-    """Write the report folder atomically (a temporary sibling renamed into place); an earlier report
-    in ``out`` is replaced, anything else there is refused (:func:`check_destination`)."""
+    """Write the report folder atomically, as export writes a model (:func:`densetomoe.stages.export.staged`);
+    an earlier report in ``out`` is replaced, anything else there is refused (:func:`check_destination`)."""
     out = Path(out)
     check_destination(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(out, None) as staging:  # a report's size is not known before it is written
+        staging.mkdir(parents=True)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         figures = _figures(report, staging)
         (staging / MARKDOWN_FILE).write_text(markdown(report, figures))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

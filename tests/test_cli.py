@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -154,3 +155,106 @@ def test_recipe_with_flag_overrides(tiny_models, texts_file, tmp_path):
     assert result.exit_code == 0, result.output
     saved = (out / "densetomoe_recipe.yaml").read_text()
     assert "top_k: 2" in saved and "router: centroid" in saved and "experts: 4" in saved
+
+
+# -- a damaged checkpoint and a full disk: refused in one line before any work, or when the write fails
+def assert_one_line(result):
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Fail the test if any calibration text is read: the refusals below come before any work."""
+    from densetomoe import data
+
+    monkeypatch.setattr(data, "load_texts", lambda *a, **k: pytest.fail("the calibration text was read"))
+
+
+def copy_of(folder, tmp_path):
+    return shutil.copytree(folder, tmp_path / f"copy-{folder.name}")
+
+
+def test_a_truncated_checkpoint_is_refused_in_one_line_naming_the_file(tiny_models, tmp_path, no_calibration):
+    model = copy_of(tiny_models["BertModel"], tmp_path)
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    out = tmp_path / "out"
+    result = invoke("convert", model, "--experts", "4", "--out", out)
+    assert_clean_failure(result, f"{weights} is truncated or corrupt", out)
+    assert_one_line(result)
+
+
+def sharded(folder, tmp_path):
+    """``folder``'s model saved again in shards of at most 100 kB, with their index."""
+    model = transformers.AutoModel.from_pretrained(folder)
+    copy = copy_of(folder, tmp_path)
+    (copy / "model.safetensors").unlink()
+    model.save_pretrained(copy, max_shard_size="100KB")
+    assert (copy / "model.safetensors.index.json").is_file() and len(list(copy.glob("*.safetensors"))) > 1
+    return copy
+
+
+@pytest.mark.parametrize(
+    "damage,message", [("truncate", "is truncated or corrupt"), ("delete", "is missing (the checkpoint's index names it)")]
+)
+def test_every_shard_is_checked(tiny_models, tmp_path, no_calibration, damage, message):
+    model = sharded(tiny_models["BertModel"], tmp_path)
+    shard = max(model.glob("*.safetensors"))
+    os.truncate(shard, shard.stat().st_size // 2) if damage == "truncate" else shard.unlink()
+    out = tmp_path / "out"
+    result = invoke("convert", model, "--experts", "4", "--out", out)
+    assert_clean_failure(result, f"{shard} {message}", out)
+    assert_one_line(result)
+
+
+def estimated(model) -> str:
+    """What the refusals say the output of ``convert model --experts 4`` needs, in words."""
+    from densetomoe.pipeline import Dense, output_size
+    from densetomoe.recipe import Recipe
+    from densetomoe.stages import export
+
+    needed = output_size(Dense.describe(str(model), False), Recipe.build(model=str(model), experts=4), None)
+    return export._bytes(needed)
+
+
+def fake_free_space(monkeypatch, free):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+
+@pytest.mark.parametrize("driver", ["in memory", "sequential"])
+def test_too_little_free_space_is_refused_before_any_work(tiny_models, tiny_decoders, tmp_path, monkeypatch, no_calibration, driver):
+    model = tiny_models["BertModel"] if driver == "in memory" else tiny_decoders["llama"]
+    flags = ["--in-memory"] if driver == "in memory" else ["--sequential"]
+    fake_free_space(monkeypatch, 1000)
+    out = tmp_path / "out"
+    result = invoke("convert", model, "--experts", "4", *flags, "--out", out)
+    space = f"needs about {estimated(model)}, 1 kB free on its filesystem"
+    assert_clean_failure(result, f"--out {out}: {space}; free some space or choose another --out", out)
+    assert_one_line(result)
+
+
+NO_SPACE = "Error while serializing: I/O error: No space left on device (os error 28)"  # what safetensors raises
+
+
+@pytest.mark.parametrize("driver", ["in memory", "sequential"])
+def test_a_disk_that_fills_during_the_write_is_one_line_and_leaves_nothing(tiny_decoders, texts_file, tmp_path, monkeypatch, driver):
+    from safetensors import SafetensorError
+
+    from densetomoe.stages import blockwise
+
+    def full(*args, **kwargs):
+        raise SafetensorError(NO_SPACE)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)  # save_pretrained's
+    monkeypatch.setattr(blockwise, "save_file", full)  # one block at a time
+    fake_free_space(monkeypatch, 10**9)  # the check before the work passes, whatever this disk holds
+    out = tmp_path / "out"
+    flags = ["--in-memory"] if driver == "in memory" else ["--sequential"]
+    result = invoke("convert", tiny_decoders["llama"], "--experts", "4", "--calib", texts_file, *flags, "--out", out, *FAST)
+    assert result.exit_code == 2, result.output
+    *work, last = result.output.strip().splitlines()  # what the conversion logged, then the one line
+    space = f"needs about {estimated(tiny_decoders['llama'])}, 1 GB free on its filesystem"  # as the check before the work
+    assert last == f"error: cannot write --out {out}: No space left on device (os error 28) ({space})"
+    assert "error" not in " ".join(work) and "Traceback" not in result.output
+    assert not out.exists() and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]

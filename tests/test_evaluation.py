@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,18 @@ def test_evaluate_sweeps_top_k_and_writes_the_report(tiny_models, texts_file, tm
     assert "top-2/4" in md and "expert_load.png" in md
     for name in (reports.FIGURE_ROUTING, reports.FIGURE_TRADEOFF):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_report_that_cannot_be_written_names_out_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(report, staging):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reports, "_figures", full)
+    out = tmp_path / "eval"
+    message = f"cannot write --out {re.escape(str(out))}: No space left on device \\(.* free on its filesystem\\)$"
+    with pytest.raises(UsageError, match=message):
+        reports.write({}, out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_eval_command_end_to_end(tiny_models, texts_file, tmp_path, sentiment_suite):

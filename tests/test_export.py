@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import subprocess
 
 import pytest
 import yaml
@@ -10,7 +14,7 @@ import yaml
 import densetomoe
 from conftest import quick_recipe
 from densetomoe import devices
-from densetomoe.pipeline import processes
+from densetomoe.pipeline import OUTPUT_FILES, Dense, output_size, processes
 from densetomoe.stages import export
 
 
@@ -37,17 +41,52 @@ def leftovers(out):
     return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
-@pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError])
-def test_failure_midway_leaves_nothing(converted, tmp_path, monkeypatch, interruption):
+@pytest.mark.parametrize(
+    "interruption,raised",
+    [(KeyboardInterrupt(), KeyboardInterrupt), (OSError(errno.ENOSPC, "No space left on device"), densetomoe.UsageError)],
+)
+def test_failure_midway_leaves_nothing(converted, tmp_path, monkeypatch, interruption, raised):
+    """Ctrl-C goes on as it is; a write the OS refuses becomes the one line that names --out."""
     out = tmp_path / "out"
 
     def broken(*args, **kwargs):
-        raise interruption("stopped while writing")
+        raise interruption
 
     monkeypatch.setattr(export.shutil, "copyfile", broken)
-    with pytest.raises(interruption):
+    with pytest.raises(raised) as caught:
         write(converted, out)
     assert not out.exists() and leftovers(out) == []
+    if raised is densetomoe.UsageError:
+        assert str(caught.value).startswith(f"cannot write --out {out}: No space left on device (needs about ")
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 200 kB tmpfs (mounting needs root; skipped elsewhere, where test_cli fakes the failure)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(folder)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True, check=False).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_real_full_filesystem_is_one_line_and_leaves_nothing(converted, small_filesystem):
+    out = small_filesystem / "out"
+    message = f"cannot write --out {re.escape(str(out))}: No space left on device .*free on its filesystem"
+    with pytest.raises(densetomoe.UsageError, match=message):
+        write(converted, out)
+    assert list(small_filesystem.iterdir()) == []
+
+
+def test_the_output_estimate_covers_the_folder(converted, tmp_path):
+    """What convert checks before the work is at least what export writes, and not far more."""
+    out = write(converted, tmp_path / "out")
+    written = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    dense = Dense.describe(converted.recipe.model, False)
+    estimate = output_size(dense, converted.recipe, None)
+    assert written < estimate < 1.25 * written + OUTPUT_FILES
 
 
 def test_failed_overwrite_keeps_the_old_folder(converted, tmp_path, monkeypatch):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,9 +192,17 @@ def model_class(config, causal_lm: bool = False) -> type:
     return auto._model_mapping[type(config)]
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint's list of files
+REDOWNLOAD = "download or copy it again"
+
+
 def check_weights(folder: Path, allow_pickle: bool) -> None:
-    """Refuse pickle-only checkpoints unless allowed: unpickling can run arbitrary code."""
-    if any(folder.glob("*.safetensors")):
+    """Refuse pickle-only checkpoints unless allowed (unpickling can run arbitrary code), and safetensors
+    files that are truncated or corrupt (:func:`check_safetensors`), or named by the index and missing,
+    before any of them is loaded."""
+    if any(folder.glob("*.safetensors")) or (folder / SAFETENSORS_INDEX).is_file():
+        for path in _safetensors_files(folder):
+            check_safetensors(path)
         return
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         if not allow_pickle:
@@ -202,6 +212,52 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
             )
         return
     raise UsageError(f"{folder} holds no weights (*.safetensors)")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The folder's safetensors files, and those its index names, each once."""
+    files = set(folder.glob("*.safetensors"))
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"{index} is not a safetensors index ({type(e).__name__}: {e}); {REDOWNLOAD}") from None
+        files |= {folder / name for name in names}
+    return sorted(files)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file that is missing, whose header does not parse, or whose size is not the
+    one its header describes (a truncated download or copy); only the header is read."""
+    if not path.is_file():
+        raise UsageError(f"{path} is missing (the checkpoint's index names it); {REDOWNLOAD}")
+    size = path.stat().st_size
+    try:
+        described = _described_size(path, size)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        detail = str(e) if isinstance(e, ValueError) else f"its header does not describe tensors: {type(e).__name__}"
+        raise UsageError(f"{path} is truncated or corrupt ({detail}); {REDOWNLOAD}") from None
+    if size != described:
+        raise UsageError(f"{path} is truncated or corrupt ({size:,} bytes where its header describes {described:,}); {REDOWNLOAD}")
+
+
+def _described_size(path: Path, size: int) -> int:
+    """The size of a safetensors file as its header says: the header's length (8 bytes, little-endian),
+    that many bytes of JSON, and the data up to where the tensors' ``data_offsets`` end."""
+    if size < 8:
+        raise ValueError(f"{size} bytes: too short for a header")
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > size - 8:
+            raise ValueError(f"a header of {length:,} bytes in a file of {size:,}")
+        header = f.read(length)
+    try:
+        header = json.loads(header)
+    except ValueError as e:
+        raise ValueError(f"its header is not JSON: {e}") from None
+    tensors = [entry for name, entry in header.items() if name != "__metadata__"]
+    return 8 + length + max((int(entry["data_offsets"][1]) for entry in tensors), default=0)
 
 
 def load_model(source: Source, config, dtype: str = "float32", allow_pickle: bool = False, causal_lm: bool = False):
