@@ -96,6 +96,29 @@ def test_native_moe_agrees_with_transformers(tiny_llama, texts_file, tmp_path, t
             np.testing.assert_allclose(expected, dense(torch.tensor([ids])).logits[0].numpy(), atol=1e-3)
 
 
+
+def test_a_recovered_native_folder_serves_in_llama_cpp_the_perplexity_transformers_measures(tiny_llama, texts_file, tmp_path):
+    """Native recovery trains under the engines' own routing math (softmax-weighted top-k, nothing from
+    the unselected experts): at top-k == experts it starts from the dense model exactly, and a folder
+    recovered at top-2 of 4 loads in plain transformers and in llama.cpp with the same perplexity."""
+    losses_only = dict(steps=3, batch_size=2, seq_len=32, eval_texts=4, eval_every=1, router_loss=0.0, balance_loss=0.0)
+    every = quick_recipe(tiny_llama, texts_file, top_k=4, format="native", distill=losses_only)
+    exact = densetomoe.convert(every, out=tmp_path / "every", show_progress=False)
+    assert exact.history.held_out[0]["step"] == 0 and exact.history.held_out[0]["loss"] < 1e-6
+
+    recipe = quick_recipe(tiny_llama, texts_file, top_k=2, format="native", distill=dict(losses_only, steps=8, lr=1e-3))
+    recovered = densetomoe.convert(recipe, out=tmp_path / "moe", show_progress=False)
+    assert recovered.history.held_out[-1]["loss"] < recovered.history.held_out[0]["loss"]  # it did train
+    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()  # no remote code
+    assert type(moe).__name__ == "Qwen2MoeForCausalLM"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "moe")
+    texts = data.heldout_corpus()
+    gguf = llamacpp.to_gguf(tmp_path / "moe", tmp_path / "moe.f16.gguf", "f16")
+    served = metrics.perplexity(llamacpp.scorer(llamacpp.load(gguf, n_ctx=128, logits_all=True)), tokenizer, texts, 128, 64, max_tokens=1024)
+    measured = metrics.perplexity(moe, tokenizer, texts, 128, 64, max_tokens=1024)
+    assert served.tokens == measured.tokens
+    assert abs(np.log(served.value) - np.log(measured.value)) < 0.03 * np.log(measured.value)
+
 def test_to_gguf_names_what_is_missing(monkeypatch, tmp_path):
     monkeypatch.setenv(llamacpp.CONVERTER_ENV, str(tmp_path))
     with pytest.raises(densetomoe.UsageError, match="convert_hf_to_gguf.py is not in"):
