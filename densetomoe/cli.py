@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .console import stderr
 from .folder import FORMATS, REPORT_DIR
+from .gguf import TYPES as GGUF_TYPES
 from .moe import nominal_top_k
 from .recipe import Distill, DType, MixedPrecision, Recipe, RoutingKind, Trainable, merge
 from .registry import Registry
@@ -120,6 +121,7 @@ def convert(
     allow_pickle: Annotated[bool, typer.Option(help="Accept a checkpoint stored only as pickle (.bin); only for sources you trust.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     push_to_hub: Annotated[Optional[str], typer.Option(help="Then upload the folder to this Hub repo (NAME or ORG/NAME), as `densetomoe push` does.")] = None,
+    gguf: Annotated[Optional[str], typer.Option(help=f"Then write GGUF files of these comma-separated types into the folder, for llama.cpp (--format native), as `densetomoe gguf` does: {', '.join(GGUF_TYPES)}.", show_default=False)] = None,
 ) -> None:
     """Convert a dense checkpoint into an MoE folder that loads with plain transformers."""
     def action():
@@ -153,6 +155,11 @@ def convert(
         if distill or flags:
             given["distill"] = {**(base.get("distill") or {}), **flags}
         plan = with_model_defaults(Recipe.build(**merge(base, given)))  # the folder's name shows what will run
+        if gguf is not None:
+            from .gguf import check_ready, parse_types
+
+            gguf_types = parse_types(gguf)
+            check_ready(plan.format)  # before the conversion: a type or an engine missing fails now
         name = Path(plan.model).stem if plan.model.lower().endswith(".gguf") else Path(plan.model).name
         shape = f"{plan.experts}x{plan.top_k}" if plan.ffn_budget is None else f"{plan.experts}-budget{plan.ffn_budget:g}"
         destination = out or Path(f"{name or 'model'}-moe-{shape}")
@@ -160,10 +167,35 @@ def convert(
         result = run_conversion(plan, destination, overwrite, show_progress=progress, log=_log, resume=resume, device=device)
         if _main_process():
             _print_summary(result)
+            if gguf is not None:
+                try:
+                    _write_gguf(result.out, gguf_types)
+                except UsageError as e:
+                    retry = f"densetomoe gguf {result.out} --type {','.join(gguf_types)}"
+                    raise UsageError(f"{e} (the converted folder is in {result.out}, without GGUF files: retry with `{retry}`)") from None
             if push_to_hub:
                 _push_converted(result.out, push_to_hub)
 
     _run(action)
+
+
+def _write_gguf(out: Path, types: list[str], perplexity_tokens: int | None = None) -> None:
+    """GGUF files into the converted folder ``out``, and a table of what they measured."""
+    from .gguf import PERPLEXITY_TOKENS, write
+
+    files = write(out, types, PERPLEXITY_TOKENS if perplexity_tokens is None else perplexity_tokens, log=_log)
+    table = Table(title=f"GGUF files in {out}", title_justify="left")
+    for column in ("file", "size", "served perplexity", "tensors of another type"):
+        table.add_column(column, justify="right")
+    for f in files:
+        served = "-" if f.perplexity is None else f"{f.perplexity:.2f}"
+        table.add_row(f.file, f"{f.bytes / 1e6:,.1f} MB", served, str(len(f.fallbacks)))
+    from rich.console import Console
+
+    Console().print(table)
+    for f in files:
+        for line in f.fallbacks:
+            stderr.print(f"note: {f.type.upper()} does not fit {line}", highlight=False, soft_wrap=True)
 
 
 def _main_process() -> bool:
@@ -330,6 +362,27 @@ def distill_command(
         result = run_distillation(moe_dir, settings, out, overwrite, base, resume, show_progress=progress, log=_log, format=format)
         if _main_process():
             _print_summary(result)
+
+    _run(action)
+
+
+@app.command("gguf")
+def gguf_command(
+    folder: Annotated[Path, typer.Argument(help="A --format native folder written by densetomoe convert.")],
+    type: Annotated[str, typer.Option("--type", "-t", help=f"Comma-separated GGUF types: {', '.join(GGUF_TYPES)}. f32/f16/bf16/q8_0 come from llama.cpp's converter, the rest from its quantizer.")] = "f16",
+    perplexity_tokens: Annotated[int, typer.Option(help="Held-out Wikipedia tokens each file is scored on in llama.cpp (0: not scored).")] = 4096,
+) -> None:
+    """Write GGUF files of a native folder into it, for llama.cpp, Ollama and LM Studio, each scored in llama.cpp."""
+
+    def action():
+        from .gguf import parse_types
+
+        if not (folder / "config.json").is_file():
+            from .errors import UsageError
+
+            raise UsageError(f"{folder} is not a model folder (no config.json in it)")
+        _quiet_transformers()
+        _write_gguf(folder, parse_types(type), perplexity_tokens)
 
     _run(action)
 

@@ -60,7 +60,8 @@ def to_gguf(folder: str | Path, out: str | Path, outtype: str = "f16") -> Path:
         command = [sys.executable, str(tools / "convert_hf_to_gguf.py"), str(source), "--outfile", str(out), "--outtype", outtype]
         run = subprocess.run(command, env=env, capture_output=True, text=True)
     if run.returncode != 0:
-        raise RuntimeError(f"llama.cpp's converter failed on {folder}:\n{run.stderr[-3000:]}")
+        said = [line.strip() for line in run.stderr.splitlines() if line.strip()]
+        raise UsageError(f"llama.cpp's converter failed on {folder}: {said[-1] if said else f'exit {run.returncode}'}")
     return out
 
 
@@ -100,16 +101,32 @@ def _untied(folder: Path, scratch: Path) -> Path:
     return scratch
 
 
-def load(path: str | Path, threads: int = 2, n_ctx: int = 512, f32_cache: bool = False, **settings):
+def load(path: str | Path, threads: int = 2, n_ctx: int = 512, f32_cache: bool = False, repack: bool = False, **settings):
     """A ``llama_cpp.Llama`` for the GGUF file ``path`` on ``threads`` CPU threads (settings: e.g. ``kv_overrides``).
 
     llama.cpp keeps its KV cache in float16 by default, which rounds attention's keys and values by
-    ~1e-3; ``f32_cache`` keeps them in float32, to compare llama.cpp's function with transformers'."""
+    ~1e-3; ``f32_cache`` keeps them in float32, to compare llama.cpp's function with transformers'.
+    ``repack``: let llama.cpp use its extra buffer types (quantized weights repacked for AMX or for
+    interleaved kernels). Off by default: with them llama-cpp-python 0.3.36 crashes (segmentation
+    fault) at the first evaluation of any quantized file on this project's AMX CPUs, SmolLM2's own
+    Q4_1 file included; float weights are never repacked, so f16 and f32 files run the same either way."""
     import llama_cpp
+    from llama_cpp import llama_cpp as api
 
     if f32_cache:
         settings |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
-    return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False, **settings)
+    defaults = api.llama_model_default_params
+
+    def model_params():  # llama_cpp.Llama takes no argument for it: its defaults, with use_extra_bufts set
+        params = defaults()
+        params.use_extra_bufts = repack
+        return params
+
+    api.llama_model_default_params = model_params
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False, **settings)
+    finally:
+        api.llama_model_default_params = defaults
 
 
 def scorer(llm):
