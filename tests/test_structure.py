@@ -26,7 +26,7 @@ PACKAGE = Path(densetomoe.__file__).parent
 FLOORS = {
     1: {"_version", "errors", "moe", "console", "memory", "metrics", "registry"},
     2: {"archs", "data", "devices", "ffn", "folder", "efficiency", "suites", "llamacpp"},
-    3: {"recipe", "surgery", "card", "loading", "stages"},  # stages.*: calibrate ... export, distill
+    3: {"recipe", "surgery", "card", "loading", "stages", "gguf"},  # stages.*: calibrate ... export, distill
     4: {"pipeline", "evaluation", "hub", "report"},
     5: {"cli", "__init__"},
 }

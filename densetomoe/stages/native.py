@@ -40,6 +40,7 @@ the two agree where they can:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -69,7 +70,7 @@ class Target:
     engines: str  # who runs it, for the model card and messages
     untied_head: bool = False  # llama.cpp needs its own output matrix: tied embeddings are written twice
     llama_cpp_top_k: int | None = None  # the most experts per token llama.cpp loads (see check_top_k)
-    dense_type: str = ""  # the dense model type a one-expert folder is written as (dense_equivalent)
+    dense_type: str = ""  # the dense model type a one-expert folder is written as (dense_equivalent; LLaMA's if its biases are zero)
 
     def check_top_k(self, top_k: int) -> None:
         """Refuse a top-k that llama.cpp, which serves this model type, aborts on at load."""
@@ -385,10 +386,11 @@ def to_native(
 
 def dense_equivalent(model: nn.Module) -> nn.Module:
     """A native MoE of one expert per layer (the FFN pruned to a narrower width: ``--experts 1 --top-k 1
-    --prune P``) as the dense model type it is (``qwen2_moe`` -> ``qwen2``, ``qwen3_moe`` -> ``qwen3``), with
-    ``intermediate_size`` the expert's width. The same function: a lone expert's softmax weight is exactly
-    1, and the all-zero shared expert adds nothing. Serving engines then run a plain FFN, the honest
-    baseline that an MoE of the same share of neurons has to beat."""
+    --prune P``) as the dense model it is, with ``intermediate_size`` the expert's width: ``llama`` when
+    its q/k/v biases are the zeros the export wrote for a LLaMA or Mistral source, else ``qwen2``
+    (``qwen3`` from ``qwen3_moe``). The same function: a lone expert's softmax weight is exactly 1, and
+    the all-zero shared expert adds nothing. Serving engines then run a plain FFN, the honest baseline
+    that an MoE of the same share of neurons has to beat."""
     config = model.config
     target = next((t for t in TARGETS if t.model_type == config.model_type), None)
     if target is None or config.num_experts != 1:
@@ -396,15 +398,18 @@ def dense_equivalent(model: nn.Module) -> nn.Module:
     if config.mlp_only_layers:
         raise UsageError(f"layers {config.mlp_only_layers} stayed dense at full width: a dense config has one FFN width")
     state = model.state_dict()
-    layers = config.num_hidden_layers
-    if any(float(state.get(f"model.layers.{i}.mlp.shared_expert.down_proj.weight", torch.zeros(1)).abs().max()) > 0 for i in range(layers)):
+    if any(float(t.abs().max()) > 0 for name, t in state.items() if name.endswith("shared_expert.down_proj.weight")):
         raise UsageError("the shared expert computes something: with it the model is not one FFN of the expert's width")
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
-    settings["intermediate_size"] = config.moe_intermediate_size
-    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
-                "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits", "qkv_bias"):  # fmt: skip
-        settings.pop(key, None)
-    dense_config = CONFIG_MAPPING[target.dense_type](**settings)
+    biases = [name for name in state if re.search(r"self_attn\.[qkv]_proj\.bias$", name)]
+    dense_type = target.dense_type
+    if dense_type == "qwen2" and all(float(state[name].abs().max()) == 0 for name in biases):
+        dense_type, state = "llama", {k: v for k, v in state.items() if k not in biases}  # LLaMA attention, as converted
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+            "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings", "rope_parameters",
+            "attention_bias", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
+            "bos_token_id", "eos_token_id", "pad_token_id")  # fmt: skip
+    settings = {k: v for k, v in config.to_dict().items() if k in keep}
+    dense_config = CONFIG_MAPPING[dense_type](**settings, intermediate_size=config.moe_intermediate_size)
     dense_state = {}
     for name, tensor in state.items():
         prefix, _, rest = name.partition(".mlp.")
