@@ -394,12 +394,13 @@ def push(
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
     token: Annotated[Optional[str], typer.Option(help="Hub token with write access. Default: HF_TOKEN, else the `hf auth login` cache (both safer than a flag).", show_default=False)] = None,
     base_model: Annotated[Optional[str], typer.Option(help="Hub id of the dense model, for the card, when it was converted from a local folder.")] = None,
+    gguf: Annotated[Optional[str], typer.Option(help="Comma-separated types of the folder's GGUF files (densetomoe gguf) to upload beside the weights, listed in the card. Default: every one there.", show_default=False)] = None,
 ) -> None:
     """Upload a converted folder to the Hugging Face Hub (HF_ENDPOINT is honoured), with a model card for the Hub."""
     def action():
         from .hub import push as upload
 
-        print(upload(folder, repo_id, private=private, token=token, base_model=base_model))
+        print(upload(folder, repo_id, private=private, token=token, base_model=base_model, gguf=None if gguf is None else [gguf]))
 
     _run(action)
 

@@ -205,8 +205,11 @@ def card_section(name: str, files: list[dict]) -> str:
 
 
 def with_card_section(card: str, section: str) -> str:
-    """``card`` with its GGUF section replaced by ``section`` (appended when it has none)."""
+    """``card`` with its GGUF section replaced by ``section`` (appended when it has none; an empty
+    ``section`` removes it)."""
     start, end = card.find(CARD_START), card.find(CARD_END)
     if start >= 0 and end > start:
+        if not section:
+            return card[:start].rstrip("\n") + "\n" + card[end + len(CARD_END) :].lstrip("\n")
         return card[:start] + section + card[end + len(CARD_END) :]
-    return card.rstrip("\n") + "\n\n" + section + "\n"
+    return card.rstrip("\n") + "\n\n" + section + "\n" if section else card

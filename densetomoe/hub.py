@@ -78,6 +78,7 @@ def push(
     token: str | None = None,
     endpoint: str | None = None,
     base_model: str | None = None,
+    gguf: list[str] | None = None,
 ) -> str:
     """Upload a converted ``folder`` to the Hub repository ``repo_id``; returns the repository's URL.
 
@@ -85,13 +86,16 @@ def push(
     missing (private with ``private=True``, else the namespace's default) and reused if it exists.
     ``endpoint`` defaults to ``HF_ENDPOINT`` as ``huggingface_hub`` read it. ``base_model`` overrides
     the Hub id of the dense model, which is otherwise taken from the card or the conversion figures
-    (a model converted from a local folder has none unless given here).
+    (a model converted from a local folder has none unless given here). ``gguf``: the types of the
+    folder's GGUF files (``densetomoe gguf``) to upload beside the transformers weights, as GGUF
+    repositories on the Hub hold them, listed in the card and tagged ``gguf``; None: every one there.
     """
     folder = Path(folder)
     check_folder(folder)
+    skipped = gguf_left_out(folder, gguf)  # before the network: a type the folder lacks fails here
     token = preflight(repo_id, token)
     try:
-        return _push(folder, repo_id, private, token, endpoint, base_model)
+        return _push(folder, repo_id, private, token, endpoint, base_model, skipped)
     except UsageError as e:
         raise UsageError(_scrub(str(e), token)) from None
     except Exception as e:  # unexpected: let it through, unless its message would show the token
@@ -100,13 +104,13 @@ def push(
         raise
 
 
-def _push(folder: Path, repo_id: str, private: bool, token: str, endpoint: str | None, base_model: str | None) -> str:
+def _push(folder: Path, repo_id: str, private: bool, token: str, endpoint: str | None, base_model: str | None, skipped: list[str]) -> str:
     from huggingface_hub import HfApi, constants
 
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=endpoint, token=token)
     name = repo_id.split("/")[-1]
-    card = model_card(folder, name, base_model)  # before the network: a bad report fails here
+    card = model_card(folder, name, base_model, skipped)  # before the network: a bad report fails here
 
     with _hub_errors(endpoint, repo_id, "creating the repository"):
         url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
@@ -116,9 +120,24 @@ def _push(folder: Path, repo_id: str, private: bool, token: str, endpoint: str |
             repo_id=url.repo_id,
             folder_path=folder,
             commit_message=f"Upload {name} (densetomoe)",
-            ignore_patterns=[folders.LOCAL_FILE],  # local paths stay on this machine
+            ignore_patterns=[folders.LOCAL_FILE, *skipped],  # local paths stay on this machine
         )
     return str(url)
+
+
+def gguf_left_out(folder: Path, types: list[str] | None) -> list[str]:
+    """The folder's GGUF files that a push of ``types`` (None: all) leaves out; one line if one of the
+    types has no file there."""
+    from .gguf import parse_types
+
+    files = {f["type"]: f["file"] for f in folders.read_figures(folder).get("gguf", []) if (folder / f["file"]).is_file()}
+    if types is None:
+        return sorted(p.name for p in folder.glob("*.gguf") if p.name not in files.values())  # files nobody recorded
+    missing = [t for t in parse_types(types) if t not in files]
+    if missing:
+        raise UsageError(f"{folder} has no {', '.join(t.upper() for t in missing)} GGUF file: write it first with `densetomoe gguf {folder} --type {','.join(missing)}`")
+    kept = {files[t] for t in parse_types(types)}
+    return sorted(p.name for p in folder.glob("*.gguf") if p.name not in kept)
 
 
 def check_folder(folder: Path) -> None:
@@ -131,21 +150,26 @@ def check_folder(folder: Path) -> None:
 # ---------------------------------------------------------------------------------- the model card
 
 
-def model_card(folder: Path, model_name: str, base_model: str | None = None) -> str:
-    """The folder's ``README.md`` with its metadata updated for the Hub (see the module docstring)."""
+def model_card(folder: Path, model_name: str, base_model: str | None = None, skipped_gguf: list[str] = ()) -> str:
+    """The folder's ``README.md`` with its metadata updated for the Hub (see the module docstring),
+    and its GGUF section listing the GGUF files that are uploaded (none: no section)."""
     import yaml
     from huggingface_hub import ModelCard
 
     if base_model is not None and _hub_id(base_model) is None:
         raise UsageError(f"base model {base_model!r} is not a Hub model id (ORG/NAME)")
+    from .gguf import card_section, with_card_section
+
     path = folder / CARD_FILE
     text = path.read_text() if path.is_file() else f"# {model_name}\n\nConverted with densetomoe.\n"
+    figures = _read_json(folder / FIGURES_FILE, required=False)
+    figures = figures if isinstance(figures, dict) else {}
+    uploaded = [f for f in figures.get("gguf", []) if (folder / f["file"]).is_file() and f["file"] not in skipped_gguf]
+    text = with_card_section(text, card_section(model_name, uploaded) if uploaded else "")
     try:
         card = ModelCard(text)
     except (ValueError, yaml.YAMLError) as e:
         raise UsageError(f"{path} has metadata that is not valid YAML ({_first_line(e)}); fix or remove it") from None
-    figures = _read_json(folder / FIGURES_FILE, required=False)
-    figures = figures if isinstance(figures, dict) else {}
     data = card.data
     base = base_model or data.base_model or _hub_id(figures.get("base_model"))
     if base is not None:
@@ -153,7 +177,7 @@ def model_card(folder: Path, model_name: str, base_model: str | None = None) -> 
     if data.library_name != "sentence-transformers":  # a sentence-transformers folder stays one
         data.library_name = "transformers"
     data.pipeline_tag = data.pipeline_tag or _task(folder)
-    data.tags = list(dict.fromkeys([*(data.tags or []), *TAGS]))
+    data.tags = list(dict.fromkeys([*(data.tags or []), *TAGS, *(["gguf"] if uploaded else [])]))
 
     results = eval_results(folder, figures)
     key = lambda r: (r.task_type, r.dataset_type, r.dataset_config, r.dataset_split, r.metric_type)  # noqa: E731

@@ -479,3 +479,34 @@ def test_not_a_densetomoe_folder(tiny_models, online, tmp_path):
         with pytest.raises(UsageError, match=message):
             hub.push(folder, "tester/x", token=TOKEN)
         assert_one_clean_line(runner.invoke(app, ["push", str(folder), "--repo-id", "tester/x", "--token", TOKEN]), message)
+
+
+def test_push_uploads_the_chosen_gguf_files_and_a_card_that_lists_only_them(converted, fake_hub):
+    """The GGUF files `densetomoe gguf` wrote into a folder go up beside the weights, as GGUF repositories
+    hold them; --gguf chooses which, and the card lists those and is tagged gguf."""
+    from densetomoe import gguf
+    from densetomoe.folder import read_figures, write_figures
+
+    figures = read_figures(converted)
+    figures["gguf"] = [
+        {"file": f"tiny-moe-{t.upper()}.gguf", "type": t, "bytes": 4, "perplexity": p, "tokens": 4096, "fallbacks": []}
+        for t, p in (("f16", 11.0), ("q4_k_m", 12.5))
+    ]
+    write_figures(converted, figures)
+    for f in figures["gguf"]:
+        (converted / f["file"]).write_bytes(b"GGUF")
+    card = (converted / "README.md").read_text()
+    (converted / "README.md").write_text(gguf.with_card_section(card, gguf.card_section("tiny-moe", figures["gguf"])))
+
+    with pytest.raises(densetomoe.UsageError, match="has no Q8_0 GGUF file"):
+        hub.push(converted, "tester/served", token=TOKEN, endpoint=fake_hub.url, gguf=["q8_0"])
+    assert "tester/served" not in fake_hub.repos  # refused before the network
+    hub.push(converted, "tester/served", token=TOKEN, endpoint=fake_hub.url, gguf=["q4_k_m"])
+    repo = fake_hub.repos["tester/served"]
+    assert repo["tiny-moe-Q4_K_M.gguf"] == b"GGUF" and "tiny-moe-F16.gguf" not in repo
+    pushed = repo["README.md"].decode()
+    assert "gguf" in metadata(repo["README.md"])["tags"]
+    assert "`tiny-moe-Q4_K_M.gguf`" in pushed and "12.50" in pushed and "tiny-moe-F16.gguf" not in pushed
+
+    hub.push(converted, "tester/all", token=TOKEN, endpoint=fake_hub.url)  # default: every GGUF file
+    assert {"tiny-moe-F16.gguf", "tiny-moe-Q4_K_M.gguf"} <= set(fake_hub.repos["tester/all"])
