@@ -49,6 +49,7 @@ from serving import PROMPT, _version, bench_lock, dense_folder, median_rounds
 
 HERE = Path(__file__).resolve().parent
 ROWS = HERE / "frontier"
+TARGET_PERPLEXITY, TARGET_DECODE = 1.3, 1.25  # what a served decoder should reach (README, The quality/speed frontier)
 
 
 def recipe_of(path: Path, recovery: dict | None) -> densetomoe.Recipe:
@@ -194,14 +195,21 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FormatStrFormatter
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(TARGET_PERPLEXITY, color="tab:green", lw=0.8, ls="--", label=f"served perplexity {TARGET_PERPLEXITY}x dense")
+    ax.axvline(TARGET_DECODE, color="tab:orange", lw=0.8, ls="--", label=f"decode {TARGET_DECODE}x dense")
     for r in result["rows"]:
         ax.scatter(r["decode_vs_dense"], r["perplexity_vs_dense"], color="black" if r["row"] == "dense" else "tab:blue")
         ax.annotate(r["row"], (r["decode_vs_dense"], r["perplexity_vs_dense"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("llama.cpp decode speed-up over dense (batch 1)")
     ax.set_ylabel("served perplexity / dense")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.1fx"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1fx"))
     ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8, title="issue 37's targets", title_fontsize=8)
     ax.set_title("SmolLM2-135M-Instruct in llama.cpp: quality against speed")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
