@@ -54,3 +54,17 @@ def test_the_accelerate_configs_are_what_accelerate_reads(path):
     assert config.num_processes >= 1 and config.distributed_type.value in {"NO", "MULTI_GPU", "FSDP"}
     if config.distributed_type.value == "FSDP":
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+FRONTIER = Path(__file__).resolve().parent.parent / "evals" / "frontier"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in FRONTIER.glob("*.yaml") if not p.stem.startswith("recovery")), ids=lambda p: p.stem)
+def test_every_frontier_row_is_a_native_smollm2_recipe_that_takes_the_shared_recovery(path):
+    """evals/frontier.py's rows: each validates with the one recovery every row gets, fits SmolLM2, and is
+    a structure llama.cpp serves (native, every layer MoE, top-k within the engine's limit)."""
+    recovery = densetomoe.Recipe.from_yaml(FRONTIER / "recovery-30min.yaml", model="-").distill
+    recipe = densetomoe.Recipe.from_yaml(path, distill=recovery.model_dump())
+    check_against_model(recipe, *SHAPES["smollm2"])
+    assert recipe.format == "native" and recipe.layers is None and recipe.ffn_budget is None
+    assert recipe.distill.minutes == 30 and recipe.top_k <= 40
