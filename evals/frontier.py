@@ -11,8 +11,9 @@ the baseline a user could pick instead of an MoE. Then, for every row, in the sa
 * **served perplexity**: llama.cpp itself (f16 GGUF made by its own converter, its default float16
   cache) on held-out Wikipedia, the ``wiki-perplexity`` suite's text and windows (512, stride 256);
 * **speed**: llama.cpp at batch 1 on ``--threads`` threads, a chat prompt in one pass and then
-  ``--new-tokens`` greedy tokens, after one untimed run of each, models interleaved for ``--repeats`` rounds, medians: decode-only
-  tokens/s and prompt + decode wall time, each as a ratio to dense;
+  ``--new-tokens`` greedy tokens; after one untimed run of each, the models interleaved for
+  ``--repeats`` rounds, medians of decode-only tokens/s and of prompt + decode wall time, each as a
+  ratio to dense;
 * **compute**: FFN FLOPs per token as a share of the dense FFN's (the conversion's own count);
 * **cost**: conversion and recovery wall time, from the folder's ``densetomoe_conversion.json``.
 
@@ -24,6 +25,9 @@ is unchanged. Timed sections hold ``/tmp/bench.lock``.
     python evals/frontier.py --rows evals/frontier/pruned-375.yaml evals/frontier/shared2-6x1.yaml \
         --recovery evals/frontier/recovery-30min.yaml --workdir runs/frontier-30min
     python evals/frontier.py --build-only ...                                 # convert (and recover), no measuring
+
+Building two rows side by side (``--build-only --threads 1``, one process a row) gives each one core;
+the README's figures were made so, and then measured alone.
 """
 
 from __future__ import annotations
