@@ -35,11 +35,11 @@ import transformers
 
 from common import package_folder, quiet_torch
 from densetomoe import llamacpp
+from densetomoe.stages.native import EMPTY_SHARED  # the zero shared expert --format native writes
 from scale import SHAPES
 from serving import bench_lock, median_rounds
 
 SHAPES = {**SHAPES, "smollm2-135m": (30, 576, 1536, 9, 3, 49152)}  # name: (layers, hidden, ffn, heads, kv heads, vocabulary)
-EMPTY_SHARED = 32  # the all-zero shared expert qwen2_moe gets from --format native without --shared-experts
 
 
 def config_of(structure: str, shape: str):
