@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .console import stderr
 from .folder import FORMATS, REPORT_DIR
-from .gguf import TYPES as GGUF_TYPES
+from .gguf import PERPLEXITY_TOKENS, TYPES as GGUF_TYPES
 from .moe import nominal_top_k
 from .recipe import Distill, DType, MixedPrecision, Recipe, RoutingKind, Trainable, merge
 from .registry import Registry
@@ -179,11 +179,11 @@ def convert(
     _run(action)
 
 
-def _write_gguf(out: Path, types: list[str], perplexity_tokens: int | None = None) -> None:
+def _write_gguf(out: Path, types: list[str], perplexity_tokens: int = PERPLEXITY_TOKENS) -> None:
     """GGUF files into the converted folder ``out``, and a table of what they measured."""
-    from .gguf import PERPLEXITY_TOKENS, write
+    from .gguf import write
 
-    files = write(out, types, PERPLEXITY_TOKENS if perplexity_tokens is None else perplexity_tokens, log=_log)
+    files = write(out, types, perplexity_tokens, log=_log)
     table = Table(title=f"GGUF files in {out}", title_justify="left")
     for column in ("file", "size", "served perplexity", "tensors of another type"):
         table.add_column(column, justify="right")
@@ -370,7 +370,7 @@ def distill_command(
 def gguf_command(
     folder: Annotated[Path, typer.Argument(help="A --format native folder written by densetomoe convert.")],
     type: Annotated[str, typer.Option("--type", "-t", help=f"Comma-separated GGUF types: {', '.join(GGUF_TYPES)}. f32/f16/bf16/q8_0 come from llama.cpp's converter, the rest from its quantizer.")] = "f16",
-    perplexity_tokens: Annotated[int, typer.Option(help="Held-out Wikipedia tokens each file is scored on in llama.cpp (0: not scored).")] = 4096,
+    perplexity_tokens: Annotated[int, typer.Option(help="Held-out Wikipedia tokens each file is scored on in llama.cpp (0: not scored).")] = PERPLEXITY_TOKENS,
 ) -> None:
     """Write GGUF files of a native folder into it, for llama.cpp, Ollama and LM Studio, each scored in llama.cpp."""
 

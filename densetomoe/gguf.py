@@ -35,7 +35,8 @@ from .stages.export import writing
 TYPES: dict[str, int | None] = {"f32": None, "f16": None, "bf16": None, "q8_0": None, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 BLOCK = {"q8_0": 32, "q4_0": 32, "q4_k_m": 256, "q5_k_m": 256, "q6_k": 256}  # weights per quantized block along a row
 CARD_START, CARD_END = "<!-- densetomoe:gguf -->", "<!-- /densetomoe:gguf -->"
-PERPLEXITY_TOKENS = 4096  # held-out tokens each file is scored on (window 512, stride 256)
+PERPLEXITY_TOKENS = 4096  # held-out tokens each file is scored on, in the wiki-perplexity suite's windows
+SCORED_ON = "wiki-perplexity"  # the suite whose text and windows score each file (as evals/frontier.py does)
 
 
 @dataclass
@@ -161,11 +162,13 @@ def measure(folder: Path, type: str, path: Path, tokens: int, threads: int) -> G
     if tokens:
         from transformers import AutoTokenizer
 
-        from .data import heldout_corpus
         from .metrics import perplexity
+        from .suites import load_suite
 
-        scorer = llamacpp.scorer(llamacpp.load(path, threads=threads, n_ctx=512, logits_all=True))
-        served = perplexity(scorer, AutoTokenizer.from_pretrained(folder), heldout_corpus(), 512, 256, max_tokens=tokens)
+        suite = load_suite(SCORED_ON)
+        texts, _ = suite.examples()
+        scorer = llamacpp.scorer(llamacpp.load(path, threads=threads, n_ctx=suite.window, logits_all=True))
+        served = perplexity(scorer, AutoTokenizer.from_pretrained(folder), texts, suite.window, suite.stride, max_tokens=tokens)
         record.perplexity, record.tokens = round(served.value, 4), served.tokens
     return record
 

@@ -133,10 +133,11 @@ def gguf_left_out(folder: Path, types: list[str] | None) -> list[str]:
     files = {f["type"]: f["file"] for f in folders.read_figures(folder).get("gguf", []) if (folder / f["file"]).is_file()}
     if types is None:
         return sorted(p.name for p in folder.glob("*.gguf") if p.name not in files.values())  # files nobody recorded
-    missing = [t for t in parse_types(types) if t not in files]
+    chosen = parse_types(types)
+    missing = [t for t in chosen if t not in files]
     if missing:
         raise UsageError(f"{folder} has no {', '.join(t.upper() for t in missing)} GGUF file: write it first with `densetomoe gguf {folder} --type {','.join(missing)}`")
-    kept = {files[t] for t in parse_types(types)}
+    kept = {files[t] for t in chosen}
     return sorted(p.name for p in folder.glob("*.gguf") if p.name not in kept)
 
 
