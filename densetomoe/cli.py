@@ -206,6 +206,17 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _table(title: str, rows: list[list[str]]) -> Table:
+    """A rich table of ``rows`` (the first is the header), numbers right-aligned."""
+    table = Table(title=title, title_justify="left")
+    header, *lines = rows
+    for column in header:
+        table.add_column(column, justify="right")
+    for line in lines:
+        table.add_row(*line)
+    return table
+
+
 def _log(message: str) -> None:
     if _main_process():
         stderr.print(message)
@@ -280,10 +291,16 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (report.json, report.md, figures): new, empty, or an earlier report, which is replaced. Default: MOE_DIR/eval, where `densetomoe push` looks for it.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the timings. Default: torch's.")] = None,
     repeats: Annotated[int, typer.Option(help="Interleaved timing rounds; medians are reported.")] = 5,
-    speed: Annotated[bool, typer.Option(help="Measure throughput and latency (slower).")] = True,
+    speed: Annotated[bool, typer.Option(help="Measure throughput, latency and (decoders) greedy decoding (slower).")] = True,
+    engine: Annotated[Optional[Literal["transformers", "llamacpp"]], typer.Option(help="llamacpp: also serve a native folder and its dense model in llama.cpp (GGUF files of the same type) for served perplexity and decode speed-up. Default: llamacpp when the folder holds a GGUF file, else transformers only.", show_default=False)] = None,
+    gguf: Annotated[Optional[Path], typer.Option(help="The GGUF file llama.cpp serves (implies --engine llamacpp). Default: the folder's f16 file, else one made for the run.", show_default=False)] = None,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens timed after the prompt when decoding.")] = 64,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Measure quality, speed and routing of an MoE folder against its dense model."""
+    """Measure quality, speed and routing of an MoE folder (remote code or native) against its dense model.
+
+    A native folder can also be measured as llama.cpp serves it (--engine llamacpp): the folder and
+    its dense model as GGUF files of the same type, perplexity on held-out text and decode speed."""
 
     def action():
         from . import report as reports
@@ -299,21 +316,21 @@ def evaluate(
             raise UsageError(f"{moe_dir} is not a model folder (no config.json in it)")
         destination = out or moe_dir / REPORT_DIR
         reports.check_destination(destination)  # before the work: a report never replaces a model
-        settings = Settings(top_ks=ks, base=base, threads=threads, repeats=repeats, speed=speed)
+        settings = Settings(top_ks=ks, base=base, threads=threads, repeats=repeats, speed=speed, engine=engine, gguf=gguf, new_tokens=new_tokens)
         if suite:
             settings.suites = list(suite)
         _quiet_transformers()
-        result = run_evaluation(moe_dir, settings, show_progress=progress)
+        result = run_evaluation(moe_dir, settings, show_progress=progress, log=_log)
         folder = reports.write(result, destination)
-        table = Table(title=f"{moe_dir} vs {result['base_model']}", title_justify="left")
-        header, *lines = reports.rows(result)
-        for column in header:
-            table.add_column(column, justify="right")
-        for line in lines:
-            table.add_row(*line)
         from rich.console import Console
 
-        Console().print(table)
+        Console().print(_table(f"{moe_dir} vs {result['base_model']}", reports.rows(result)))
+        served = result.get("llama_cpp")
+        if served and "none" in served:
+            stderr.print(f"no llama.cpp row: {served['none']}", soft_wrap=True)
+        elif served:
+            title = f"served by llama.cpp ({served['type'].upper()} GGUF files, {served['threads']} threads, batch 1)"
+            Console().print(_table(title, [row[:1] + row[2:] for row in reports.engine_rows(served)]))  # file names: in the report
         stderr.print(f"report: {folder / reports.MARKDOWN_FILE}")
 
     _run(action)

@@ -9,8 +9,11 @@ medians.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,6 +55,26 @@ def moe_ffn_flops(m: MoEFeedForward) -> float:
     return flops
 
 
+def is_sparse_block(module: nn.Module) -> bool:
+    """A transformers MoE block: a ``gate`` router with a fixed ``top_k`` and stacked ``experts``."""
+    gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+    return hasattr(gate, "top_k") and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")
+
+
+def expert_neurons(block: nn.Module) -> int:
+    """Neurons of one routed expert (``gate_up_proj`` is ``(experts, 2 x neurons, hidden)``)."""
+    return block.experts.gate_up_proj.shape[1] // 2
+
+
+def block_flops(block: nn.Module) -> tuple[float, int]:
+    """``(FLOPs per token, inactive parameters)`` of a sparse block's router and routed experts: the
+    router's product, and ``top_k`` of the experts' projections (the shared expert is counted as the
+    linear layers it is)."""
+    experts, k, count = block.experts, block.gate.top_k, block.gate.weight.shape[0]
+    per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // count
+    return 2.0 * block.gate.weight.numel() + 2.0 * k * per_expert, (count - k) * per_expert
+
+
 def _linear_flops(module: nn.Module) -> float | None:
     if isinstance(module, nn.Linear):
         return 2.0 * module.in_features * module.out_features
@@ -63,8 +86,9 @@ def _linear_flops(module: nn.Module) -> float | None:
 def cost(model: nn.Module, seq_len: int, ffn_linears: set[nn.Module] | None = None) -> Cost:
     """Parameters and per-token FLOPs of ``model`` at ``seq_len`` tokens per sequence.
 
-    ``ffn_linears``: for a dense model, the linear layers that make up its FFNs (so that FFN FLOPs
-    can be told apart); MoE feed-forwards are recognised by type.
+    ``ffn_linears``: the linear layers that make up the FFNs, for a dense model or a native one's
+    shared experts (so that FFN FLOPs can be told apart); MoE feed-forwards are recognised by type,
+    a native folder's sparse blocks by their shape (:func:`is_sparse_block`).
     """
     ffn_linears = ffn_linears or set()
     total = sum(p.numel() for p in model.parameters())
@@ -76,6 +100,14 @@ def cost(model: nn.Module, seq_len: int, ffn_linears: set[nn.Module] | None = No
             inactive += (module.num_experts - min(module.top_k, module.num_experts)) * _expert_params(module)
             f = moe_ffn_flops(module)
             ffn, flops = ffn + f, flops + f
+            return
+        if is_sparse_block(module):  # a native folder's block: router and top-k experts here, its shared expert below
+            f, unused = block_flops(module)
+            inactive += unused
+            ffn, flops = ffn + f, flops + f
+            for name, child in module.named_children():
+                if name not in ("gate", "experts"):
+                    visit(child)
             return
         f = _linear_flops(module)
         if f is not None:
@@ -126,3 +158,28 @@ def random_inputs(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> d
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, min(vocab_size, 20000), (batch, seq_len), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+BENCH_LOCK = "/tmp/bench.lock"
+
+
+@contextlib.contextmanager
+def bench_lock(path: str = BENCH_LOCK):
+    """Hold ``path`` exclusively, as ``flock path <command>`` would: timed sections of benchmarks on the
+    same cores never overlap."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def median_rounds(names: list[str], run: Callable[[str], object], repeats: int) -> dict[str, list]:
+    """``run(name)`` for every name, ``repeats`` interleaved rounds (the order rotates each round), so
+    that drifts of the machine fall on all alike; the results per name, for medians."""
+    results: dict[str, list] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            results[n].append(run(n))
+    return results

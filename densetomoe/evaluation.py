@@ -8,10 +8,11 @@ quality/speed trade-off without reconverting.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import resource
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,19 +21,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import archs
+from . import archs, gguf, served
 from . import folder as folders
 from ._version import __version__
 from .console import progress
 from .data import batches, teacher_forced
-from .efficiency import cost, random_inputs, time_models
+from .efficiency import cost, median_rounds, random_inputs, time_models
 from .errors import UsageError
 from .loading import load
 from .metrics import chrf_bleu, perplexity
-from .pipeline import Dense
 from .moe import MoEFeedForward, blocks_of, check_top_k, moe_modules, set_top_k
+from .pipeline import Dense
 from .stages import load as dense_loading
 from .stages.evaluate import Probe, active_ffn_share, fidelity, mean_pool, record, scored_tokens, token_nll
+from .stages.export import scratch
 from .suites import Suite, load_suite
 
 SCHEMA = "densetomoe.report/1"
@@ -49,6 +51,9 @@ class Settings:
     seq_len: int = 128
     speed: bool = True
     fidelity_texts: int = 128
+    new_tokens: int = 64  # greedy tokens timed after a prompt (transformers decode, llama.cpp)
+    engine: str | None = None  # "llamacpp": also serve the folder and its dense model in llama.cpp; None: when it holds a GGUF
+    gguf: Path | None = None  # the GGUF file to serve (default: the folder's own, else an f16 one made for the run)
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -267,29 +272,23 @@ def _weights_mb(model: nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
-def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progress: bool = True) -> dict:
-    """Measure ``moe_dir`` against its dense base; returns the report (see ``docs/report.md``)."""
+def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progress: bool = True, log=lambda message: None) -> dict:
+    """Measure ``moe_dir`` (remote code or native) against its dense base; returns the report (its
+    schema: :mod:`densetomoe.report`)."""
     settings = settings or Settings()
     moe_dir = Path(moe_dir)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     suites = [load_suite(s) for s in settings.suites]  # fail fast on bad suites
-    if folders.format_of(moe_dir) == "native":
-        model_type = json.loads((moe_dir / "config.json").read_text())["model_type"]
-        raise UsageError(
-            f"{moe_dir} is a native {model_type} folder: densetomoe eval measures remote-code folders (its routing statistics "
-            "and top-k sweep read densetomoe's MoE module); evals/serving.py measures native folders (perplexity, "
-            "transformers and llama.cpp decode speed)"
-        )
+    engine = served.check_engine(settings.engine, moe_dir, settings.gguf)  # before any work: what cannot run is one line now
     model = load(moe_dir)
-    own = moe_modules(model)  # block index -> module
-    own_k = model.config.num_experts_per_tok  # the folder's nominal top-k; per-layer values may differ
-    top_ks = settings.top_ks or [own_k]
+    layers = served.NativeLayers(model) if folders.format_of(moe_dir) == "native" else RemoteLayers(model)
+    top_ks = settings.top_ks or [layers.top_k]
     for k in top_ks:
         try:
-            check_top_k(k, model.config.num_experts)
+            layers.check_top_k(k)
         except ValueError:
-            raise UsageError(f"--top-k {k} is outside 1..{model.config.num_experts}") from None
+            raise UsageError(f"--top-k {k} is outside 1..{layers.num_experts}") from None
 
     base = settings.base or folders.recorded_base(moe_dir)
     described = Dense.describe(base, allow_pickle=False)
@@ -310,24 +309,23 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         "densetomoe_version": __version__,
         "moe_dir": moe_dir.name,  # the report may be published: names, never local paths
         "base_model": folders.public_name(described.source.name, described.source.hub_id),
-        "num_experts": model.config.num_experts,
-        "converted_top_k": own_k,
+        "format": folders.format_of(moe_dir),
+        "num_experts": layers.num_experts,
+        "converted_top_k": layers.top_k,
         "machine": {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "settings": {"batch": settings.batch, "seq_len": settings.seq_len, "repeats": settings.repeats, "suites": [s.name for s in suites]},
         "dense": {"cost": dense_cost.as_dict(), "weights_mb": _weights_mb(dense), "quality": {}},
         "sweep": [],
     }
 
-    saved = {i: m.routing for i, m in own.items()}  # per layer, where a budget chose them (dynamic top-k too)
     dense_ffn_size, num_layers = described.ffn_size, described.num_layers
     with progress(show_progress) as bar:
         task = bar.add_task("evaluating", total=len(top_ks))
         for k in top_ks:
-            set_top_k(model, saved if k == own_k else k)  # modules and config together
-            share = active_ffn_share(list(own.values()), dense_ffn_size, num_layers)
-            entry = {"top_k": k, "active_ffn_share": share}
-            if k == own_k:
-                entry["fidelity"] = _with_routing(model, own, probe, report, label=k)
+            layers.set_top_k(k)  # modules and config together; the folder's own: per layer, as converted
+            entry = {"top_k": k, "active_ffn_share": layers.active_ffn_share(dense_ffn_size, num_layers)}
+            if k == layers.top_k:
+                entry["fidelity"] = _with_routing(layers, probe, report, label=k)
             else:
                 entry["fidelity"] = _fidelity(model, probe)
             entry["quality"] = {}
@@ -335,13 +333,22 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
                 dense_q, moe_q = _suite_quality(suite, model, dense, tokenizer, dense_cache)
                 report["dense"]["quality"][suite.name] = dense_q
                 entry["quality"][suite.name] = moe_q
-            entry["cost"] = cost(model, settings.seq_len).as_dict()
+            entry["cost"] = cost(model, settings.seq_len, layers.ffn_linears()).as_dict()
             entry["weights_mb"] = _weights_mb(model)
             if settings.speed:
-                entry["speed"] = _speed(dense, model, settings)
+                entry["speed"] = _speed(dense, model, settings, tokenizer if arch.decoder and not arch.seq2seq else None)
             report["sweep"].append(entry)
             bar.advance(task)
-    set_top_k(model, saved)
+    layers.restore()
+    if engine:
+        suite = next((s for s in suites if s.task == "perplexity"), None) or load_suite(gguf.SCORED_ON)
+        with scratch(moe_dir, None, "engine") as work:
+            report["llama_cpp"] = served.engine_comparison(
+                moe_dir, dense, tokenizer, suite, work, settings.gguf, settings.threads or torch.get_num_threads(),
+                settings.new_tokens, settings.repeats, log,
+            )  # fmt: skip
+    elif settings.engine == "llamacpp" or settings.gguf is not None:
+        report["llama_cpp"] = {"none": served.engine_reason(moe_dir)}
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     recovery = folders.read_figures(moe_dir).get("distillation")
     if recovery:
@@ -350,24 +357,26 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
     return report
 
 
-def _with_routing(model, modules: dict[int, MoEFeedForward], probe: Probe, report: dict, label: int) -> dict:
+def _with_routing(layers, probe: Probe, report: dict, label: int) -> dict:
     """Fidelity at the folder's own top-k (``label``), recording routing on the same real tokens."""
-    recorder = RoutingRecorder(list(modules.values()))
+    recorder = layers.recorder()
     try:
-        result = _fidelity(model, probe, on_batch=recorder.set_mask)
+        result = _fidelity(layers.model, probe, on_batch=recorder.set_mask)
     finally:
         recorder.close()
     report["routing"] = {
         "top_k": label,
         "layers": [
-            {"layer": i, "top_k": m.top_k, "experts_per_token": float(c.sum()) / max(n, 1), **routing_summary(c)}
-            for (i, m), c, n in zip(modules.items(), recorder.counts, recorder.tokens)
+            {"layer": i, "top_k": layers.layer_top_k(i), "experts_per_token": float(c.sum()) / max(n, 1), **routing_summary(c)}
+            for i, c, n in zip(layers.modules, recorder.counts, recorder.tokens)
         ],
     }
     return result
 
 
-def _speed(dense: nn.Module, model: nn.Module, settings: Settings) -> dict:
+def _speed(dense: nn.Module, model: nn.Module, settings: Settings, tokenizer=None) -> dict:
+    """Forward time at batch x seq_len and 1 x seq_len; with a decoder's ``tokenizer``, also greedy
+    decoding at batch 1 (:data:`densetomoe.served.PROMPT`, then ``settings.new_tokens`` tokens)."""
     vocab = dense.config.vocab_size
     result = {}
     for name, batch in (("throughput", settings.batch), ("latency", 1)):
@@ -383,7 +392,64 @@ def _speed(dense: nn.Module, model: nn.Module, settings: Settings) -> dict:
             "moe_tokens_per_s": t["moe"].tokens_per_s,
             "speedup": t["dense"].median_s / t["moe"].median_s,
         }
+    if tokenizer is not None:
+        rates = decode_rates({"dense": dense, "moe": model}, served.prompt_ids(tokenizer), settings.new_tokens, settings.repeats)
+        result["decode"] = {
+            "new_tokens": settings.new_tokens,
+            "dense_tokens_per_s": rates["dense"],
+            "moe_tokens_per_s": rates["moe"],
+            "speedup": rates["moe"] / rates["dense"],
+        }
     return result
+
+
+@torch.inference_mode()
+def decode_rates(models: dict[str, nn.Module], prompt: list[int], new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median tokens/s of transformers' greedy ``generate`` at batch 1 (the prompt's pass included), the
+    models interleaved, after one untimed run each."""
+    inputs = torch.tensor([prompt])
+
+    def run(name: str) -> float:
+        start = time.perf_counter()
+        models[name].generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return new_tokens / (time.perf_counter() - start)
+
+    for name in models:
+        run(name)
+    return {name: statistics.median(r) for name, r in median_rounds(list(models), run, repeats).items()}
+
+
+class RemoteLayers:
+    """The MoE layers of a remote-code model (densetomoe's own module), as :func:`evaluate` reads them;
+    :class:`densetomoe.served.NativeLayers` reads a native model's the same way."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = moe_modules(model)  # block index -> module
+        self.num_experts = model.config.num_experts
+        self.top_k = model.config.num_experts_per_tok  # the folder's nominal top-k; per-layer values may differ
+        self.saved = {i: m.routing for i, m in self.modules.items()}  # per layer, where a budget chose them (dynamic top-k too)
+
+    def check_top_k(self, k: int) -> None:
+        check_top_k(k, self.num_experts)
+
+    def set_top_k(self, k: int) -> None:
+        set_top_k(self.model, self.saved if k == self.top_k else k)
+
+    def restore(self) -> None:
+        set_top_k(self.model, self.saved)
+
+    def layer_top_k(self, index: int) -> int:
+        return self.modules[index].top_k
+
+    def active_ffn_share(self, dense_ffn_size: int, num_layers: int) -> float:
+        return active_ffn_share(list(self.modules.values()), dense_ffn_size, num_layers)
+
+    def ffn_linears(self) -> None:  # densetomoe's MoE modules are recognised by type
+        return None
+
+    def recorder(self) -> RoutingRecorder:
+        return RoutingRecorder(list(self.modules.values()))
 
 
 def _hub_metrics(report: dict) -> list[dict]:
@@ -396,4 +462,9 @@ def _hub_metrics(report: dict) -> list[dict]:
             metrics.append({"name": f"{suite} {name}", "type": name, "value": round(value, 4), "dataset": suite})
     if "speed" in entry:
         metrics.append({"name": "throughput speed-up vs dense", "type": "speedup", "value": round(entry["speed"]["throughput"]["speedup"], 3), "dataset": "random tokens"})
+    served_row = report.get("llama_cpp", {})
+    if "decode_speedup" in served_row:
+        suite = served_row["suite"]
+        metrics.append({"name": f"{suite} llama.cpp perplexity ({served_row['type']})", "type": "perplexity", "value": round(served_row["moe"]["perplexity"], 4), "dataset": suite})
+        metrics.append({"name": "llama.cpp decode speed-up vs dense", "type": "speedup", "value": round(served_row["decode_speedup"], 3), "dataset": "batch 1"})
     return metrics

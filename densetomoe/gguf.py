@@ -95,22 +95,41 @@ def write(folder: str | Path, types: list[str], perplexity_tokens: int = PERPLEX
 def _write(folder: Path, types: list[str], scratch: Path, perplexity_tokens: int, threads: int, log) -> list[GgufFile]:
     """The files made in ``scratch`` and measured, then recorded in the folder and moved into it."""
     made: dict[str, Path] = {}
-    base = None
     for type in types:
         path = scratch / file_name(folder, type)
-        if TYPES[type] is None:
-            log(f"gguf: {path.name} (llama.cpp's converter)")
-            made[type] = llamacpp.to_gguf(folder, path, type)
-        else:
-            if base is None:
-                base = made.get("f16") or llamacpp.to_gguf(folder, scratch / "base-f16.gguf", "f16")
-            log(f"gguf: {path.name} (llama.cpp's quantizer)")
-            made[type] = quantize(base, path, TYPES[type], threads)
+        log(f"gguf: {path.name} (llama.cpp's {'converter' if TYPES[type] is None else 'quantizer'})")
+        made[type] = make(folder, type, path, threads, base=made.get("f16"))
     files = [measure(folder, type, path, perplexity_tokens, threads) for type, path in made.items()]
     _record(folder, files, scratch)
     for path in made.values():
         os.replace(path, folder / path.name)
     return files
+
+
+def make(folder: Path, type: str, out: Path, threads: int = 2, base: Path | None = None) -> Path:
+    """The GGUF file ``out`` of ``folder`` in ``type``: llama.cpp's converter writes the float types and
+    ``q8_0``; the quantizer makes the others from an ``f16`` file (``base``, or one written beside ``out``
+    and removed after)."""
+    if TYPES[type] is None:
+        return llamacpp.to_gguf(folder, out, type)
+    made_base = base is None
+    if made_base:
+        base = llamacpp.to_gguf(folder, out.with_name(f".{out.stem}.base-f16.gguf"), "f16")
+    try:
+        return quantize(base, out, TYPES[type], threads)
+    finally:
+        if made_base:
+            base.unlink(missing_ok=True)
+
+
+def type_of(path: Path) -> str:
+    """A GGUF file's type (a key of :data:`TYPES`), read from the file: ``general.file_type``."""
+    names = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16", **{ftype: t for t, ftype in TYPES.items() if ftype is not None}}
+    entry = _reader(path).get_field("general.file_type")
+    ftype = int(entry.parts[entry.data[0]][0]) if entry is not None else None
+    if ftype not in names:
+        raise UsageError(f"{path.name}: llama.cpp file type {ftype} is not one densetomoe makes ({', '.join(TYPES)})")
+    return names[ftype]
 
 
 def quantize(source: Path, out: Path, ftype: int, threads: int) -> Path:

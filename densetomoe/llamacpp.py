@@ -46,6 +46,13 @@ def missing() -> str | None:
     return None
 
 
+def version() -> str:
+    """llama-cpp-python's version (the llama.cpp it carries), for a report."""
+    import llama_cpp
+
+    return getattr(llama_cpp, "__version__", "?")
+
+
 def to_gguf(folder: str | Path, out: str | Path, outtype: str = "f16") -> Path:
     """Convert the Hugging Face ``folder`` to the GGUF file ``out`` with llama.cpp's converter (a subprocess
     on this Python, with the converter's own ``gguf-py``); ``outtype`` is one of :data:`OUTTYPES`."""

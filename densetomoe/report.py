@@ -9,6 +9,13 @@
   (``layer_rel_error`` per layer, ``pooled_cosine``, ``head_agreement``), ``quality`` per suite,
   ``cost``, ``weights_mb`` and ``speed`` (``throughput`` at batch x seq and ``latency`` at batch 1:
   dense and MoE medians in ms, tokens/s, ``speedup`` = dense time / MoE time)
+- ``format``: ``remote-code`` or ``native``
+- ``speed.decode`` (decoders): transformers' greedy ``generate`` at batch 1, ``new_tokens`` after a
+  chat prompt, dense and MoE tokens/s and ``speedup``
+- ``llama_cpp`` (native folders, with ``--engine llamacpp`` or a GGUF file in the folder): ``type``
+  of both GGUF files, ``suite`` and ``tokens`` scored, ``dense`` and ``moe`` (``gguf`` file name,
+  served ``perplexity``, ``decode_tokens_per_s``, ``prompt_and_decode_s``), ``perplexity_ratio``,
+  ``decode_speedup``, ``end_to_end_speedup``, and the settings; or ``none``: why there is no such row
 - ``routing`` (at the converted top-k): per layer the share of tokens each expert receives,
   ``imbalance`` (max share x experts, 1 = even), ``entropy`` (normalised, 1 = even) and
   ``experts_per_token`` measured on these tokens (with dynamic top-k it varies around ``top_k``)
@@ -74,20 +81,38 @@ def rows(report: dict) -> list[list[str]]:
     if primary:
         header.append(f"{primary[0]}: {primary[1]}")
     header += ["speed-up b32", "speed-up b1"]
+    decoded = any("decode" in e.get("speed", {}) for e in report["sweep"])
+    if decoded:
+        header.append("decode b1")
     table = [header]
     line = ["dense", "100%", _flops(dense["cost"]["flops"]), "1.0000"]
     if primary:
         line.append(f"{dense['quality'][primary[0]][primary[1]]:.4f}")
     timed = any("speed" in e for e in report["sweep"])
-    table.append(line + (["1.00x", "1.00x"] if timed else ["-", "-"]))
+    table.append(line + (["1.00x", "1.00x"] if timed else ["-", "-"]) + (["1.00x"] if decoded else []))
     for e in report["sweep"]:
         line = [f"top-{e['top_k']}/{report['num_experts']}", f"{e['active_ffn_share']:.0%}", _flops(e["cost"]["flops"]), f"{e['fidelity']['pooled_cosine']:.4f}"]
         if primary:
             line.append(f"{e['quality'][primary[0]][primary[1]]:.4f}")
         speed = e.get("speed")
         line += [f"{speed['throughput']['speedup']:.2f}x", f"{speed['latency']['speedup']:.2f}x"] if speed else ["-", "-"]
+        if decoded:
+            line.append(f"{speed['decode']['speedup']:.2f}x" if speed and "decode" in speed else "-")
         table.append(line)
     return table
+
+
+def engine_rows(served: dict) -> list[list[str]]:
+    """The llama.cpp table: dense and MoE as the engine serves them, and the MoE's ratios."""
+    dense, moe = served["dense"], served["moe"]
+    return [
+        ["model", "GGUF", "served perplexity", "vs dense", "decode tok/s", "decode speed-up", "prompt + decode speed-up"],
+        ["dense", dense["gguf"], f"{dense['perplexity']:.2f}", "1.00x", f"{dense['decode_tokens_per_s']:.1f}", "1.00x", "1.00x"],
+        [
+            "moe", moe["gguf"], f"{moe['perplexity']:.2f}", f"{served['perplexity_ratio']:.2f}x",
+            f"{moe['decode_tokens_per_s']:.1f}", f"{served['decode_speedup']:.2f}x", f"{served['end_to_end_speedup']:.2f}x",
+        ],
+    ]  # fmt: skip
 
 
 def _flops(value: float) -> str:
@@ -96,6 +121,7 @@ def _flops(value: float) -> str:
 
 def markdown(report: dict, figures: list[str]) -> str:
     table = rows(report)
+    decoded = len(table[0]) > 0 and table[0][-1] == "decode b1"
     md = [f"# Evaluation of `{report['moe_dir']}`", ""]
     md.append(
         f"Base model `{report['base_model']}`, {report['num_experts']} experts per converted layer; "
@@ -109,7 +135,8 @@ def markdown(report: dict, figures: list[str]) -> str:
         "",
         "FFN used: share of each converted FFN's neurons a token computes. Pooled cos: mean cosine between dense and MoE "
         "mean-pooled final hidden states on the first suite's texts. Speed-up: dense time / MoE time, at batch "
-        f"{report['settings']['batch']} x {report['settings']['seq_len']} (b32) and 1 x {report['settings']['seq_len']} (b1).",
+        f"{report['settings']['batch']} x {report['settings']['seq_len']} (b32) and 1 x {report['settings']['seq_len']} (b1)"
+        + ("; decode b1: transformers' greedy generate at batch 1, tokens/s ratio." if decoded else "."),
     ]
     if "routing" in report:
         worst = max(report["routing"]["layers"], key=lambda layer: layer["imbalance"])
@@ -127,6 +154,21 @@ def markdown(report: dict, figures: list[str]) -> str:
     for e in report["sweep"]:
         errors = ", ".join(f"{x:.3f}" for x in e["fidelity"]["layer_rel_error"])
         md.append(f"\nRelative hidden-state error per layer at top-{e['top_k']}: {errors}")
+    served = report.get("llama_cpp")
+    if served:
+        md += ["", "## Served by llama.cpp", ""]
+        if "none" in served:
+            md.append(f"No llama.cpp row: {served['none']}.")
+        else:
+            table = engine_rows(served)
+            md += ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0]), *["| " + " | ".join(r) + " |" for r in table[1:]]]
+            md += [
+                "",
+                f"Both models as {served['type'].upper()} GGUF files, llama-cpp-python {served['llama_cpp_python']}, "
+                f"{served['threads']} threads, batch 1. Perplexity: {served['tokens']:,} tokens of the {served['suite']} suite "
+                f"in its windows, served (float16 cache). Decode: {served['new_tokens']} greedy tokens after a "
+                f"{served['prompt_tokens']}-token prompt, medians of {served['repeats']} interleaved rounds after an untimed one.",
+            ]
     recovery = report.get("recovery")
     if recovery:
         md += ["", "## Recovery", "", recovery_summary(recovery)]

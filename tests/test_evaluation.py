@@ -164,3 +164,49 @@ def test_perplexity_suite_refuses_an_encoder(tiny_models, texts_file, tmp_path):
     suite.write_text(f"name: ppl\ntask: perplexity\ndata: {{file: {texts_file}}}\n")
     with pytest.raises(UsageError, match="causal language model"):
         evaluate(out, Settings(suites=[str(suite)], speed=False), show_progress=False)
+
+
+def test_evaluate_reads_a_native_folder(tiny_decoders, texts_file, tmp_path):
+    """A native qwen2_moe folder gets the remote-code folder's report, read from transformers' own
+    modules: the top-k sweep through the routers, routing counted from their choices, FLOPs of the
+    selected experts, and greedy decoding timed against the dense model."""
+    out = tmp_path / "lm"
+    densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, format="native"), out=out, show_progress=False)
+    suite = tmp_path / "ppl.yaml"
+    suite.write_text(f"name: ppl\ntask: perplexity\ndata: {{file: {texts_file}}}\nwindow: 32\nstride: 16\nmax_tokens: 200\n")
+    settings = Settings(top_ks=[1, 2, 4], suites=[str(suite)], repeats=1, batch=2, seq_len=32, new_tokens=4)
+    report = evaluate(out, settings, show_progress=False)
+
+    assert report["format"] == "native" and report["num_experts"] == 4 and report["converted_top_k"] == 2
+    assert [e["top_k"] for e in report["sweep"]] == [1, 2, 4]
+    shares = [e["active_ffn_share"] for e in report["sweep"]]
+    flops = [e["cost"]["ffn_flops"] for e in report["sweep"]]
+    assert shares[0] < shares[1] < shares[2] and flops[0] < flops[1] < flops[2]
+    assert flops[2] / flops[1] == pytest.approx(shares[2] / shares[1], rel=0.05)  # FLOPs follow the neurons used (router aside)
+    assert flops[2] > report["dense"]["cost"]["ffn_flops"]  # every expert: the dense FFN's neurons, plus the router and the (zero) shared expert
+    layers = report["routing"]["layers"]
+    assert len(layers) == 2 and all(layer["experts_per_token"] == 2 and abs(sum(layer["load"]) - 1) < 1e-3 for layer in layers)
+    perplexities = [e["quality"]["ppl"]["perplexity"] for e in report["sweep"]]
+    assert all(p > 1 for p in perplexities)
+    assert all(e["speed"]["decode"]["moe_tokens_per_s"] > 0 and e["speed"]["decode"]["speedup"] > 0 for e in report["sweep"])
+    assert "llama_cpp" not in report  # not asked for, and the folder holds no GGUF file
+
+    md = (reports.write(report, tmp_path / "eval") / "report.md").read_text()
+    assert "top-2/4" in md and "decode b1" in md
+
+
+def test_a_remote_code_folder_says_why_it_has_no_llama_cpp_row(tiny_decoders, texts_file, tmp_path):
+    from densetomoe.cli import app
+
+    out = tmp_path / "lm"
+    densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file), out=out, show_progress=False)
+    result = CliRunner().invoke(app, ["eval", str(out), "--engine", "llamacpp", "--no-speed", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("no llama.cpp row:"))
+    assert "remote-code folder runs only in transformers" in line and "--format native" in line
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["format"] == "remote-code" and "remote-code" in report["llama_cpp"]["none"]
+    assert "No llama.cpp row: a remote-code folder" in (out / "eval" / "report.md").read_text()
+
+    missing = CliRunner().invoke(app, ["eval", str(out), "--gguf", str(tmp_path / "nothing.gguf"), "--no-speed"])
+    assert missing.exit_code == 2 and missing.output.strip().splitlines()[-1] == f"error: --gguf {tmp_path / 'nothing.gguf'}: no such file"

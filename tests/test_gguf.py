@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import transformers
 from typer.testing import CliRunner
@@ -117,3 +118,34 @@ def test_convert_writes_the_gguf_files_into_the_folder(lm_tokenizer, texts_file,
     assert result.exit_code == 0, result.output
     assert (out / "served-Q8_0.gguf").is_file() and (out / "config.json").is_file()
     assert json.loads((out / FIGURES_FILE).read_text())["gguf"][0]["type"] == "q8_0"
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_eval_serves_a_native_folder_and_its_dense_model_in_llama_cpp(native_folder, lm_tokenizer, tmp_path):
+    """``densetomoe eval --engine llamacpp``: the folder and its dense model as GGUF files of one type,
+    served perplexity on the suite's windows (what transformers measures, within 3% in nats) and
+    decode speed, in the report and on screen; by default when the folder holds a GGUF file, its type."""
+    folder = native_folder
+    suite = tmp_path / "ppl.yaml"
+    suite.write_text("name: ppl\ntask: perplexity\ndata: {package: densetomoe, path: corpus/wiki_heldout.txt.gz}\nwindow: 128\nstride: 64\nmax_tokens: 512\n")
+    args = ["eval", str(folder), "--suite", str(suite), "--repeats", "1", "--new-tokens", "8", "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--engine", "llamacpp"])
+    assert result.exit_code == 0, result.output
+    assert "served by llama.cpp (F16 GGUF files" in result.output
+    report = json.loads((folder / "eval" / "report.json").read_text())
+    served = report["llama_cpp"]
+    assert served["type"] == "f16" and served["suite"] == "ppl" and 500 < served["tokens"] <= 512
+    assert served["moe"]["gguf"] == "moe-F16.gguf" and served["dense"]["gguf"] == "dense-F16.gguf"
+    measured = report["sweep"][0]["quality"]["ppl"]["perplexity"]  # transformers, the same windows
+    assert np.log(served["moe"]["perplexity"]) == pytest.approx(np.log(measured), rel=0.03)
+    assert np.log(served["dense"]["perplexity"]) == pytest.approx(np.log(report["dense"]["quality"]["ppl"]["perplexity"]), rel=0.03)
+    assert served["decode_speedup"] > 0 and served["perplexity_ratio"] == pytest.approx(served["moe"]["perplexity"] / served["dense"]["perplexity"])
+    assert "## Served by llama.cpp" in (folder / "eval" / "report.md").read_text()
+    assert any(m["name"] == "llama.cpp decode speed-up vs dense" for m in report["metrics"])
+    assert not list(tmp_path.glob(".moe.engine-*")) and not (folder / "moe-F16.gguf").exists()  # made for the run, then gone
+
+    gguf.write(folder, ["q8_0"], perplexity_tokens=0)  # a GGUF file in the folder: served by default, at its type
+    again = CliRunner().invoke(app, [*args, "--no-speed"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((folder / "eval" / "report.json").read_text())["llama_cpp"]["type"] == "q8_0"

@@ -7,6 +7,7 @@ Needs ``make llamacpp`` (``make test`` runs it first); skipped with the reason o
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -127,7 +128,19 @@ def test_to_gguf_names_what_is_missing(monkeypatch, tmp_path):
         llamacpp.to_gguf(tmp_path, tmp_path / "x.gguf", "q4_k")
 
 
-def test_real_smollm_native_moe_computes_in_llama_cpp_what_transformers_computes(smollm, tmp_path):
+@pytest.fixture(scope="module")
+def smollm_native(smollm, tmp_path_factory):
+    """The real SmolLM2-135M-Instruct as a native 8-expert, top-2 qwen2_moe folder, converted quickly
+    (4,096 calibration tokens, 20 router steps), once for this module."""
+    recipe = densetomoe.Recipe.build(
+        model=str(smollm), experts=8, top_k=2, format="native", calib_tokens=4096, sample_tokens=2048, router_steps=20
+    )
+    out = tmp_path_factory.mktemp("smollm_native") / "moe"
+    densetomoe.convert(recipe, out=out, show_progress=False)
+    return out
+
+
+def test_real_smollm_native_moe_computes_in_llama_cpp_what_transformers_computes(smollm_native, tmp_path):
     """The real SmolLM2-135M-Instruct as a native 8-expert, top-2 qwen2_moe folder, teacher-forced on
     held-out text.
 
@@ -141,13 +154,9 @@ def test_real_smollm_native_moe_computes_in_llama_cpp_what_transformers_computes
     With the default float16 cache the same thinness makes ~half of the argmaxes differ (within
     transformers, a 1e-4 relative nudge to the embeddings does as much), so what holds there is the
     distribution: the perplexity llama.cpp serves is the one transformers measures."""
-    recipe = densetomoe.Recipe.build(
-        model=str(smollm), experts=8, top_k=2, format="native", calib_tokens=4096, sample_tokens=2048, router_steps=20
-    )
-    densetomoe.convert(recipe, out=tmp_path / "moe", show_progress=False)
-    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "moe")
-    gguf = llamacpp.to_gguf(tmp_path / "moe", tmp_path / "moe.gguf", "f32")
+    moe = transformers.AutoModelForCausalLM.from_pretrained(smollm_native).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm_native)
+    gguf = llamacpp.to_gguf(smollm_native, tmp_path / "moe.gguf", "f32")
     exact = llamacpp.scorer(llamacpp.load(gguf, n_ctx=256, logits_all=True, f32_cache=True))
 
     errors, agree = [], []
@@ -165,6 +174,29 @@ def test_real_smollm_native_moe_computes_in_llama_cpp_what_transformers_computes
     assert float(np.median(errors)) < 1e-4, summary
     assert np.mean(agree) > 0.7, summary  # 0.85 to 0.99 over repeated conversions; 0.31 at 2^-14
     assert served.nll == pytest.approx(measured.nll, rel=0.03), summary  # perplexity within ~30% at ~8.5 nats a token
+
+
+def test_eval_of_the_real_smollm_native_folder_in_llama_cpp(smollm_native, tmp_path):
+    """``densetomoe eval NATIVE_DIR --engine llamacpp`` on the real SmolLM2: the report holds the
+    perplexity llama.cpp serves for the folder and for the dense model, and the decode speed-up, in
+    the same run."""
+    from typer.testing import CliRunner
+
+    from densetomoe.cli import app
+
+    suite = tmp_path / "heldout.yaml"
+    suite.write_text("name: heldout\ntask: perplexity\ndata: {package: densetomoe, path: corpus/wiki_heldout.txt.gz}\nwindow: 256\nstride: 128\nmax_tokens: 2048\n")
+    args = ["eval", str(smollm_native), "--engine", "llamacpp", "--suite", str(suite), "--no-speed", "--repeats", "2", "--new-tokens", "16"]
+    result = CliRunner().invoke(app, [*args, "--threads", "2", "--out", str(tmp_path / "report"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "served by llama.cpp" in result.output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    served = report["llama_cpp"]
+    assert report["format"] == "native" and len(report["routing"]["layers"]) == 30
+    assert 10 < served["dense"]["perplexity"] < 40  # SmolLM2-135M on Wikipedia
+    assert served["perplexity_ratio"] > 1 and served["decode_speedup"] > 0 and served["end_to_end_speedup"] > 0
+    transformers_ratio = report["sweep"][0]["quality"]["heldout"]["perplexity"] / report["dense"]["quality"]["heldout"]["perplexity"]
+    assert np.log(served["perplexity_ratio"]) == pytest.approx(np.log(transformers_ratio), abs=0.1)
 
 
 def loads_in_llama_cpp(gguf) -> bool:

@@ -248,12 +248,16 @@ def test_distilling_a_native_folder_trains_its_experts_and_keeps_it_native(tiny_
     assert figures["quick_eval"]["active_ffn_share"] == pytest.approx(0.5)
 
 
-def test_eval_on_a_native_folder_says_what_measures_it(tiny_decoders, texts_file, tmp_path):
+def test_eval_measures_a_native_folder(tiny_decoders, texts_file, tmp_path):
     out = tmp_path / "native"
     densetomoe.convert(quick_recipe(tiny_decoders["qwen2"], texts_file, top_k=2, format="native"), out=out, show_progress=False)
-    result = CliRunner().invoke(app, ["eval", str(out), "--no-speed", "--no-progress"])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "native qwen2_moe folder" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["eval", str(out), "--top-k", "2,4", "--no-speed", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "top-2/4" in result.output and "top-4/4" in result.output
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["format"] == "native" and "llama_cpp" not in report
+    full = report["sweep"][1]["fidelity"]
+    assert full["pooled_cosine"] > report["sweep"][0]["fidelity"]["pooled_cosine"]  # every expert: closer to dense
 
 
 def test_distill_with_format_native_turns_a_remote_code_folder_native(tiny_decoders, texts_file, tmp_path):

@@ -27,7 +27,7 @@ FLOORS = {
     1: {"_version", "errors", "moe", "console", "memory", "metrics", "registry"},
     2: {"archs", "data", "devices", "ffn", "folder", "efficiency", "suites", "llamacpp"},
     3: {"recipe", "surgery", "card", "loading", "stages", "gguf"},  # stages.*: calibrate ... export, distill
-    4: {"pipeline", "evaluation", "hub", "report"},
+    4: {"pipeline", "evaluation", "served", "hub", "report"},
     5: {"cli", "__init__"},
 }
 

@@ -1,0 +1,230 @@
+"""Evaluating a native folder: its MoE layers as transformers builds them, and the engine that serves it.
+
+A native folder (``--format native``) is a plain transformers MoE (``qwen2_moe``, ``qwen3_moe``):
+each sparse block holds a ``gate`` (the router: a weight and a fixed ``top_k``) and ``experts``
+(every expert's projections in two stacked tensors), and a ``shared_expert`` where the format has
+one. :class:`NativeLayers` gives ``densetomoe eval`` what it reads from densetomoe's own MoE module
+in a remote-code folder: the top-k to sweep, the share of the FFN a token computes, and how tokens
+spread over experts.
+
+:func:`engine_comparison` measures what a user of llama.cpp gets: the folder and its dense model as
+GGUF files of the same type, served perplexity on the same held-out windows, and decode speed at
+batch 1 with the models interleaved, in one run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import folder as folders
+from . import gguf, llamacpp
+from .efficiency import bench_lock, expert_neurons, is_sparse_block, median_rounds
+from .errors import UsageError
+from .metrics import perplexity
+from .moe import check_top_k
+from .suites import Suite
+
+PROMPT = "Tell me about the history of the Roman Empire."  # the timed request, in the model's chat template when it has one
+
+
+class RouterRecorder:
+    """Counts, per sparse block, how many real tokens each expert receives (from the router's own
+    choice, its third output), and how many real tokens there were."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.counts = [torch.zeros(b.gate.weight.shape[0]) for b in blocks]
+        self.tokens = [0] * len(blocks)
+        self.mask: torch.Tensor | None = None
+        self.handles = [b.gate.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
+
+    def _hook(self, index: int):
+        def record(module, args, output):
+            chosen = output[2]  # (tokens, top_k) expert indices
+            if self.mask is not None:
+                chosen = chosen[self.mask.reshape(-1)]
+            self.tokens[index] += len(chosen)
+            self.counts[index] += torch.bincount(chosen.reshape(-1).cpu(), minlength=len(self.counts[index])).float()
+
+        return record
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class NativeLayers:
+    """The MoE layers of a native model, as ``densetomoe eval`` reads them."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = list(model.model.layers)
+        self.modules = {i: layer.mlp for i, layer in enumerate(self.layers) if is_sparse_block(layer.mlp)}  # block index -> sparse block
+        first = next(iter(self.modules.values()))
+        self.num_experts, self.top_k = first.gate.weight.shape[0], first.gate.top_k
+
+    def check_top_k(self, k: int) -> None:
+        check_top_k(k, self.num_experts)
+
+    def set_top_k(self, k: int) -> None:
+        for block in self.modules.values():
+            block.gate.top_k = k
+        self.model.config.num_experts_per_tok = k
+
+    def restore(self) -> None:
+        self.set_top_k(self.top_k)
+
+    def layer_top_k(self, index: int) -> int:
+        return self.modules[index].gate.top_k
+
+    def active_ffn_share(self, dense_ffn_size: int, num_layers: int) -> float:
+        """Mean over the layers of the share of the dense FFN's neurons a token computes: ``top_k``
+        experts and the shared expert (an all-zero one too: the engine computes it) in a sparse
+        block, every neuron of a layer kept dense."""
+        used = 0.0
+        for layer in self.layers:
+            mlp = layer.mlp
+            if is_sparse_block(mlp):
+                shared = getattr(mlp, "shared_expert", None)
+                neurons = mlp.gate.top_k * expert_neurons(mlp) + (shared.up_proj.out_features if shared is not None else 0)
+            else:
+                neurons = mlp.up_proj.out_features
+            used += neurons / dense_ffn_size
+        return used / max(num_layers, 1)
+
+    def ffn_linears(self) -> set[nn.Module]:
+        """Every linear layer of every FFN (shared experts, their gates, layers kept dense)."""
+        return {m for layer in self.layers for m in layer.mlp.modules() if isinstance(m, nn.Linear)}
+
+    def recorder(self) -> RouterRecorder:
+        return RouterRecorder(list(self.modules.values()))
+
+
+# -- the engine ------------------------------------------------------------------------------------
+@dataclass
+class Served:
+    """One model as llama.cpp serves it."""
+
+    gguf: str  # the file's name
+    perplexity: float
+    decode_tokens_per_s: float  # median, new tokens after the prompt
+    prompt_and_decode_s: float  # median wall time of the prompt's pass and the new tokens
+
+
+def engine_reason(folder: Path) -> str | None:
+    """Why ``folder`` has no llama.cpp row, or None when it can have one."""
+    if folders.format_of(folder) != "native":
+        return "a remote-code folder runs only in transformers (llama.cpp cannot run densetomoe's MoE module); convert with --format native to serve it"
+    return llamacpp.missing()
+
+
+def folder_gguf(folder: Path) -> Path | None:
+    """The GGUF file the folder holds for serving: its f16 file when it has one, else the first recorded."""
+    files = [folder / f["file"] for f in folders.read_figures(folder).get("gguf", []) if (folder / f["file"]).is_file()]
+    return next((f for f in files if f.name == gguf.file_name(folder, "f16")), files[0] if files else None)
+
+
+def prompt_ids(tokenizer) -> list[int]:
+    """The timed request as token ids: :data:`PROMPT` in the model's chat template, ready for the answer."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(PROMPT)["input_ids"]
+
+
+def engine_comparison(
+    folder: Path,
+    dense: nn.Module,
+    tokenizer,
+    suite: Suite,
+    scratch: Path,
+    gguf_file: Path | None = None,
+    threads: int = 2,
+    new_tokens: int = 64,
+    repeats: int = 5,
+    log=lambda message: None,
+) -> dict:
+    """The native ``folder`` and its ``dense`` model served by llama.cpp, as GGUF files of the same type.
+
+    The folder's file is ``gguf_file``, else the one it holds (:func:`folder_gguf`), else an f16 file
+    written in ``scratch``; the dense model is written to ``scratch`` and converted to the same type.
+    Both are scored on ``suite``'s text and windows, then timed at batch 1 on ``threads`` threads:
+    the prompt in one pass and ``new_tokens`` greedy tokens, after one untimed run each, interleaved
+    for ``repeats`` rounds (medians)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    moe_file = gguf_file or folder_gguf(folder)
+    if moe_file is None:
+        log("llama.cpp: the folder as an F16 GGUF file")
+        moe_file = llamacpp.to_gguf(folder, scratch / gguf.file_name(folder, "f16"), "f16")
+    type = gguf.type_of(moe_file)
+    log(f"llama.cpp: the dense model as a {type.upper()} GGUF file")
+    dense_dir = scratch / "dense"
+    dense.save_pretrained(dense_dir)
+    tokenizer.save_pretrained(dense_dir)
+    dense_file = gguf.make(dense_dir, type, scratch / f"dense-{type.upper()}.gguf", threads)
+    shutil.rmtree(dense_dir)
+
+    texts, _ = suite.examples()
+    prompt = prompt_ids(tokenizer)
+    files = {"dense": dense_file, "moe": moe_file}
+    scores, engines = {}, {}
+    for name, path in files.items():
+        log(f"llama.cpp: perplexity of {path.name}")
+        scorer = llamacpp.scorer(llamacpp.load(path, threads=threads, n_ctx=suite.window, logits_all=True))
+        scores[name] = perplexity(scorer, tokenizer, texts, suite.window, suite.stride, max_tokens=suite.max_tokens)
+        engines[name] = llamacpp.load(path, threads=threads, n_ctx=len(prompt) + new_tokens + 8)
+        llamacpp.time_decode(engines[name], prompt, new_tokens)  # untimed: caches and pages warm
+    log("llama.cpp: decode speed")
+    with bench_lock():
+        timed = median_rounds(list(engines), lambda n: llamacpp.time_decode(engines[n], prompt, new_tokens), repeats)
+    served = {
+        name: Served(
+            gguf=files[name].name,
+            perplexity=scores[name].value,
+            decode_tokens_per_s=statistics.median(r.tokens_per_s for r in runs),
+            prompt_and_decode_s=statistics.median(r.prompt_s + r.decode_s for r in runs),
+        )
+        for name, runs in timed.items()
+    }
+    dense_row, moe_row = served["dense"], served["moe"]
+    return {
+        "type": type,
+        "suite": suite.name,
+        "tokens": scores["moe"].tokens,
+        "threads": threads,
+        "prompt_tokens": len(prompt),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "llama_cpp_python": llamacpp.version(),
+        "dense": asdict(dense_row),
+        "moe": asdict(moe_row),
+        "perplexity_ratio": moe_row.perplexity / dense_row.perplexity,
+        "decode_speedup": moe_row.decode_tokens_per_s / dense_row.decode_tokens_per_s,
+        "end_to_end_speedup": dense_row.prompt_and_decode_s / moe_row.prompt_and_decode_s,
+    }
+
+
+def check_engine(engine: str | None, folder: Path, gguf_file: Path | None) -> str | None:
+    """Whether ``densetomoe eval`` adds a llama.cpp row: ``"llamacpp"``, or None. Asked for with
+    ``--engine llamacpp`` or ``--gguf``, or by default when the folder holds a GGUF file. A folder
+    that cannot have one was asked for it is refused in one line here, before any work; by default
+    it just has none."""
+    if gguf_file is not None and not gguf_file.is_file():
+        raise UsageError(f"--gguf {gguf_file}: no such file")
+    asked = engine == "llamacpp" or gguf_file is not None
+    if engine == "transformers" and gguf_file is None:
+        return None
+    reason = engine_reason(folder)
+    if reason is None:
+        return "llamacpp" if asked or folder_gguf(folder) is not None else None
+    if asked and folders.format_of(folder) == "native":  # llama.cpp missing: what was asked cannot run
+        raise UsageError(f"--engine llamacpp needs llama.cpp: {reason}")
+    return None
