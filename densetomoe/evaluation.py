@@ -29,7 +29,7 @@ from .data import batches, teacher_forced
 from .efficiency import cost, median_rounds, random_inputs, time_models
 from .errors import UsageError
 from .loading import load
-from .metrics import chrf_bleu, perplexity
+from .metrics import ExpertLoad, chrf_bleu, perplexity
 from .moe import MoEFeedForward, blocks_of, check_top_k, moe_modules, set_top_k
 from .pipeline import Dense
 from .stages import load as dense_loading
@@ -111,35 +111,17 @@ def _teacher_forced_perplexity(model: nn.Module, tokenizer, texts: list[str], ma
     return math.exp(nll / max(tokens, 1))
 
 
-class RoutingRecorder:
-    """Counts, per MoE layer, how many real tokens each expert receives, and how many real tokens there were."""
+class RoutingRecorder(ExpertLoad):
+    """:class:`~densetomoe.metrics.ExpertLoad` of densetomoe's MoE layers: each token's experts, from
+    the layer's own selection (every expert, where tokens skip none)."""
 
     def __init__(self, layers: list[MoEFeedForward]):
-        self.layers = layers
-        self.counts = [torch.zeros(m.num_experts) for m in self.layers]
-        self.tokens = [0] * len(self.layers)
-        self.mask: torch.Tensor | None = None
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+        super().__init__(layers, [m.num_experts for m in layers], _selected)
 
-    def _hook(self, index: int) -> Callable:
-        def record(module, args, output):
-            x = args[0].reshape(-1, module.hidden_size)
-            if self.mask is not None:
-                x = x[self.mask.reshape(-1)]
-            self.tokens[index] += len(x)
-            if not module.sparse:  # every expert gets every token
-                self.counts[index] += len(x)
-            else:
-                self.counts[index] += (module.selection(x) > 0).sum(0).cpu()  # a soft boundary's part-expert counts whole
 
-        return record
-
-    def set_mask(self, mask: torch.Tensor) -> None:
-        self.mask = mask
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+def _selected(module: MoEFeedForward, args: tuple, output) -> torch.Tensor:
+    x = args[0].reshape(-1, module.hidden_size)
+    return module.selection(x) if module.sparse else torch.ones(len(x), module.num_experts)
 
 
 class Routes:

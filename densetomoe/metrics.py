@@ -103,3 +103,34 @@ def chrf_bleu(hypotheses: list[str], references: list[str]) -> dict[str, float]:
         "chrf": float(sacrebleu.corpus_chrf(hypotheses, [references]).score),
         "bleu": float(sacrebleu.corpus_bleu(hypotheses, [references]).score),
     }
+
+
+class ExpertLoad:
+    """Counts, per hooked module (a router or an MoE layer), how many real tokens each expert receives,
+    and how many real tokens there were. ``chosen(module, args, output)`` gives a forward's
+    ``(tokens, experts)`` choice (non-zero where a token takes an expert); ``set_mask`` names the
+    real tokens of the next batch (padding is not counted)."""
+
+    def __init__(self, modules: list[nn.Module], experts: list[int], chosen: Callable[[nn.Module, tuple, object], torch.Tensor]):
+        self.counts = [torch.zeros(n) for n in experts]
+        self.tokens = [0] * len(modules)
+        self.mask: torch.Tensor | None = None
+        self.chosen = chosen
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, index: int) -> Callable:
+        def record(module, args, output):
+            choice = self.chosen(module, args, output)
+            if self.mask is not None:
+                choice = choice[self.mask.reshape(-1)]
+            self.tokens[index] += len(choice)
+            self.counts[index] += (choice > 0).sum(0).float().cpu()  # a soft boundary's part-expert counts whole
+
+        return record
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()

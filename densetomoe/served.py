@@ -26,39 +26,23 @@ from . import folder as folders
 from . import gguf, llamacpp
 from .efficiency import bench_lock, expert_neurons, is_sparse_block, median_rounds
 from .errors import UsageError
-from .metrics import perplexity
+from .metrics import ExpertLoad, perplexity
 from .moe import check_top_k
 from .suites import Suite
 
 PROMPT = "Tell me about the history of the Roman Empire."  # the timed request, in the model's chat template when it has one
 
 
-class RouterRecorder:
-    """Counts, per sparse block, how many real tokens each expert receives (from the router's own
-    choice, its third output), and how many real tokens there were."""
+class RouterRecorder(ExpertLoad):
+    """:class:`~densetomoe.metrics.ExpertLoad` of a native model's sparse blocks, from each router's own
+    choice (its third output: the ``(tokens, top_k)`` expert indices)."""
 
     def __init__(self, blocks: list[nn.Module]):
-        self.counts = [torch.zeros(b.gate.weight.shape[0]) for b in blocks]
-        self.tokens = [0] * len(blocks)
-        self.mask: torch.Tensor | None = None
-        self.handles = [b.gate.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
+        super().__init__([b.gate for b in blocks], [b.gate.weight.shape[0] for b in blocks], _chosen)
 
-    def _hook(self, index: int):
-        def record(module, args, output):
-            chosen = output[2]  # (tokens, top_k) expert indices
-            if self.mask is not None:
-                chosen = chosen[self.mask.reshape(-1)]
-            self.tokens[index] += len(chosen)
-            self.counts[index] += torch.bincount(chosen.reshape(-1).cpu(), minlength=len(self.counts[index])).float()
 
-        return record
-
-    def set_mask(self, mask: torch.Tensor) -> None:
-        self.mask = mask
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+def _chosen(router: nn.Module, args: tuple, output) -> torch.Tensor:
+    return torch.nn.functional.one_hot(output[2], router.weight.shape[0]).sum(1)  # (tokens, experts)
 
 
 class NativeLayers:

