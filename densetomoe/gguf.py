@@ -158,8 +158,8 @@ def fallbacks(path: Path, type: str) -> list[str]:
     found: dict[str, str] = {}
     for tensor in reader.tensors:
         width = int(tensor.shape[0])  # GGUF lists the row (contiguous) dimension first
-        if len(tensor.shape) < 2 or width % BLOCK[type] == 0:
-            continue
+        if len(tensor.shape) < 2 or width % BLOCK[type] == 0 or tensor.tensor_type.name == "F32":
+            continue  # F32: what llama.cpp never quantizes (the router, ffn_gate_inp), whatever its width
         name = re.sub(r"^blk\.\d+\.", "blk.*.", tensor.name)
         found.setdefault(name, f"{name} ({width} wide, not a multiple of {BLOCK[type]}): {tensor.tensor_type.name}")
     return list(found.values())
