@@ -15,7 +15,7 @@ from densetomoe.recipe import check_against_model
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
 # (FFN neurons, layers) of each recipe's model, to check the structure fits without loading it
-SHAPES = {"minilm": (1536, 6), "minilm-sentiment": (1536, 6), "bert-base": (3072, 12), "smollm2": (1536, 30), "llama-7b": (11008, 32)}
+SHAPES = {"minilm": (1536, 6), "minilm-sentiment": (1536, 6), "bert-base": (3072, 12), "smollm2": (1536, 30), "smollm2-served": (1536, 30), "llama-7b": (11008, 32)}
 
 
 def test_the_four_model_families_have_recipes():
@@ -68,3 +68,12 @@ def test_every_frontier_row_is_a_native_smollm2_recipe_that_takes_the_shared_rec
     check_against_model(recipe, *SHAPES["smollm2"])
     assert recipe.format == "native" and recipe.layers is None and recipe.ffn_budget is None
     assert recipe.distill.minutes == 30 and recipe.top_k <= 40
+
+
+def test_the_served_recipe_is_the_frontier_row_it_quotes_with_the_frontier_recovery():
+    """recipes/smollm2-served.yaml is evals/frontier/shared3-5x1.yaml with recovery-30min.yaml's distillation:
+    the figures in its header are that row's."""
+    served = densetomoe.Recipe.from_yaml(RECIPES[0].parent / "smollm2-served.yaml")
+    recovery = densetomoe.Recipe.from_yaml(FRONTIER / "recovery-30min.yaml", model="-").distill
+    row = densetomoe.Recipe.from_yaml(FRONTIER / "shared3-5x1.yaml", distill=recovery.model_dump())
+    assert served.to_yaml() == row.to_yaml()
