@@ -149,7 +149,7 @@ def engine_comparison(
         log("llama.cpp: the folder as an F16 GGUF file")
         moe_file = llamacpp.to_gguf(folder, scratch / gguf.file_name(folder, "f16"), "f16")
     type = gguf.type_of(moe_file)
-    log(f"llama.cpp: the dense model as a {type.upper()} GGUF file")
+    log(f"llama.cpp: the dense model as a GGUF file of type {type.upper()}")
     dense_dir = scratch / "dense"
     dense.save_pretrained(dense_dir)
     tokenizer.save_pretrained(dense_dir)
