@@ -120,7 +120,7 @@ def prompt_ids(tokenizer) -> list[int]:
     """The timed request as token ids: :data:`PROMPT` in the model's chat template, ready for the answer."""
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5, ids in 4
     return tokenizer(PROMPT)["input_ids"]
 
 
@@ -198,9 +198,10 @@ def engine_comparison(
 
 def check_engine(engine: str | None, folder: Path, gguf_file: Path | None) -> str | None:
     """Whether ``densetomoe eval`` adds a llama.cpp row: ``"llamacpp"``, or None. Asked for with
-    ``--engine llamacpp`` or ``--gguf``, or by default when the folder holds a GGUF file. A folder
-    that cannot have one was asked for it is refused in one line here, before any work; by default
-    it just has none."""
+    ``--engine llamacpp`` or ``--gguf``, or by default when the folder holds a GGUF file. A native
+    folder asked for one where llama.cpp is missing, or a ``--gguf`` file that is not there, is
+    refused in one line here, before any work; a remote-code folder just has none, and its report
+    says why (:func:`engine_reason`)."""
     if gguf_file is not None and not gguf_file.is_file():
         raise UsageError(f"--gguf {gguf_file}: no such file")
     asked = engine == "llamacpp" or gguf_file is not None
