@@ -71,8 +71,9 @@ def block_flops(block: nn.Module) -> tuple[float, int]:
     router's product, and ``top_k`` of the experts' projections (the shared expert is counted as the
     linear layers it is)."""
     experts, k, count = block.experts, block.gate.top_k, block.gate.weight.shape[0]
-    per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // count
-    return 2.0 * block.gate.weight.numel() + 2.0 * k * per_expert, (count - k) * per_expert
+    per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // count  # parameters
+    routed = ffn_flops(experts.gate_up_proj.shape[2], k * expert_neurons(block), gated=True)
+    return 2.0 * block.gate.weight.numel() + routed, (count - k) * per_expert
 
 
 def _linear_flops(module: nn.Module) -> float | None:

@@ -264,7 +264,8 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
     suites = [load_suite(s) for s in settings.suites]  # fail fast on bad suites
     engine = served.check_engine(settings.engine, moe_dir, settings.gguf)  # before any work: what cannot run is one line now
     model = load(moe_dir)
-    layers = served.NativeLayers(model) if folders.format_of(moe_dir) == "native" else RemoteLayers(model)
+    format = folders.format_of(moe_dir)
+    layers = served.NativeLayers(model) if format == "native" else RemoteLayers(model)
     top_ks = settings.top_ks or [layers.top_k]
     for k in top_ks:
         try:
@@ -291,7 +292,7 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         "densetomoe_version": __version__,
         "moe_dir": moe_dir.name,  # the report may be published: names, never local paths
         "base_model": folders.public_name(described.source.name, described.source.hub_id),
-        "format": folders.format_of(moe_dir),
+        "format": format,
         "num_experts": layers.num_experts,
         "converted_top_k": layers.top_k,
         "machine": {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},

@@ -181,13 +181,9 @@ def measure(folder: Path, type: str, path: Path, tokens: int, threads: int) -> G
     if tokens:
         from transformers import AutoTokenizer
 
-        from .metrics import perplexity
         from .suites import load_suite
 
-        suite = load_suite(SCORED_ON)
-        texts, _ = suite.examples()
-        scorer = llamacpp.scorer(llamacpp.load(path, threads=threads, n_ctx=suite.window, logits_all=True))
-        served = perplexity(scorer, AutoTokenizer.from_pretrained(folder), texts, suite.window, suite.stride, max_tokens=tokens)
+        served = llamacpp.served_perplexity(path, AutoTokenizer.from_pretrained(folder), load_suite(SCORED_ON), threads, tokens)
         record.perplexity, record.tokens = round(served.value, 4), served.tokens
     return record
 

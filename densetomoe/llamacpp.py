@@ -207,3 +207,33 @@ def time_decode(llm, prompt: list[int], new_tokens: int = 64) -> Decode:
     decode_s = time.perf_counter() - start
     perf = llama_cpp.llama_perf_context(llm.ctx)
     return Decode(len(prompt), prompt_s, new_tokens, decode_s, perf.t_eval_ms / 1e3)
+
+
+def medians(runs: list[Decode]) -> tuple[float, float]:
+    """``(decode tokens/s, prompt + decode seconds)``: the medians of timed runs."""
+    import statistics
+
+    return statistics.median(r.tokens_per_s for r in runs), statistics.median(r.prompt_s + r.decode_s for r in runs)
+
+
+def time_interleaved(files: dict[str, Path], prompt: list[int], new_tokens: int, repeats: int, threads: int = 2) -> dict[str, list[Decode]]:
+    """Each GGUF file of ``files`` timed at batch 1 on ``threads`` threads (:func:`time_decode`): after
+    one untimed run of each (the weights' pages mapped in), the files interleaved for ``repeats``
+    rounds, while holding the benchmark lock; the runs per name."""
+    from .efficiency import bench_lock, median_rounds
+
+    engines = {name: load(path, threads=threads, n_ctx=len(prompt) + new_tokens + 8) for name, path in files.items()}
+    with bench_lock():
+        for engine in engines.values():
+            time_decode(engine, prompt, 4)
+        return median_rounds(list(engines), lambda name: time_decode(engines[name], prompt, new_tokens), repeats)
+
+
+def served_perplexity(path: str | Path, tokenizer, suite, threads: int = 2, max_tokens: int | None = None):
+    """The perplexity llama.cpp serves with the GGUF file ``path`` on ``suite``'s text and windows
+    (:func:`densetomoe.metrics.perplexity` on :func:`scorer`), over ``max_tokens`` (default: the suite's)."""
+    from .metrics import perplexity
+
+    texts, _ = suite.examples()
+    engine = scorer(load(path, threads=threads, n_ctx=suite.window, logits_all=True))
+    return perplexity(engine, tokenizer, texts, suite.window, suite.stride, max_tokens=max_tokens or suite.max_tokens)

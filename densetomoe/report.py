@@ -81,7 +81,7 @@ def rows(report: dict) -> list[list[str]]:
     if primary:
         header.append(f"{primary[0]}: {primary[1]}")
     header += ["speed-up b32", "speed-up b1"]
-    decoded = any("decode" in e.get("speed", {}) for e in report["sweep"])
+    decoded = _decoded(report)
     if decoded:
         header.append("decode b1")
     table = [header]
@@ -115,13 +115,18 @@ def engine_rows(served: dict) -> list[list[str]]:
     ]  # fmt: skip
 
 
+def _decoded(report: dict) -> bool:
+    """Whether the sweep timed greedy decoding (a decoder's report with speed)."""
+    return any("decode" in e.get("speed", {}) for e in report["sweep"])
+
+
 def _flops(value: float) -> str:
     return f"{value / 1e9:.2f} G" if value >= 1e9 else f"{value / 1e6:.1f} M"
 
 
 def markdown(report: dict, figures: list[str]) -> str:
     table = rows(report)
-    decoded = len(table[0]) > 0 and table[0][-1] == "decode b1"
+    decoded = _decoded(report)
     md = [f"# Evaluation of `{report['moe_dir']}`", ""]
     md.append(
         f"Base model `{report['base_model']}`, {report['num_experts']} experts per converted layer; "

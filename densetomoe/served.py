@@ -15,7 +15,6 @@ batch 1 with the models interleaved, in one run.
 from __future__ import annotations
 
 import shutil
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,9 +23,10 @@ from torch import nn
 
 from . import folder as folders
 from . import gguf, llamacpp
-from .efficiency import bench_lock, expert_neurons, is_sparse_block, median_rounds
+from .efficiency import expert_neurons, is_sparse_block
 from .errors import UsageError
-from .metrics import ExpertLoad, perplexity
+from .ffn import neuron_share
+from .metrics import ExpertLoad
 from .moe import check_top_k
 from .suites import Suite
 
@@ -78,10 +78,9 @@ class NativeLayers:
             mlp = layer.mlp
             if is_sparse_block(mlp):
                 shared = getattr(mlp, "shared_expert", None)
-                neurons = mlp.gate.top_k * expert_neurons(mlp) + (shared.up_proj.out_features if shared is not None else 0)
+                used += neuron_share(mlp.gate.top_k, expert_neurons(mlp), shared.up_proj.out_features if shared is not None else 0, dense_ffn_size)
             else:
-                neurons = mlp.up_proj.out_features
-            used += neurons / dense_ffn_size
+                used += neuron_share(1, mlp.up_proj.out_features, 0, dense_ffn_size)
         return used / max(num_layers, 1)
 
     def ffn_linears(self) -> set[nn.Module]:
@@ -140,9 +139,9 @@ def engine_comparison(
 
     The folder's file is ``gguf_file``, else the one it holds (:func:`folder_gguf`), else an f16 file
     written in ``scratch``; the dense model is written to ``scratch`` and converted to the same type.
-    Both are scored on ``suite``'s text and windows, then timed at batch 1 on ``threads`` threads:
-    the prompt in one pass and ``new_tokens`` greedy tokens, after one untimed run each, interleaved
-    for ``repeats`` rounds (medians)."""
+    Both are scored on ``suite``'s text and windows, then timed at batch 1 on ``threads`` threads
+    (:func:`densetomoe.llamacpp.time_interleaved`): the prompt in one pass and ``new_tokens`` greedy
+    tokens, interleaved for ``repeats`` rounds (medians)."""
     scratch.mkdir(parents=True, exist_ok=True)
     moe_file = gguf_file or folder_gguf(folder)
     if moe_file is None:
@@ -156,28 +155,17 @@ def engine_comparison(
     dense_file = gguf.make(dense_dir, type, scratch / f"dense-{type.upper()}.gguf", threads)
     shutil.rmtree(dense_dir)
 
-    texts, _ = suite.examples()
-    prompt = prompt_ids(tokenizer)
     files = {"dense": dense_file, "moe": moe_file}
-    scores, engines = {}, {}
+    scores = {}
     for name, path in files.items():
         log(f"llama.cpp: perplexity of {path.name}")
-        scorer = llamacpp.scorer(llamacpp.load(path, threads=threads, n_ctx=suite.window, logits_all=True))
-        scores[name] = perplexity(scorer, tokenizer, texts, suite.window, suite.stride, max_tokens=suite.max_tokens)
-        engines[name] = llamacpp.load(path, threads=threads, n_ctx=len(prompt) + new_tokens + 8)
-        llamacpp.time_decode(engines[name], prompt, new_tokens)  # untimed: caches and pages warm
+        scores[name] = llamacpp.served_perplexity(path, tokenizer, suite, threads)
     log("llama.cpp: decode speed")
-    with bench_lock():
-        timed = median_rounds(list(engines), lambda n: llamacpp.time_decode(engines[n], prompt, new_tokens), repeats)
-    served = {
-        name: Served(
-            gguf=files[name].name,
-            perplexity=scores[name].value,
-            decode_tokens_per_s=statistics.median(r.tokens_per_s for r in runs),
-            prompt_and_decode_s=statistics.median(r.prompt_s + r.decode_s for r in runs),
-        )
-        for name, runs in timed.items()
-    }
+    prompt = prompt_ids(tokenizer)
+    served = {}
+    for name, runs in llamacpp.time_interleaved(files, prompt, new_tokens, repeats, threads).items():
+        decode, end_to_end = llamacpp.medians(runs)
+        served[name] = Served(files[name].name, scores[name].value, decode, end_to_end)
     dense_row, moe_row = served["dense"], served["moe"]
     return {
         "type": type,

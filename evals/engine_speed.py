@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 from pathlib import Path
 
 import torch
@@ -35,7 +34,6 @@ import transformers
 
 from common import package_folder, quiet_torch
 from densetomoe import llamacpp
-from densetomoe.efficiency import bench_lock, median_rounds
 from densetomoe.stages.native import EMPTY_SHARED  # the zero shared expert --format native writes
 from scale import SHAPES
 
@@ -118,19 +116,11 @@ def main() -> None:
     if args.build_only:
         return
     prompt = list(range(1000, 1000 + args.prompt_tokens))
-    engines = {s: llamacpp.load(g, threads=args.threads, n_ctx=args.prompt_tokens + args.new_tokens + 8) for s, g in ggufs.items()}
-    with bench_lock():
-        for engine in engines.values():  # a first, untimed run: the weights' pages mapped in
-            llamacpp.time_decode(engine, prompt, 4)
-        timed = median_rounds(structures, lambda s: llamacpp.time_decode(engines[s], prompt, args.new_tokens), args.repeats)
+    timed = llamacpp.time_interleaved(ggufs, prompt, args.new_tokens, args.repeats, args.threads)
     rows = []
     for s in structures:
-        runs = timed[s]
-        rows.append({
-            "structure": s, "ffn_share": ffn_share(config_of(s, args.shape), args.shape),
-            "decode_tok_s": statistics.median(r.tokens_per_s for r in runs),
-            "end_to_end_s": statistics.median(r.prompt_s + r.decode_s for r in runs),
-        })  # fmt: skip
+        decode, end_to_end = llamacpp.medians(timed[s])
+        rows.append({"structure": s, "ffn_share": ffn_share(config_of(s, args.shape), args.shape), "decode_tok_s": decode, "end_to_end_s": end_to_end})
     dense = rows[0]
     print(f"{args.shape}, f16 GGUF, llama-cpp-python {llamacpp.version()}, {args.threads} threads, batch 1, "
           f"{args.prompt_tokens}-token prompt + {args.new_tokens} tokens, medians of {args.repeats} interleaved rounds\n")  # fmt: skip

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -45,9 +44,7 @@ import yaml
 import densetomoe
 from common import CHAT_PROMPT, dense_smollm, quiet_torch
 from densetomoe import llamacpp
-from densetomoe.efficiency import bench_lock, median_rounds
 from densetomoe.folder import read_figures
-from densetomoe.metrics import perplexity
 from densetomoe.stages import native
 from densetomoe.suites import load_suite
 
@@ -137,25 +134,16 @@ def main() -> None:
     rows["dense"].update(ffn_flops=1.0, convert_min=0.0, recovery_min=0.0)
 
     suite = load_suite("wiki-perplexity")
-    texts, _ = suite.examples()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folders["dense"])
     for name, gguf in ggufs.items():
-        scorer = llamacpp.scorer(llamacpp.load(gguf, threads=args.threads, n_ctx=suite.window, logits_all=True))
-        measured = perplexity(scorer, tokenizer, texts, suite.window, suite.stride, max_tokens=args.max_tokens or suite.max_tokens)
+        measured = llamacpp.served_perplexity(gguf, tokenizer, suite, args.threads, args.max_tokens)
         rows[name].update(perplexity=measured.value, tokens_scored=measured.tokens)
         log(f"served perplexity {name}: {measured.value:.2f}")
 
     prompt = tokenizer(CHAT_PROMPT)["input_ids"]  # one chat turn
-    engines = {name: llamacpp.load(gguf, threads=args.threads, n_ctx=len(prompt) + args.new_tokens + 8) for name, gguf in ggufs.items()}
-    with bench_lock():
-        for engine in engines.values():  # a first, untimed run: the weights' pages mapped in
-            llamacpp.time_decode(engine, prompt, 4)
-        timed = median_rounds(list(engines), lambda n: llamacpp.time_decode(engines[n], prompt, args.new_tokens), args.repeats)
-    for name, runs in timed.items():
-        rows[name].update(
-            decode_tok_s=statistics.median(r.tokens_per_s for r in runs),
-            end_to_end_s=statistics.median(r.prompt_s + r.decode_s for r in runs),
-        )
+    for name, runs in llamacpp.time_interleaved(ggufs, prompt, args.new_tokens, args.repeats, args.threads).items():
+        decode, end_to_end = llamacpp.medians(runs)
+        rows[name].update(decode_tok_s=decode, end_to_end_s=end_to_end)
     dense = rows["dense"]
     for row in rows.values():
         row["perplexity_vs_dense"] = row["perplexity"] / dense["perplexity"]
