@@ -20,7 +20,7 @@ test-fast: $(READY)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 eval: $(READY)
-	cd evals && ../$(BIN)/python minilm_similarity.py
+	$(BIN)/python evals/examples/minilm_similarity.py
 
 $(READY): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

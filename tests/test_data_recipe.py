@@ -83,14 +83,14 @@ def test_checks_against_the_model_shapes():
 
 
 def test_the_brown_builder_turns_tagged_samples_into_prose(tmp_path):
-    """evals/data/build_brown_corpus.py: part-of-speech tags off, tokens joined back into running text,
+    """evals/tools/build_brown_corpus.py: part-of-speech tags off, tokens joined back into running text,
     one line per sample that load_texts reads back; a tarball that is not the published one is refused."""
     import importlib.util
     import io
     import tarfile
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "evals" / "data" / "build_brown_corpus.py"
+    path = Path(__file__).resolve().parent.parent / "evals" / "tools" / "build_brown_corpus.py"
     spec = importlib.util.spec_from_file_location("build_brown_corpus", path)
     brown = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(brown)

@@ -56,12 +56,12 @@ def test_the_accelerate_configs_are_what_accelerate_reads(path):
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
 
 
-FRONTIER = Path(__file__).resolve().parent.parent / "evals" / "frontier"
+FRONTIER = Path(__file__).resolve().parent.parent / "evals" / "examples" / "frontier"
 
 
 @pytest.mark.parametrize("path", sorted(p for p in FRONTIER.glob("*.yaml") if not p.stem.startswith("recovery")), ids=lambda p: p.stem)
 def test_every_frontier_row_is_a_native_smollm2_recipe_that_takes_the_shared_recovery(path):
-    """evals/frontier.py's rows: each validates with the one recovery every row gets, fits SmolLM2, and is
+    """evals/examples/frontier.py's rows: each validates with the one recovery every row gets, fits SmolLM2, and is
     a structure llama.cpp serves (native, every layer MoE, top-k within the engine's limit)."""
     recovery = densetomoe.Recipe.from_yaml(FRONTIER / "recovery-30min.yaml", model="-").distill
     recipe = densetomoe.Recipe.from_yaml(path, distill=recovery.model_dump())
@@ -71,7 +71,7 @@ def test_every_frontier_row_is_a_native_smollm2_recipe_that_takes_the_shared_rec
 
 
 def test_the_served_recipe_is_the_frontier_row_it_quotes_with_the_frontier_recovery():
-    """recipes/smollm2-served.yaml is evals/frontier/shared3-5x1.yaml with recovery-30min.yaml's distillation:
+    """recipes/smollm2-served.yaml is evals/examples/frontier/shared3-5x1.yaml with recovery-30min.yaml's distillation:
     the figures in its header are that row's."""
     served = densetomoe.Recipe.from_yaml(RECIPES[0].parent / "smollm2-served.yaml")
     recovery = densetomoe.Recipe.from_yaml(FRONTIER / "recovery-30min.yaml", model="-").distill

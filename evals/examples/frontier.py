@@ -1,7 +1,7 @@
 """The quality/speed frontier of SmolLM2-135M-Instruct as llama.cpp serves it: one row per artifact.
 
 Rows: the dense model, and one per recipe named with ``--rows`` (YAML files, by default in
-``evals/frontier/``; a row is named after its file). ``--recovery FILE`` adds that file's ``distill:``
+``evals/examples/frontier/``; a row is named after its file). ``--recovery FILE`` adds that file's ``distill:``
 section to every recipe, so that each row gets the same recovery budget. A recipe of one expert
 (``experts: 1, top_k: 1, prune: P``) is the dense model with its FFN width pruned to the share 1 - P
 (importance from calibration, the same least-squares refit of the down projection, the same
@@ -21,10 +21,11 @@ It prints a markdown table and writes ``frontier.json``, ``frontier.md`` and ``f
 (perplexity ratio against decode speed-up) into ``--workdir``. Folders are reused while their recipe
 is unchanged. Timed sections hold ``/tmp/bench.lock``.
 
-    python evals/frontier.py                                                  # every row in evals/frontier/
-    python evals/frontier.py --rows evals/frontier/pruned-375.yaml evals/frontier/shared2-6x1.yaml \
-        --recovery evals/frontier/recovery-30min.yaml --workdir runs/frontier-30min
-    python evals/frontier.py --build-only ...                                 # convert (and recover), no measuring
+    python evals/examples/frontier.py                                         # every row in evals/examples/frontier/
+    python evals/examples/frontier.py --rows evals/examples/frontier/pruned-375.yaml \
+        evals/examples/frontier/shared2-6x1.yaml --recovery evals/examples/frontier/recovery-30min.yaml \
+        --workdir runs/frontier-30min
+    python evals/examples/frontier.py --build-only --threads 1 --rows evals/examples/frontier/moe-8x2.yaml  # no measuring
 
 Building two rows side by side (``--build-only --threads 1``, one process a row) gives each one core;
 the README's figures were made so, and then measured alone.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -42,14 +44,18 @@ import transformers
 import yaml
 
 import densetomoe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import CHAT_PROMPT, dense_smollm, quiet_torch
+
 from densetomoe import llamacpp
 from densetomoe.folder import read_figures
 from densetomoe.stages import native
 from densetomoe.suites import load_suite
 
 HERE = Path(__file__).resolve().parent
-ROWS = HERE / "frontier"
+ROWS = HERE / "frontier"  # evals/examples/frontier/: one recipe a row, and the shared recovery
+ROOT = HERE.parents[1]
 TARGET_PERPLEXITY, TARGET_DECODE = 1.3, 1.25  # what a served decoder should reach (README, The quality/speed frontier)
 
 
@@ -106,17 +112,21 @@ def costs(folder: Path) -> dict:
     }
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", type=Path, default=sorted(p for p in ROWS.glob("*.yaml") if not p.stem.startswith("recovery")))
     parser.add_argument("--recovery", type=Path, default=None, help="a YAML file whose distill: section every row gets")
-    parser.add_argument("--workdir", type=Path, default=HERE.parent / "runs" / "frontier")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "frontier")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=None, help="held-out tokens scored (default: the suite's 16,384)")
     parser.add_argument("--build-only", action="store_true", help="convert (and recover) the rows, measure nothing")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = arguments()
     quiet_torch(args.threads)
     if reason := llamacpp.missing():
         raise SystemExit(f"this evaluation needs llama.cpp: {reason}")
@@ -186,7 +196,6 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FormatStrFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -7,30 +7,38 @@ for the rest) and scored by llama.cpp on the ``wiki-perplexity`` suite's text an
 (:func:`densetomoe.gguf.measure`, ``--tokens``). Tensors that could not take a type, and what they got,
 are listed. Prints a markdown table and writes ``gguf_types.json`` into ``--workdir``.
 
-    python evals/frontier.py --rows evals/frontier/shared2-6x1.yaml --recovery evals/frontier/recovery-30min.yaml \\
-        --workdir runs/frontier-30min --build-only                   # the folders (or any native folder)
-    python evals/gguf_types.py --folders runs/frontier-30min/dense runs/frontier-30min/shared2-6x1
+    # the folders (or any native MoE folder), then their GGUF types:
+    python evals/examples/frontier.py --rows evals/examples/frontier/shared2-6x1.yaml \\
+        --recovery evals/examples/frontier/recovery-30min.yaml --workdir runs/frontier-30min --build-only
+    python evals/examples/gguf_types.py --folders runs/frontier-30min/dense runs/frontier-30min/shared2-6x1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import quiet_torch
+
 from densetomoe import gguf, llamacpp
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folders", nargs="+", type=Path, required=True)
     parser.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0")
     parser.add_argument("--tokens", type=int, default=gguf.PERPLEXITY_TOKENS, help="held-out tokens scored (default: what densetomoe gguf scores; the suite holds 16,384)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent.parent / "runs" / "gguf-types")
-    args = parser.parse_args()
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parents[2] / "runs" / "gguf-types")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = arguments()
     quiet_torch(args.threads)
     if reason := llamacpp.missing():
         raise SystemExit(f"this evaluation needs llama.cpp: {reason}")

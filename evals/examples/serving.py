@@ -15,36 +15,42 @@ in the same run:
 Each folder's full report goes to ``WORKDIR/<format>-<E>x<K>/eval``; the table and ``serving.json``
 gather the headline figures. Folders are reused when their recipe matches.
 
-    python evals/serving.py                                     # 8:2 8:4, native and remote code, 2 threads
-    python evals/serving.py --configs 8:2 --formats native --max-tokens 4096
+    python evals/examples/serving.py                            # 8:2 8:4, native and remote code, 2 threads
+    python evals/examples/serving.py --configs 8:2 --formats native --max-tokens 4096
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import densetomoe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import quiet_torch, smollm_gguf
+
 from densetomoe import llamacpp
 from densetomoe import report as reports
 from densetomoe.evaluation import Settings, evaluate
-from densetomoe.folder import RECIPE_FILE
 from densetomoe.suites import load_suite
 
 
 def converted(workdir: Path, experts: int, top_k: int, fmt: str, settings: dict, log) -> Path:
-    """``densetomoe convert`` of SmolLM2 to ``experts``/``top_k`` in ``fmt``; reused when the recipe matches."""
+    """``densetomoe convert`` of SmolLM2 to ``experts``/``top_k`` in ``fmt``; reused while its recipe is
+    unchanged (a stamp beside the folder: the folder's own recipe file records the defaults resolved)."""
     recipe = densetomoe.Recipe.build(model=smollm_gguf(), experts=experts, top_k=top_k, format=fmt, **settings)
     out = workdir / f"{fmt}-{experts}x{top_k}"
-    recorded = out / RECIPE_FILE  # the published recipe: the model by its file name
-    if recorded.is_file() and recorded.read_text() == recipe.published(Path(smollm_gguf()).name).to_yaml():
+    stamp = workdir / f"{out.name}.recipe.yaml"
+    if stamp.is_file() and stamp.read_text() == recipe.to_yaml() and (out / "config.json").is_file():
         return out
     log(f"converting: {experts} experts, top-{top_k}, format {fmt}")
+    stamp.unlink(missing_ok=True)
     start = time.perf_counter()
     densetomoe.convert(recipe, out=out, overwrite=True, show_progress=False)
+    stamp.write_text(recipe.to_yaml())
     log(f"  {time.perf_counter() - start:.0f} s")
     return out
 
@@ -88,7 +94,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["8:2", "8:4"], help="EXPERTS:TOP_K")
     parser.add_argument("--formats", nargs="+", default=["native", "remote-code"], choices=["native", "remote-code"])
@@ -98,8 +104,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored")
     parser.add_argument("--calib-tokens", type=int, default=32768)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent.parent / "runs" / "serving")
-    args = parser.parse_args()
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parents[2] / "runs" / "serving")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = arguments()
     quiet_torch(args.threads)
     if "native" in args.formats and (reason := llamacpp.missing()):
         raise SystemExit(f"the native rows need llama.cpp: {reason}")

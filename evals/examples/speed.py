@@ -5,8 +5,8 @@ not depend on the values), converts a copy to experts (random equal split, train
 router: no calibration needed for timing), and times both in interleaved rounds:
 throughput at batch 32 x 128 tokens and latency at batch 1 x 128, on the given number of threads.
 
-    python evals/speed.py                       # 8 experts, top-2, 2 threads
-    python evals/speed.py --top-k 1 2 4 8 --threads 2
+    python evals/examples/speed.py                       # 8 experts, top-2, 2 threads
+    python evals/examples/speed.py --top-k 1 2 4 8 --threads 2
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import transformers
 
 from densetomoe import archs, surgery
 from densetomoe.efficiency import cost, random_inputs, time_models
-from densetomoe.moe import blocks_of
 from densetomoe.ffn import dense_ffn
+from densetomoe.moe import blocks_of
 from densetomoe.stages.partition import at_random
 from densetomoe.stages.router import ROUTERS, RouterSettings
 
@@ -42,33 +42,24 @@ def moe_copy(dense: torch.nn.Module, experts: int, top_k: int) -> torch.nn.Modul
     return model.eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, nargs="+", default=[2])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    dense = transformers.BertModel(transformers.BertConfig()).eval()  # bert-base shapes
+def measure(dense, experts: int, top_ks: list[int], threads: int, repeats: int, batches=(32, 1), seq_len=128) -> list[dict]:
+    """One row per top-k and batch (``batch`` x ``seq_len`` tokens): ``dense`` against its MoE copy,
+    timed in interleaved rounds, with the FLOPs each spends."""
     arch = archs.arch_for(dense.config)
     ffn_linears = {m for b in blocks_of(dense, arch.layers) for m in (b.get_submodule(arch.up), b.get_submodule(arch.down))}
     rows = []
-    for k in args.top_k:
-        moe = moe_copy(dense, args.experts, k)
-        for batch in (32, 1):
-            inputs = random_inputs(dense.config.vocab_size, batch, 128)
-            timing = time_models({"dense": dense, "moe": moe}, inputs, repeats=args.repeats)
-            d, m = cost(dense, 128, ffn_linears), cost(moe, 128)
+    for k in top_ks:
+        moe = moe_copy(dense, experts, k)
+        for batch in batches:
+            inputs = random_inputs(dense.config.vocab_size, batch, seq_len)
+            timing = time_models({"dense": dense, "moe": moe}, inputs, repeats=repeats)
+            d, m = cost(dense, seq_len, ffn_linears), cost(moe, seq_len)
             rows.append(
                 {
-                    "experts": args.experts,
+                    "experts": experts,
                     "top_k": k,
-                    "batch": f"{batch}x128",
-                    "threads": args.threads,
+                    "batch": f"{batch}x{seq_len}",
+                    "threads": threads,
                     "dense_ms": round(timing["dense"].median_s * 1e3, 1),
                     "moe_ms": round(timing["moe"].median_s * 1e3, 1),
                     "speedup": round(timing["dense"].median_s / timing["moe"].median_s, 2),
@@ -78,13 +69,33 @@ def main() -> None:
                     "ffn_flops_ratio": round(m.ffn_flops / d.ffn_flops, 3),
                 }
             )
-    if args.json:
-        print(json.dumps(rows))
-        return
+    return rows
+
+
+def table(rows: list[dict]) -> str:
     keys = list(rows[0])
-    print("  ".join(f"{k:>13}" for k in keys))
-    for row in rows:
-        print("  ".join(f"{str(row[k]):>13}" for k in keys))
+    lines = ["  ".join(f"{k:>13}" for k in keys)]
+    lines += ["  ".join(f"{str(row[k]):>13}" for k in keys) for row in rows]
+    return "\n".join(lines)
+
+
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, nargs="+", default=[2])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = arguments()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dense = transformers.BertModel(transformers.BertConfig()).eval()  # bert-base shapes
+    rows = measure(dense, args.experts, args.top_k, args.threads, args.repeats)
+    print(json.dumps(rows) if args.json else table(rows))
 
 
 if __name__ == "__main__":

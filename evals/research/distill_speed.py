@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (the bundled GGUF) converted at half the FFN (64 experts, dynamic top-k; a
 small calibration, since speed does not depend on quality), then a few distillation steps of the
 library's own ``distill_model`` per variant, each on a fresh copy of the converted model, in one
-process:
+process. The variants are the rows of ``distill_speed.yaml`` beside this script:
 
 * ``documents``: each document cut to ``--seq-len`` and padded to the longest of its batch, KL on
   the model's logits (what a causal LM did before packed windows; what an encoder still does);
@@ -17,8 +17,9 @@ process:
 Prints real tokens trained on per second, the ratio to the first row, and the minor page faults
 per step (each one a page the kernel mapped and zeroed).
 
-    python evals/distill_speed.py --steps 12
-    python evals/distill_speed.py --steps 10 --batch-size 4 --seq-len 512 --experts 256 --rows windows-bf16 bf16-fresh-memory
+    python evals/research/distill_speed.py --steps 12
+    python evals/research/distill_speed.py --steps 10 --batch-size 4 --seq-len 512 --experts 256 \\
+        --rows windows-bf16 bf16-fresh-memory
 """
 
 from __future__ import annotations
@@ -28,22 +29,22 @@ import contextlib
 import copy
 import dataclasses
 import resource
+import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 import densetomoe
-from common import quiet_torch, smollm_gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
+from common import experiment_rows, quiet_torch, smollm_gguf
+
 from densetomoe import memory
 from densetomoe.pipeline import Dense
 from densetomoe.recipe import Distill
 from densetomoe.stages.distill import distill_model, share_frozen, trainable
 
-ROWS = {  # name: (mixed precision, packed windows, freed memory kept for reuse)
-    "documents": ("no", False, True),
-    "windows": ("no", True, True),
-    "windows-bf16": ("bf16", True, True),
-    "bf16-fresh-memory": ("bf16", True, False),
-}
+ROWS = experiment_rows(__file__)  # distill_speed.yaml: name -> Distill settings, packed windows, freed memory kept
 
 
 def main() -> None:
@@ -69,10 +70,9 @@ def main() -> None:
     baseline = None
     print(f"{'row':<18} {'steps':>5} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'vs first':>8} {'faults/step':>12}")
     for name in args.rows:
-        precision, packed, reuse = ROWS[name]
-        settings = Distill(
-            steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, mixed_precision=precision, eval_texts=0
-        )
+        row = ROWS[name]
+        packed, reuse = row["packed"], row["reuse_freed_memory"]
+        settings = Distill(**{"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "eval_texts": 0, **row["distill"]})
         student = copy.deepcopy(conversion.model)
         trainable(student, settings)
         teacher = share_frozen(copy.deepcopy(dense.model), student, settings)

@@ -18,8 +18,8 @@ types off, as :func:`densetomoe.llamacpp.load` has them), after one untimed run 
 structures interleaved for ``--repeats`` rounds; medians of decode tokens/s and of prompt + decode time, each as a ratio to dense. Timed
 sections hold ``/tmp/bench.lock``. GGUF files are kept in ``--workdir`` and reused.
 
-    python evals/engine_speed.py --shape llama-3.2-1b --structures dense pruned:0.375 6:1:2 8:2
-    python evals/engine_speed.py --shape smollm2-135m --structures dense pruned:0.5 8:4 6:1:2
+    python evals/research/engine_speed.py --shape llama-3.2-1b --structures dense pruned:0.375 6:1:2 8:2
+    python evals/research/engine_speed.py --shape smollm2-135m --structures dense pruned:0.5 8:4 6:1:2
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import transformers
 
-from common import package_folder, quiet_torch
-from densetomoe import llamacpp
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
+from common import SHAPES, package_folder, quiet_torch
 from densetomoe.stages.native import EMPTY_SHARED  # the zero shared expert --format native writes
-from scale import SHAPES
+
+from densetomoe import llamacpp
 
 SHAPES = {**SHAPES, "smollm2-135m": (30, 576, 1536, 9, 3, 49152)}  # name: (layers, hidden, ffn, heads, kv heads, vocabulary)
 
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent.parent / "runs" / "engine-speed")
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parents[2] / "runs" / "engine-speed")
     parser.add_argument("--build-only", action="store_true", help="write the GGUF files, time nothing")
     args = parser.parse_args()
     quiet_torch(args.threads)

@@ -5,7 +5,7 @@ converted folder; at each MoE layer, the dense FFN of ``--base`` computes on the
 error is ``||moe(x) - dense(x)|| / ||dense(x)||`` over the tokens. A layer far above its neighbours
 points at one broken split (as massive neurons split between experts did, README "Massive neurons"):
 
-    python evals/layer_errors.py runs/smollm2-tf-256 runs/smollm2-tf-512
+    python evals/research/layer_errors.py runs/smollm2-tf-256 runs/smollm2-tf-512
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ weight matrices and the inputs), "peak MB" the most the process held. The time i
 activations (``ffn.neurons``), the assignment steps (``balanced_assign``, every k-means iteration)
 and the rest of k-means (normalising, seeding, similarities, centroids).
 
-    python evals/partition_scale.py                  # d_ff 14336 (LLaMA-3-8B) and 28672 (LLaMA-70B), 16 experts
-    python evals/partition_scale.py --d-ff 4096 --experts 8 --hidden 1024
-    python evals/partition_scale.py --old            # then the former n x n exact assignment (scipy) against
+    python evals/research/partition_scale.py         # d_ff 14336 (LLaMA-3-8B) and 28672 (LLaMA-70B), 16 experts
+    python evals/research/partition_scale.py --d-ff 4096 --experts 8 --hidden 1024
+    python evals/research/partition_scale.py --old   # then the former n x n exact assignment (scipy) against
                                                      # today's, one k-means assignment step at d_ff 1536/4096/8192
 
 ``--old`` needs scipy (``pip install scipy``); it times a single assignment step on both sides, since

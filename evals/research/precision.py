@@ -6,10 +6,10 @@ once per row with ``densetomoe.convert``, casts the dense and the converted mode
 on held-out Wikipedia prose (``wiki-perplexity``'s text, windows of 512 tokens, ``--tokens`` in all)
 counts how often each model's next-token argmax in that dtype equals its own float32 argmax. It prints
 the perplexity in each dtype too. Issue 13's item 3 was a training-free 8-experts top-2 model at 0.65 in
-bfloat16 against the dense model's 0.97.
+bfloat16 against the dense model's 0.97. The rows are recipes, in ``precision.yaml`` beside this script.
 
-    python evals/precision.py                           # the rows below
-    python evals/precision.py --rows default --tokens 2048
+    python evals/research/precision.py                           # every row
+    python evals/research/precision.py --rows default --tokens 2048
 """
 
 from __future__ import annotations
@@ -19,23 +19,22 @@ import contextlib
 import copy
 import json
 import math
+import sys
+from pathlib import Path
 
 import torch
 
 import densetomoe
-from common import SMOLLM_GGUF, quiet_torch, smollm_gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
+from common import SMOLLM_GGUF, experiment_rows, quiet_torch, smollm_gguf
+
 from densetomoe.data import heldout_corpus
 from densetomoe.evaluation import Routes
 from densetomoe.moe import moe_modules
 from densetomoe.stages import load
 
-ROWS = {  # name: (what it is, settings on top of the defaults)
-    "default": ("--ffn-budget 0.5: 64 experts, dynamic top-k (32 on average), refit", dict(ffn_budget=0.5)),
-    "soft-boundary": ("the same with --routing dynamic-soft: a soft boundary, experts within a factor 1.1 above a token's threshold taken in part", dict(ffn_budget=0.5, routing="dynamic-soft")),
-    "soft-boundary-0.03": ("the same with --routing dynamic-soft: a soft boundary, experts within a factor 1.03 above a token's threshold taken in part", dict(ffn_budget=0.5, routing="dynamic-soft", ramp=0.03)),
-    "8x2-refit": ("--experts 8 --top-k 2 (dynamic top-k, refit: today's defaults)", dict(experts=8, top_k=2)),
-    "8x2-before": ("8 experts, top-2, no refit (issue 13's model)", dict(experts=8, top_k=2, routing="top-k", refit=False)),
-}
+ROWS = experiment_rows(__file__)  # precision.yaml: name -> what it is, recipe settings on top of the defaults
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -106,7 +105,7 @@ def main() -> None:
     results = {"dense": ("the dense model", agreement(dense.eval(), windows))}
     del dense
     for name in args.rows:
-        what, settings = ROWS[name]
+        what, settings = ROWS[name]["what"], ROWS[name]["recipe"]
         result = densetomoe.convert(densetomoe.Recipe.build(model=path, **settings), show_progress=False)
         results[name] = (what, agreement(result.model.eval(), windows))
         del result

@@ -2,20 +2,21 @@
 
 Starts from recipes/minilm-sentiment.yaml (8 experts, top-2, calibrated on the unlabelled Rotten
 Tomatoes train snippets) and changes one thing per row: pruning inside experts, expert dropout during
-distillation, a shared expert, finer experts. Each row converts, distills for ``--steps`` (a fixed
-number of steps, so rows compare fairly on a busy machine; 0: the training-free conversion only)
-and scores the held-out suite ``rotten-tomatoes-sentiment`` against the dense classifier in the
-same process.
+distillation, a shared expert, finer experts (the rows of ``recovery_ablation.yaml`` beside this
+script). Each row converts, distills for ``--steps`` (a fixed number of steps, so rows compare fairly
+on a busy machine; 0: the training-free conversion only) and scores the held-out suite
+``rotten-tomatoes-sentiment`` against the dense classifier in the same process.
 
-    python evals/data/rt_train_text.py && python evals/finetune_classifier.py --out runs/minilm-rt-classifier
-    python evals/recovery_ablation.py --steps 200
-    python evals/recovery_ablation.py --steps 0 --rows base e16 e32
+    python evals/tools/rt_train_text.py && python evals/tools/finetune_classifier.py --out runs/minilm-rt-classifier
+    python evals/research/recovery_ablation.py --steps 200
+    python evals/research/recovery_ablation.py --steps 0 --rows base e16 e32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,22 +24,17 @@ import torch
 import transformers
 
 import densetomoe
-from densetomoe.efficiency import cost
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
+from common import experiment_rows
+
 from densetomoe.data import batches
+from densetomoe.efficiency import cost
 from densetomoe.suites import load_suite
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "minilm-sentiment.yaml"
-
-# name -> recipe overrides (distillation settings go under "distill")
-ROWS = {
-    "base": {},
-    "prune25": {"prune": 0.25},
-    "dropout10": {"distill": {"expert_dropout": 0.1}},
-    "shared": {"experts": 7, "shared_experts": 1, "top_k": 1},
-    "e16": {"experts": 16, "top_k": 4},
-    "e32": {"experts": 32, "top_k": 8},
-}
+ROWS = experiment_rows(__file__)  # recovery_ablation.yaml: name -> what it is, recipe overrides (distillation under distill:)
 
 
 @torch.no_grad()
@@ -63,7 +59,7 @@ def main() -> None:
     dense_accuracy = accuracy(dense, tokenizer, texts, labels)
     print(json.dumps({"row": "dense", "accuracy": dense_accuracy, "params": sum(p.numel() for p in dense.parameters())}), flush=True)
     for name in args.rows:
-        overrides = json.loads(json.dumps(ROWS[name]))
+        overrides = json.loads(json.dumps(ROWS[name]["recipe"]))
         distill = {**(base.distill.model_dump() if base.distill else {}), **overrides.pop("distill", {})}
         distill.update(minutes=None, steps=args.steps)
         settings = {**base.model_dump(), **overrides, "distill": distill if args.steps > 0 else None}
@@ -76,7 +72,7 @@ def main() -> None:
         c = cost(conversion.model, 128)
         row = {
             "row": name,
-            "overrides": ROWS[name],
+            "overrides": ROWS[name]["recipe"],
             "steps": args.steps,
             "accuracy": accuracy(conversion.model, conversion.tokenizer, texts, labels),
             "dense_accuracy": dense_accuracy,

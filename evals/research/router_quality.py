@@ -1,10 +1,10 @@
 """Exploratory: how good can one layer's router get? Held-out FFN error of SmolLM2 layers under dynamic top-k.
 
 For each layer asked (``--layers``), records the FFN inputs of SmolLM2-135M-Instruct (a float32
-safetensors folder; ``python evals/serving.py`` writes runs/serving/dense) on the calibration text
+safetensors folder; ``python evals/examples/serving.py`` writes runs/serving/dense) on the calibration text
 (a reservoir of ``--sample-tokens``) and on held-out Wikipedia text (wiki-perplexity's, the first
 ``--heldout-tokens`` tokens), partitions the FFN into ``--experts`` experts, and then, per router
-variant, builds the MoE layer the library builds (dynamic top-k with ``--top-k`` experts on average on
+variant (the rows of ``router_quality.yaml`` beside this script), builds the MoE layer the library builds (dynamic top-k with ``--top-k`` experts on average on
 the calibration sample, unselected-expert means, the least-squares refit) and prints its relative
 output error on the held-out tokens against the dense FFN. ``oracle`` routes by each expert's true
 share of the output (the ceiling of any router); the others are trained on the calibration sample.
@@ -12,9 +12,9 @@ share of the output (the ceiling of any router); the others are trained on the c
 projections, unselected-expert means) by Adam to reproduce the dense FFN's output on the sample
 under that routing (layer-wise local reconstruction), and refits again:
 
-    python evals/router_quality.py                       # layers 5, 15, 25; every variant
-    python evals/router_quality.py --layers 10 --variants library oracle steps-2000
-    python evals/router_quality.py --model smollm2-135m-instruct --layers 5 15 25 --sample-tokens 32768 \
+    python evals/research/router_quality.py                       # layers 5, 15, 25; every variant
+    python evals/research/router_quality.py --layers 10 --variants library oracle steps-2000
+    python evals/research/router_quality.py --model smollm2-135m-instruct --layers 5 15 25 --sample-tokens 32768 \\
         --calib-tokens 65536 --variants library local-300-1e-3 local-1000-3e-4 local-3000-3e-4
 """
 
@@ -24,12 +24,16 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers.activations import ACT2FN
 
-from common import OracleRouter
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
+from common import OracleRouter, experiment_rows
+
 from densetomoe import archs, data, pipeline
 from densetomoe.ffn import CHUNK, dense_ffn
 from densetomoe.moe import Router, blocks_of
@@ -38,7 +42,14 @@ from densetomoe.stages import blockwise, load
 from densetomoe.stages.calibrate import LayerRecorder, calibration_batches, layer_generator
 from densetomoe.stages.partition import PARTITIONS
 from densetomoe.stages.refit import refit_experts
-from densetomoe.stages.router import ROUTERS, RouterSettings, _fold_normalisation, coverage_for, expert_shares, fit_router
+from densetomoe.stages.router import (
+    ROUTERS,
+    RouterSettings,
+    _fold_normalisation,
+    coverage_for,
+    expert_shares,
+    fit_router,
+)
 from densetomoe.surgery import LayerSplit, group_massive
 
 
@@ -107,26 +118,10 @@ def trained(x, target, hidden, steps, lr, batch, loss, seed):
     return router
 
 
-VARIANTS = {  # name: None (built in), or the trained router's (hidden, steps, lr, batch, loss)
-    "library": None,
-    "oracle": None,
-    "lowrank-32": None,
-    "lowrank-64": None,
-    "lowrank-128": None,
-    "steps-2000": (128, 2000, 3e-3, 512, "ce"),
-    "hidden-512": (512, 400, 3e-3, 512, "ce"),
-    "hidden-512-steps-2000": (512, 2000, 3e-3, 512, "ce"),
-    "mse": (128, 400, 3e-3, 512, "mse"),
-    "mse-hidden-512-steps-2000": (512, 2000, 3e-3, 512, "mse"),
-}
-LOCAL = {  # the library's router, then layer-wise local reconstruction: name: (steps, lr)
-    "local-300-1e-4": (300, 1e-4),
-    "local-300-3e-4": (300, 3e-4),
-    "local-300-1e-3": (300, 1e-3),
-    "local-1000-1e-4": (1000, 1e-4),
-    "local-1000-3e-4": (1000, 3e-4),
-    "local-3000-3e-4": (3000, 3e-4),
-}
+ROWS = experiment_rows(__file__)  # router_quality.yaml: name -> router (library, oracle, lowrank, trained), its settings
+ROUTER_KINDS = ("library", "oracle", "lowrank", "trained")
+if bad := [name for name, row in ROWS.items() if row.get("router") not in ROUTER_KINDS]:
+    raise SystemExit(f"router_quality.yaml: rows {bad}: router must be one of {', '.join(ROUTER_KINDS)}")
 
 
 def main() -> None:
@@ -140,7 +135,7 @@ def main() -> None:
     p.add_argument("--partition-tokens", type=int, help="partition on the first this many sampled tokens only (default: all)")
     p.add_argument("--heldout-tokens", type=int, default=8192)
     p.add_argument("--split-massive", action="store_true", help="leave massive neurons where the partition put them (the library groups them: surgery.group_massive)")
-    p.add_argument("--variants", nargs="+", choices=[*VARIANTS, *LOCAL], default=[*VARIANTS, *LOCAL])
+    p.add_argument("--variants", nargs="+", choices=list(ROWS), default=list(ROWS))
     args = p.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
@@ -181,23 +176,25 @@ def main() -> None:
         target = expert_shares(ffn, stats.inputs, labels, args.experts)
         row = {}
         for name in args.variants:
+            variant = ROWS[name]
             start = time.time()
-            if name == "oracle" or name.startswith("lowrank"):  # built around a placeholder router, then routed, covered and refit by it
+            if variant["router"] in ("oracle", "lowrank"):  # built around a placeholder router, then routed, covered and refit by it
                 module = LayerSplit(ffn, labels, Router(ffn.w_up.shape[1], args.experts), args.experts, act, stats.inputs).build(args.top_k)
-                if name == "oracle":
+                if variant["router"] == "oracle":
                     module.router = OracleRouter(ffn, labels, args.experts)
                 else:
-                    module.router = LowRank(ffn, labels, args.experts, stats.inputs, int(name.split("-")[1]))
+                    module.router = LowRank(ffn, labels, args.experts, stats.inputs, variant["rank"])
                 module.coverage = coverage_for(module.router, stats.inputs, args.top_k)
                 refit_experts(module, ffn, stats.inputs)
             else:
-                if name == "library" or name in LOCAL:
+                if variant["router"] == "library":
                     router = ROUTERS["mlp"](ffn, stats, labels, args.experts, settings, g)
                 else:
-                    router = trained(stats.inputs, target, *VARIANTS[name], seed=i)
+                    shape, how = variant["recipe"], variant["training"]
+                    router = trained(stats.inputs, target, shape["router_hidden"], shape["router_steps"], how["lr"], how["batch"], how["loss"], seed=i)
                 module = LayerSplit(ffn, labels, router, args.experts, act, stats.inputs, refit_to=ffn, dynamic=True).build(args.top_k)
-                if name in LOCAL:
-                    local_reconstruction(module, ffn, stats.inputs, *LOCAL[name], seed=i)
+                if "local" in variant:
+                    local_reconstruction(module, ffn, stats.inputs, variant["local"]["steps"], variant["local"]["lr"], seed=i)
             with torch.no_grad():
                 out = torch.cat([module(part) for part in x_held.split(CHUNK)])
             err = float((out - y_held).norm() / y_held.norm())

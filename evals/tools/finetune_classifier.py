@@ -5,7 +5,7 @@ the bundled all-MiniLM-L6-v2 with a fresh classification head, trained on the fi
 the Rotten Tomatoes snippets (4 of 5 by hash of the text; the suite
 `densetomoe/suites/rotten-tomatoes-sentiment.yaml` evaluates on the fifth it never sees).
 
-    python evals/finetune_classifier.py --out runs/minilm-rt-classifier     # ~10 min on 2 CPU cores
+    python evals/tools/finetune_classifier.py --out runs/minilm-rt-classifier     # ~10 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer, BertForSequenceClassification
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import package_folder, rotten_tomatoes
 
 LABELS = ["rotten", "fresh"]

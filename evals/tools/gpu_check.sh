@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The conversion stages and distillation on one CUDA GPU: what CI (CPU only) cannot check.
 #
-#   bash evals/gpu_check.sh OUT_DIR TOKENIZER_DIR    # about 7 minutes on one H200 (432 s, 2026-12-04)
+#   bash evals/tools/gpu_check.sh OUT_DIR TOKENIZER_DIR    # about 7 minutes on one H200 (432 s, 2026-12-04)
 #
 # Where the machine has torch and accelerate but not this project's other needs, carry them as
 # wheels and put them first on the path (transformers 5.24, pydantic 2.14.4 with pydantic-core,
@@ -14,7 +14,7 @@
 #    workers: every tiny-model conversion computes on the GPU, convert's --device auto taking it),
 #    that model distilled under accelerate launch with FSDP2 (8-gpu-fsdp.yaml with one process),
 #    the folder and then `convert --distill-steps`, then in one process (1-gpu.yaml);
-# 3. evals/scale.py on the GPU: 4 blocks of LLaMA-3.2-1B's shape (random weights) on both paths,
+# 3. evals/examples/scale.py on the GPU: 4 blocks of LLaMA-3.2-1B's shape (random weights) on both paths,
 #    then all 16 blocks one block at a time.
 # The command lines run with DENSETOMOE_DEBUG=1: a failure prints its whole traceback.
 # TOKENIZER_DIR is any tokenizer folder (SmolLM2's, say) for the random-weight models. Each step
@@ -82,8 +82,8 @@ step distill-fsdp 120 bash -c "$(printf '%q ' "${FSDP[@]}") distill $WORK/tiny-m
 step distill-1gpu 90 env DENSETOMOE_DEBUG=1 accelerate launch --config_file recipes/accelerate/1-gpu.yaml -m densetomoe.cli distill "$WORK/tiny-moe" --steps 4 --batch-size 4 --out "$WORK/tiny-1gpu" --overwrite --no-progress
 wait $tests
 
-step scale-4l-cuda 110 python3 evals/scale.py --device cuda --layers 4 --work "$WORK/scale" --tokenizer "$TOKENIZER"
-step scale-1b-cuda 150 python3 evals/scale.py --device cuda --paths sequential --work "$WORK/scale" --tokenizer "$TOKENIZER"
+step scale-4l-cuda 110 python3 evals/examples/scale.py --device cuda --layers 4 --work "$WORK/scale" --tokenizer "$TOKENIZER"
+step scale-1b-cuda 150 python3 evals/examples/scale.py --device cuda --paths sequential --work "$WORK/scale" --tokenizer "$TOKENIZER"
 
 echo "== summary"
 cat "$OUT/summary.txt"

@@ -2,9 +2,9 @@
 
 The sentiment recipe (recipes/minilm-sentiment.yaml) calibrates and distills on this unlabelled
 in-domain text; the suite ``rotten-tomatoes-sentiment`` scores the held-out fifth that neither this
-file nor ``evals/finetune_classifier.py`` ever contains (the split is by a hash of the text).
+file nor ``evals/tools/finetune_classifier.py`` ever contains (the split is by a hash of the text).
 
-    python evals/data/rt_train_text.py            # -> runs/rt-train.txt (10,185 snippets)
+    python evals/tools/rt_train_text.py           # -> runs/rt-train.txt (10,185 snippets)
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import rotten_tomatoes  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
+from common import rotten_tomatoes
 
 ROOT = Path(__file__).resolve().parents[2]
 
