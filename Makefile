@@ -1,6 +1,6 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make demo   convert the bundled all-MiniLM-L6-v2 to 8 experts, top-2, and print what was measured
-#   make test   run the test suite (with llama.cpp, which it sets up first: see llamacpp)
+#   make test   lint (ruff), then the test suite on both cores (with llama.cpp, which it sets up first: see llamacpp)
 # and, while developing, make test-fast: the tests not marked slow (tiny models only), in under a minute.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,16 +8,21 @@ BIN    := $(VENV)/bin
 READY  := $(VENV)/.ready
 LLAMACPP := $(VENV)/llama.cpp/.ready
 
-.PHONY: demo test test-fast eval llamacpp clean
+.PHONY: demo test test-fast lint eval llamacpp clean
 
 demo: $(READY)
 	$(BIN)/densetomoe convert all-minilm-l6-v2 --experts 8 --top-k 2 --out runs/minilm-moe-8x2 --overwrite
 
-test: $(READY) $(LLAMACPP)
-	$(BIN)/python -m pytest -q
+# -n 2: a worker per core; --dist loadfile: a test file's module fixtures (a real model converted once) stay in one
+# worker; --no-loadscope-reorder: the files in tests/conftest.py's order, the longest first
+test: lint $(LLAMACPP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(READY)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
+
+lint: $(READY)
+	$(BIN)/ruff check densetomoe tests evals
 
 eval: $(READY)
 	$(BIN)/python evals/examples/minilm_similarity.py

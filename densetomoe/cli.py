@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
-from rich.table import Table
+from rich.console import Console
 
+from . import processes
 from .console import stderr
-from .folder import FORMATS, REPORT_DIR
-from .gguf import PERPLEXITY_TOKENS, TYPES as GGUF_TYPES
-from .moe import nominal_top_k
+from .folder import REPORT_DIR
+from .formats import FORMATS
+from .gguf import PERPLEXITY_TOKENS
+from .gguf import TYPES as GGUF_TYPES
 from .recipe import Distill, DType, MixedPrecision, Recipe, RoutingKind, Trainable, merge
 from .registry import Registry
 from .stages.budget import BUDGETS
@@ -125,15 +127,13 @@ def convert(
 ) -> None:
     """Convert a dense checkpoint into an MoE folder that loads with plain transformers."""
     def action():
-        from .errors import UsageError
+        from .defaults import with_model_defaults
         from .pipeline import convert as run_conversion
-        from .pipeline import with_model_defaults
 
         if push_to_hub:
             from .hub import preflight
 
             preflight(push_to_hub)  # a bad repo id or a missing token fails before the conversion
-
         settings = {
             "model": model, "experts": experts, "top_k": top_k, "partition": partition, "router": router,
             "calib": calib, "calib_tokens": calib_tokens, "compensate": compensate, "refit": refit, "routing": routing, "seed": seed,
@@ -142,83 +142,81 @@ def convert(
             "layers": _indices(layers),
         }  # fmt: skip
         given = {k: v for k, v in settings.items() if _given(ctx, k) or k == "model"}
-        flags = {"steps": distill_steps, "minutes": distill_minutes, "data": _sources(distill_data)}
-        flags = {k: v for k, v in flags.items() if v is not None}
-        if distill is False and flags:
-            raise UsageError("--no-distill contradicts the --distill-* flags given")
-        if recipe is not None:
-            base = Recipe.from_yaml(recipe, model=model).model_dump(exclude_unset=True)
-            if distill is False:
-                base.pop("distill", None)
-        else:
-            base = {}
-        if distill or flags:
-            given["distill"] = {**(base.get("distill") or {}), **flags}
-        plan = with_model_defaults(Recipe.build(**merge(base, given)))  # the folder's name shows what will run
-        if gguf is not None:
-            from .gguf import check_ready, parse_types
-
-            gguf_types = parse_types(gguf)
-            check_ready(plan.format)  # before the conversion: a type or an engine missing fails now
+        distill_flags = {"steps": distill_steps, "minutes": distill_minutes, "data": _sources(distill_data)}
+        plan = with_model_defaults(_recipe(given, recipe, distill, distill_flags))  # the folder's name shows what will run
+        gguf_types = _gguf_ready(gguf, plan.format)
         name = Path(plan.model).stem if plan.model.lower().endswith(".gguf") else Path(plan.model).name
         shape = f"{plan.experts}x{plan.top_k}" if plan.ffn_budget is None else f"{plan.experts}-budget{plan.ffn_budget:g}"
         destination = out or Path(f"{name or 'model'}-moe-{shape}")
         _quiet_transformers()
         result = run_conversion(plan, destination, overwrite, show_progress=progress, log=_log, resume=resume, device=device)
-        if _main_process():
-            _print_summary(result)
-            if gguf is not None:
-                try:
-                    _write_gguf(result.out, gguf_types)
-                except UsageError as e:
-                    retry = f"densetomoe gguf {result.out} --type {','.join(gguf_types)}"
-                    raise UsageError(f"{e} (the converted folder is in {result.out}, without GGUF files: retry with `{retry}`)") from None
-            if push_to_hub:
-                _push_converted(result.out, push_to_hub)
+        if processes.is_main_process():
+            from . import tables
+
+            Console().print(tables.conversion(result))
+            _after_conversion(result.out, gguf_types, push_to_hub)
 
     _run(action)
 
 
+def _recipe(given: dict, recipe: Path | None, distill: bool | None, flags: dict) -> Recipe:
+    """The recipe a ``convert`` runs: the recipe file's keys, overridden by the flags ``given`` on the
+    command line; ``--distill`` and the ``--distill-*`` ``flags`` add to (or ``--no-distill`` removes)
+    its ``distill:`` section."""
+    from .errors import UsageError
+
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if distill is False and flags:
+        raise UsageError("--no-distill contradicts the --distill-* flags given")
+    base = {}
+    if recipe is not None:
+        base = Recipe.from_yaml(recipe, model=given["model"]).model_dump(exclude_unset=True)
+        if distill is False:
+            base.pop("distill", None)
+    if distill or flags:
+        given = {**given, "distill": {**(base.get("distill") or {}), **flags}}
+    return Recipe.build(**merge(base, given))
+
+
+def _gguf_ready(gguf: str | None, format: str) -> list[str] | None:
+    """``--gguf``'s types, checked before the conversion: a type or an engine missing fails now."""
+    if gguf is None:
+        return None
+    from .gguf import check_ready, parse_types
+
+    types = parse_types(gguf)
+    check_ready(format)
+    return types
+
+
+def _after_conversion(out: Path, gguf_types: list[str] | None, push_to_hub: str | None) -> None:
+    """``convert --gguf`` and ``--push-to-hub``: what runs on the written folder."""
+    from .errors import UsageError
+
+    if gguf_types is not None:
+        try:
+            _write_gguf(out, gguf_types)
+        except UsageError as e:
+            retry = f"densetomoe gguf {out} --type {','.join(gguf_types)}"
+            raise UsageError(f"{e} (the converted folder is in {out}, without GGUF files: retry with `{retry}`)") from None
+    if push_to_hub:
+        _push_converted(out, push_to_hub)
+
+
 def _write_gguf(out: Path, types: list[str], perplexity_tokens: int = PERPLEXITY_TOKENS) -> None:
     """GGUF files into the converted folder ``out``, and a table of what they measured."""
+    from . import tables
     from .gguf import write
 
     files = write(out, types, perplexity_tokens, log=_log)
-    table = Table(title=f"GGUF files in {out}", title_justify="left")
-    for column in ("file", "size", "served perplexity", "tensors of another type"):
-        table.add_column(column, justify="right")
-    for f in files:
-        served = "-" if f.perplexity is None else f"{f.perplexity:.2f}"
-        table.add_row(f.file, f"{f.bytes / 1e6:,.1f} MB", served, str(len(f.fallbacks)))
-    from rich.console import Console
-
-    Console().print(table)
+    Console().print(tables.gguf_files(out, files))
     for f in files:
         for line in f.fallbacks:
             stderr.print(f"note: {f.type.upper()} does not fit {line}", highlight=False, soft_wrap=True)
 
 
-def _main_process() -> bool:
-    """False in the other processes of an ``accelerate launch`` (torchrun gives each its ``RANK``):
-    they work, and only the first one speaks."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _table(title: str, rows: list[list[str]]) -> Table:
-    """A rich table of ``rows`` (the first is the header), numbers right-aligned."""
-    table = Table(title=title, title_justify="left")
-    header, *lines = rows
-    for column in header:
-        table.add_column(column, justify="right")
-    for line in lines:
-        table.add_row(*line)
-    return table
-
-
 def _log(message: str) -> None:
-    if _main_process():
+    if processes.is_main_process():
         stderr.print(message)
 
 
@@ -256,32 +254,6 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def _print_summary(result) -> None:
-    q, r = result.report, result.recipe
-    table = Table(title=f"{result.source.name} -> {result.out}", show_header=True, title_justify="left")
-    table.add_column("measured on held-out text, dense vs MoE")
-    table.add_column("value", justify="right")
-    top_k = nominal_top_k(result.top_k)
-    per_layer = {i: k for i, k in result.top_k.items() if k != top_k}
-    dynamic = " on average (dynamic)" if r.dynamic else ""
-    table.add_row("experts, top-k", f"{r.experts}, {top_k}{dynamic}" + (f" (per layer: {len(per_layer)} differ)" if per_layer else ""))
-    table.add_row("share of FFN neurons a token uses (all layers)", f"{q.active_ffn_share:.0%}")
-    table.add_row("FFN FLOPs per token, MoE / dense", f"{q.ffn_flops_ratio:.3f}")
-    table.add_row("cosine of mean-pooled outputs", f"{q.embedding_cosine:.4f}")
-    table.add_row("relative error of final hidden states", f"{q.hidden_rel_error:.4f}")
-    if q.head_agreement is not None:
-        table.add_row("head predictions that agree", f"{q.head_agreement:.1%}")
-    if q.perplexity is not None:
-        table.add_row("next-token perplexity, dense -> MoE", f"{q.dense_perplexity:.2f} -> {q.perplexity:.2f}")
-    if result.history is not None:
-        h = result.history
-        table.add_row("distillation", f"{h.step} steps, {h.tokens:,} tokens, {h.elapsed / 60:.1f} min")
-    table.add_row("total time", f"{result.seconds['total']:.1f} s")
-    from rich.console import Console
-
-    Console().print(table)
-
-
 @app.command("eval")
 def evaluate(
     moe_dir: Annotated[Path, typer.Argument(help="A folder written by densetomoe convert.")],
@@ -303,10 +275,11 @@ def evaluate(
     its dense model as GGUF files of the same type, perplexity on held-out text and decode speed."""
 
     def action():
-        from . import report as reports
+        from . import tables
         from .errors import UsageError
-        from .evaluation import Settings
-        from .evaluation import evaluate as run_evaluation
+        from .evaluation import report as reports
+        from .evaluation.command import Settings
+        from .evaluation.command import evaluate as run_evaluation
 
         try:
             ks = [int(k) for k in top_k.split(",")] if top_k else None
@@ -322,15 +295,12 @@ def evaluate(
         _quiet_transformers()
         result = run_evaluation(moe_dir, settings, show_progress=progress, log=_log)
         folder = reports.write(result, destination)
-        from rich.console import Console
-
-        Console().print(_table(f"{moe_dir} vs {result['base_model']}", reports.rows(result)))
+        Console().print(tables.evaluation(moe_dir, result))
         served = result.get("llama_cpp")
         if served and "none" in served:
             stderr.print(f"no llama.cpp row: {served['none']}", soft_wrap=True)
         elif served:
-            title = f"served by llama.cpp ({served['type'].upper()} GGUF files, {served['threads']} threads, batch 1)"
-            Console().print(_table(title, [row[:1] + row[2:] for row in reports.engine_rows(served)]))  # file names: in the report
+            Console().print(tables.served(served))
         stderr.print(f"report: {folder / reports.MARKDOWN_FILE}")
 
     _run(action)
@@ -377,8 +347,10 @@ def distill_command(
             settings = Distill.build(**flags)
         _quiet_transformers()
         result = run_distillation(moe_dir, settings, out, overwrite, base, resume, show_progress=progress, log=_log, format=format)
-        if _main_process():
-            _print_summary(result)
+        if processes.is_main_process():
+            from . import tables
+
+            Console().print(tables.conversion(result))
 
     _run(action)
 

@@ -148,7 +148,7 @@ def packed(tokenizer, texts: list[str], seq_len: int, separator: str = "\n\n"):
     """
     import torch
 
-    from .metrics import adds_bos
+    from .evaluation.metrics import adds_bos
 
     ids = torch.tensor(tokenizer(separator.join(texts), add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []

@@ -141,8 +141,3 @@ def expert_size(ffn_size: int, experts: int, shared_experts: int = 0, prune: flo
 def neuron_share(top_k: int, expert_size: int, shared_size: int, ffn_size: int) -> float:
     """Share of the dense FFN's ``ffn_size`` neurons a token computes: ``top_k`` experts plus the shared one."""
     return (top_k * expert_size + shared_size) / ffn_size
-
-
-def ffn_flops(hidden_size: int, neurons: int, gated: bool) -> float:
-    """FLOPs per token (2 per multiply-add) of ``neurons`` FFN neurons: up, down and, if gated, gate."""
-    return 2.0 * hidden_size * (3 if gated else 2) * neurons

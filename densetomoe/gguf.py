@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import folder as folder_files
-from . import llamacpp
+from . import formats, llamacpp
 from .errors import UsageError
 from .stages.export import writing
 
@@ -36,7 +36,7 @@ TYPES: dict[str, int | None] = {"f32": None, "f16": None, "bf16": None, "q8_0": 
 BLOCK = {"q8_0": 32, "q4_0": 32, "q4_k_m": 256, "q5_k_m": 256, "q6_k": 256}  # weights per quantized block along a row
 CARD_START, CARD_END = "<!-- densetomoe:gguf -->", "<!-- /densetomoe:gguf -->"
 PERPLEXITY_TOKENS = 4096  # held-out tokens each file is scored on, in the wiki-perplexity suite's windows
-SCORED_ON = "wiki-perplexity"  # the suite whose text and windows score each file (as evals/frontier.py does)
+SCORED_ON = "wiki-perplexity"  # the suite whose text and windows score each file (as evals/examples/frontier.py does)
 
 
 @dataclass
@@ -61,27 +61,26 @@ def parse_types(text: str | list[str]) -> list[str]:
     return types
 
 
-def check_ready(format: str, mlp_only_layers: list[int] | None = None) -> None:
+def check_ready(format: str, config: dict | None = None) -> None:
     """Refuse, before any work, what llama.cpp cannot take: no llama.cpp here, or a folder it cannot
-    run (remote code; a native folder with layers kept dense, which llama.cpp's qwen2moe cannot hold)."""
+    run (:meth:`densetomoe.formats.Format.gguf_refusal`: a format llama.cpp does not serve, or a model
+    of ``config`` that it cannot hold)."""
     if reason := llamacpp.missing():
         raise UsageError(f"GGUF needs llama.cpp: {reason}")
-    if format != "native":
-        raise UsageError("a remote-code folder has no GGUF: llama.cpp runs native transformers models; convert with --format native")
-    if mlp_only_layers:
-        raise UsageError(f"llama.cpp makes every layer of a native MoE an MoE layer, and this one keeps layers {mlp_only_layers} dense: it has no GGUF")
+    if refusal := formats.FORMATS[format].gguf_refusal(config or {}):
+        raise UsageError(refusal)
 
 
 def file_name(folder: Path, type: str) -> str:
     return f"{folder.name}-{type.upper()}.gguf"
 
 
-def write(folder: str | Path, types: list[str], perplexity_tokens: int = PERPLEXITY_TOKENS, threads: int = 2, log=lambda m: None) -> list[GgufFile]:
+def write(folder: str | Path, types: list[str], perplexity_tokens: int = PERPLEXITY_TOKENS, threads: int | None = None, log=lambda m: None) -> list[GgufFile]:
     """Write ``folder``'s GGUF files of ``types`` into it (replacing earlier ones of those types), score
     each on held-out text (``perplexity_tokens``; 0: not scored) and record them in the folder's
     figures and card."""
     folder = Path(folder)
-    check_ready(folder_files.format_of(folder), json.loads((folder / "config.json").read_text()).get("mlp_only_layers"))
+    check_ready(formats.format_of(folder), json.loads((folder / "config.json").read_text()))
     scratch = folder.parent / f".{folder.name}.gguf-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
     with writing(folder, None):  # a full disk is one line, like any folder's write
@@ -106,7 +105,7 @@ def _write(folder: Path, types: list[str], scratch: Path, perplexity_tokens: int
     return files
 
 
-def make(folder: Path, type: str, out: Path, threads: int = 2, base: Path | None = None) -> Path:
+def make(folder: Path, type: str, out: Path, threads: int | None = None, base: Path | None = None) -> Path:
     """The GGUF file ``out`` of ``folder`` in ``type``: llama.cpp's converter writes the float types and
     ``q8_0``; the quantizer makes the others from an ``f16`` file (``base``, or one written beside ``out``
     and removed after)."""
@@ -132,14 +131,14 @@ def type_of(path: Path) -> str:
     return names[ftype]
 
 
-def quantize(source: Path, out: Path, ftype: int, threads: int) -> Path:
+def quantize(source: Path, out: Path, ftype: int, threads: int | None = None) -> Path:
     """llama.cpp's quantizer (``llama_model_quantize``) from the GGUF ``source`` to the llama_ftype ``ftype``."""
     import llama_cpp
     from llama_cpp._logger import set_verbose
     from llama_cpp._utils import suppress_stdout_stderr
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = ftype, threads
+    params.ftype, params.nthread = ftype, threads or llamacpp.THREADS
     set_verbose(False)  # llama.cpp says a line per tensor, through its log and through C's buffered stdio:
     with suppress_stdout_stderr(disable=False):  # what fell back is read from the file instead (fallbacks)
         failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
@@ -181,7 +180,7 @@ def measure(folder: Path, type: str, path: Path, tokens: int, threads: int) -> G
     if tokens:
         from transformers import AutoTokenizer
 
-        from .suites import load_suite
+        from .evaluation.suites import load_suite
 
         served = llamacpp.served_perplexity(path, AutoTokenizer.from_pretrained(folder), load_suite(SCORED_ON), threads, tokens)
         record.perplexity, record.tokens = round(served.value, 4), served.tokens

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import folder as folders
+from . import formats
 from .errors import UsageError
 from .folder import CARD_FILE, FIGURES_FILE, RECIPE_FILE, TAGS
 
@@ -145,7 +146,7 @@ def check_folder(folder: Path) -> None:
     """Fail unless ``folder`` is a folder written by ``densetomoe convert`` (either format)."""
     if not folder.is_dir():
         raise UsageError(f"no such folder: {folder}")
-    folders.format_of(folder)
+    formats.format_of(folder)
 
 
 # ---------------------------------------------------------------------------------- the model card

@@ -29,6 +29,7 @@ import numpy as np
 from .errors import UsageError
 
 CONVERTER_ENV = "DENSETOMOE_LLAMACPP"
+THREADS = 2  # llama.cpp's CPU threads where a call names none (2 cores here; set it once for a machine)
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -108,7 +109,7 @@ def _untied(folder: Path, scratch: Path) -> Path:
     return scratch
 
 
-def load(path: str | Path, threads: int = 2, n_ctx: int = 512, f32_cache: bool = False, repack: bool = False, **settings):
+def load(path: str | Path, threads: int | None = None, n_ctx: int = 512, f32_cache: bool = False, repack: bool = False, **settings):
     """A ``llama_cpp.Llama`` for the GGUF file ``path`` on ``threads`` CPU threads (settings: e.g. ``kv_overrides``).
 
     llama.cpp keeps its KV cache in float16 by default, which rounds attention's keys and values by
@@ -129,6 +130,7 @@ def load(path: str | Path, threads: int = 2, n_ctx: int = 512, f32_cache: bool =
         params.use_extra_bufts = repack
         return params
 
+    threads = threads or THREADS
     api.llama_model_default_params = model_params
     try:
         return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False, **settings)
@@ -216,11 +218,11 @@ def medians(runs: list[Decode]) -> tuple[float, float]:
     return statistics.median(r.tokens_per_s for r in runs), statistics.median(r.prompt_s + r.decode_s for r in runs)
 
 
-def time_interleaved(files: dict[str, Path], prompt: list[int], new_tokens: int, repeats: int, threads: int = 2) -> dict[str, list[Decode]]:
+def time_interleaved(files: dict[str, Path], prompt: list[int], new_tokens: int, repeats: int, threads: int | None = None) -> dict[str, list[Decode]]:
     """Each GGUF file of ``files`` timed at batch 1 on ``threads`` threads (:func:`time_decode`): after
     one untimed run of each (the weights' pages mapped in), the files interleaved for ``repeats``
     rounds, while holding the benchmark lock; the runs per name."""
-    from .efficiency import bench_lock, median_rounds
+    from .evaluation.costs import bench_lock, median_rounds
 
     engines = {name: load(path, threads=threads, n_ctx=len(prompt) + new_tokens + 8) for name, path in files.items()}
     with bench_lock():
@@ -229,10 +231,10 @@ def time_interleaved(files: dict[str, Path], prompt: list[int], new_tokens: int,
         return median_rounds(list(engines), lambda name: time_decode(engines[name], prompt, new_tokens), repeats)
 
 
-def served_perplexity(path: str | Path, tokenizer, suite, threads: int = 2, max_tokens: int | None = None):
+def served_perplexity(path: str | Path, tokenizer, suite, threads: int | None = None, max_tokens: int | None = None):
     """The perplexity llama.cpp serves with the GGUF file ``path`` on ``suite``'s text and windows
     (:func:`densetomoe.metrics.perplexity` on :func:`scorer`), over ``max_tokens`` (default: the suite's)."""
-    from .metrics import perplexity
+    from .evaluation.metrics import perplexity
 
     texts, _ = suite.examples()
     engine = scorer(load(path, threads=threads, n_ctx=suite.window, logits_all=True))

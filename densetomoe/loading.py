@@ -8,8 +8,7 @@ from pathlib import Path
 
 import transformers
 
-from . import archs, moe
-from . import folder as folders
+from . import archs, formats, moe
 from .errors import UsageError
 
 
@@ -20,7 +19,7 @@ def load(folder: str | Path, top_k: int | None = None, **kwargs):
     ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
     folder = Path(folder)
-    kind = folders.format_of(folder)
+    format = formats.of(folder)
     config = json.loads((folder / "config.json").read_text())
     if top_k is not None:
         experts = config.get("num_experts") or config.get("num_local_experts")  # qwen3_moe saves the latter
@@ -28,18 +27,7 @@ def load(folder: str | Path, top_k: int | None = None, **kwargs):
             moe.check_top_k(top_k, experts)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if kind == "native":  # a plain transformers MoE
-        if top_k is not None:
-            kwargs["num_experts_per_tok"] = top_k
-        return transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
-    name = config["architectures"][0].removeprefix(moe.CLASS_PREFIX)
-    dense = getattr(transformers, name, None)
-    if dense is None:
-        raise UsageError(f"{folder} needs transformers' {name}, which this transformers version lacks")
-    model = moe.moe_model_class(dense).from_pretrained(folder, **kwargs)
-    if top_k is not None:  # every layer, replacing any per-layer top-k a budget chose
-        moe.set_top_k(model, top_k)
-    return model.eval()
+    return format.load(folder, config, top_k, **kwargs)
 
 
 def register_configs() -> None:

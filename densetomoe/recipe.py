@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .errors import UsageError
 from .ffn import expert_size, neuron_share
-from .folder import FORMATS
+from .formats import FORMATS
 from .stages.budget import BUDGETS
 from .stages.partition import PARTITIONS
 from .stages.router import ROUTERS
@@ -30,7 +30,7 @@ Format = Annotated[str, AfterValidator(FORMATS.check)]
 DType = Literal["float32", "bfloat16", "float16"]
 Trainable = Literal["moe", "blocks", "all"]
 RoutingKind = Literal["top-k", "dynamic", "dynamic-soft"]
-RAMP = 0.1  # dynamic-soft's ramp unless the recipe names one (README, Half precision)
+RAMP = 0.1  # dynamic-soft's ramp unless the recipe names one (docs/results.md, Half precision)
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
@@ -105,7 +105,7 @@ class Recipe(BaseModel):
     compensate: bool = Field(True, description="add unselected experts' mean output (training-free correction)")
     refit: bool | None = Field(None, description="refit the experts' down projections (and the unselected experts' means) by least squares to the dense FFN output on the calibration tokens, under the routing inference uses; None: for decoder LMs. A refit folder is tuned for its top-k")
     routing: RoutingKind | None = Field(None, description="top-k: every token takes top_k experts; dynamic: a token takes experts by router probability until they cover a share of it, set per layer so that calibration tokens take top_k on average (format remote-code only: engines take a fixed top-k); dynamic-soft: dynamic with a soft boundary, experts whose probability is near a token's threshold taken in part (see ramp): outputs move smoothly with the router, so half precision flips fewer experts, at some cost in quality; None: dynamic for decoder LMs in format remote-code")
-    ramp: float | None = Field(None, gt=0, le=1, description="routing dynamic-soft (None: 0.1): an expert whose probability p is within a factor 1 + ramp above a token's threshold t counts by (p - t) / (ramp t). Wider: steadier in half precision, further from the hard rule (SmolLM2 at half the FFN, bfloat16 agreement with float32 and perplexity against the hard rule: 0.1, 0.954 and +12%; 0.03, 0.912 and +3%; the hard rule 0.820; README, Half precision)")
+    ramp: float | None = Field(None, gt=0, le=1, description="routing dynamic-soft (None: 0.1): an expert whose probability p is within a factor 1 + ramp above a token's threshold t counts by (p - t) / (ramp t). Wider: steadier in half precision, further from the hard rule (SmolLM2 at half the FFN, bfloat16 agreement with float32 and perplexity against the hard rule: 0.1, 0.954 and +12%; 0.03, 0.912 and +3%; the hard rule 0.820; docs/results.md, Half precision)")
     layers: list[int] | None = Field(None, description="indices of the layers to convert; None converts all. An encoder-decoder's run over both stacks: encoder 0..n-1, then decoder n..")
     sequential: bool | None = Field(None, description="convert one block at a time, reading its weights from the checkpoint: memory stays one block whatever the depth; None: for decoders of 1B parameters and more, where the recipe allows")
     seed: int = 0
@@ -120,10 +120,10 @@ class Recipe(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _native_router(cls, data):
-        """A native MoE's router is one linear map: ``format: native`` defaults the router to ``linear``."""
-        if isinstance(data, dict) and data.get("format") == "native" and data.get("router") is None:
-            data = {**data, "router": "linear"}
+    def _format_defaults(cls, data):
+        """What the format chooses where the recipe is silent (a native MoE's router is one linear map)."""
+        if isinstance(data, dict) and data.get("format", cls.model_fields["format"].default) in FORMATS:
+            data = FORMATS[data.get("format", cls.model_fields["format"].default)].recipe_defaults(data)
         return data
 
     @model_validator(mode="after")
@@ -138,13 +138,7 @@ class Recipe(BaseModel):
             raise ValueError("sequential conversion takes one top-k for every layer: use top_k instead of ffn_budget")
         if self.ramp is not None and self.routing != "dynamic-soft":
             raise ValueError("ramp is the width of dynamic-soft routing's soft boundary: give routing dynamic-soft with it")
-        if self.format == "native" and self.dynamic:
-            raise ValueError("format native takes routing top-k: the engines that serve it give every token the same number of experts")
-        if self.format == "native" and self.dtype == "float16":
-            raise ValueError("format native needs dtype float32 or bfloat16: its scaled router weights (~1e-7) underflow in float16")
-        if self.format == "native" and not ROUTERS.entry(self.router).settings["linear"]:
-            linear = ", ".join(name for name in ROUTERS if ROUTERS.entry(name).settings["linear"])
-            raise ValueError(f"format native needs a linear router (a native MoE's gate is one linear map): use router {linear}")
+        FORMATS[self.format].check_recipe(self)
         return self
 
     @property

@@ -12,8 +12,8 @@ from torch import nn
 from . import moe
 from .archs import Arch
 from .ffn import CHUNK, DenseFFN, expert_members
+from .stages.coverage import coverage_for
 from .stages.refit import refit_experts
-from .stages.router import coverage_for
 
 
 @dataclass

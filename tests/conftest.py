@@ -11,6 +11,12 @@ import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (set before the HF imports)
+# Under ``pytest -n N`` (``make test``) each worker has a core of its own, and so does every process it
+# starts: a second thread spinning on a core that the other worker uses costs far more than it gains
+# (a CLI conversion in a subprocess: 18 s alone, 137 s beside another worker on two threads).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import tokenizers  # noqa: E402
@@ -18,7 +24,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
+from densetomoe import llamacpp  # noqa: E402
 from densetomoe.data import default_corpus  # noqa: E402
+from fake_hub import fake_hub, online  # noqa: E402, F401  (fixtures: the Hub that push and eval's tests upload to)
+
+if WORKERS > 1:
+    llamacpp.THREADS = 1  # llama.cpp's own threads, likewise
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -181,13 +192,29 @@ def lm_tokenizer(smollm, tmp_path_factory) -> Path:
 
 
 # -- per test ------------------------------------------------------------------------------------------
+LONGEST_FIRST = (
+    "test_real_smollm_half_precision.py", "test_llamacpp.py", "test_real_smollm.py", "test_gguf.py", "test_distributed.py",
+    "test_integrations.py", "test_seq2seq.py", "test_cli.py", "test_native.py",  # the longest of the fast set
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    """The files of the longest tests first (in that order), the rest as collected: under
+    ``pytest -n 2 --dist loadfile --no-loadscope-reorder`` (``make test``) each worker starts on a
+    long file and the short ones fill the time left, instead of the long files running last, side by
+    side (xdist's own order puts the files with the most tests first)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: collection order within a rank
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """Real models compute on both cores; tiny ones on one thread. They gain nothing from a second,
     and on cores that other processes also use, a second thread waiting for its turn costs far more
-    (the fast tests of test_cli.py and test_recovery.py, run back to back on a busy machine: 7 to 9 s
-    on one thread, 26 to 242 s on two)."""
-    torch.set_num_threads(2 if {"minilm", "smollm"} & set(item.fixturenames) else 1)
+    (the fast tests of test_cli.py and test_distill.py, run back to back on a busy machine: 7 to 9 s
+    on one thread, 26 to 242 s on two). Under ``pytest -n N`` (``make test``) each of the N workers
+    has a core of its own: one thread each."""
+    torch.set_num_threads(1 if WORKERS > 1 or not {"minilm", "smollm"} & set(item.fixturenames) else 2)
 
 
 @pytest.fixture
@@ -236,13 +263,84 @@ def sample_inputs(folder: Path) -> dict:
 
 
 def run_fresh(script: str, timeout: int = 300) -> str:
-    """Run ``script`` in a fresh Python process; returns its stdout, fails the test on an error."""
-    import subprocess
-    import sys
+    """Run ``script`` in a fresh Python process; returns its stdout, fails the test on an error.
 
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
+    The process is a fork of :class:`BarePython`, which has imported torch and transformers and
+    nothing else: what a user's process holds once it has imported them, without the 3 s that
+    importing them costs each of the ~40 scripts the suite runs."""
+    code, stdout, stderr = BarePython.shared().run(script, timeout)
+    assert code == 0, stderr[-3000:]
+    return stdout
+
+
+class BarePython:
+    """A Python process (this interpreter, this environment) that has imported torch and transformers
+    and not densetomoe, and runs each script it is sent in a fork of itself, so that every script
+    starts from the same state and none sees another's. It never computes, so no thread pool exists
+    to be forked; each child's stdin is a pipe that stays open and empty (an interactive prompt
+    waits, as it would for a user), its stdout and stderr go to files, and its exit status comes back."""
+
+    SERVER = r"""
+import os, sys, traceback
+import torch, transformers  # what every script imports first
+for line in sys.stdin:
+    script, out, err = line.rstrip("\n").split("\t")
+    pid = os.fork()
+    if pid == 0:
+        read, write = os.pipe()  # stdin: a pipe nobody writes to and that stays open, so a prompt waits
+        os.dup2(read, 0)
+        sys.stdin = open(0, closefd=False)
+        os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+        os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+        code = 0
+        try:
+            exec(compile(open(script).read(), script, "exec"), {"__name__": "__main__"})
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+    _shared: BarePython | None = None
+
+    def __init__(self):
+        import subprocess
+        import sys
+        import tempfile
+
+        self.folder = Path(tempfile.mkdtemp(prefix="bare-python-"))
+        self.process = subprocess.Popen([sys.executable, "-c", self.SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.count = 0
+
+    @classmethod
+    def shared(cls) -> BarePython:
+        if cls._shared is None or cls._shared.process.poll() is not None:
+            cls._shared = cls()
+        return cls._shared
+
+    def run(self, script: str, timeout: int) -> tuple[int, str, str]:
+        import signal
+        import threading
+
+        self.count += 1
+        path, out, err = (self.folder / f"{self.count}.{kind}" for kind in ("py", "out", "err"))
+        path.write_text(script)
+        self.process.stdin.write(f"{path}\t{out}\t{err}\n")
+        self.process.stdin.flush()
+        pid = int(self.process.stdout.readline())
+        timer = threading.Timer(timeout, os.kill, (pid, signal.SIGKILL))  # past the timeout: killed, code -9
+        timer.start()
+        try:
+            code = int(self.process.stdout.readline())
+        finally:
+            timer.cancel()
+        return code, out.read_text(), err.read_text()
 
 
 def run_without_densetomoe(script: str, timeout: int = 300) -> str:

@@ -128,6 +128,7 @@ def test_hub_id_offline_says_how_to_use_a_local_folder(tmp_path, monkeypatch):
     assert_clean_failure(invoke("convert", "bert-base", "--out", out), "pass the folder: densetomoe convert ./path/to/model", out)
 
 
+@pytest.mark.slow  # a real process importing densetomoe and the Hub client: about 4 s
 def test_unreachable_hub_in_a_real_process(tmp_path):
     """The real console script, a real (refused) connection, a cold cache."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
@@ -209,7 +210,8 @@ def test_every_shard_is_checked(tiny_models, tmp_path, no_calibration, damage, m
 
 def estimated(model) -> str:
     """What the refusals say the output of ``convert model --experts 4`` needs, in words."""
-    from densetomoe.pipeline import Dense, output_size
+    from densetomoe.conversion import Dense
+    from densetomoe.planning import output_size
     from densetomoe.recipe import Recipe
     from densetomoe.stages import export
 

@@ -1,6 +1,6 @@
 """Where the stages compute: the device asked for is checked in one line, and what moves there moves whole.
 
-The CUDA path itself runs on a GPU machine (``evals/gpu_check.sh``; figures in the README); here, the
+The CUDA path itself runs on a GPU machine (``evals/tools/gpu_check.sh``; figures in docs/large-models.md); here, the
 ``meta`` device stands in for an accelerator wherever only placement is checked.
 """
 
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cli import FAST, assert_clean_failure, invoke
 
 from densetomoe import devices
 from densetomoe.errors import UsageError
 from densetomoe.ffn import DenseFFN
 from densetomoe.surgery import LayerSplit
-from test_cli import FAST, assert_clean_failure, invoke
 
 no_accelerator = pytest.mark.skipif(torch.accelerator.is_available(), reason="checks the refusal on a machine without an accelerator")
 

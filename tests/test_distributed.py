@@ -1,5 +1,5 @@
 """Under ``accelerate launch`` the layers are shared out between processes and the result is the one
-process's result (issue 10): run for real, two CPU processes talking over gloo."""
+process's result: run for real, two CPU processes talking over gloo."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_schedulers import tensors
 
 import densetomoe
 from conftest import quick_recipe
 from densetomoe import folder
-from test_sequential import tensors
 
 pytestmark = pytest.mark.slow
 

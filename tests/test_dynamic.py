@@ -8,18 +8,18 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import quick_recipe
 from typer.testing import CliRunner
 
 import densetomoe
-from densetomoe import moe, pipeline
-from densetomoe import report as reports
+from conftest import quick_recipe
+from densetomoe import defaults, moe
 from densetomoe.cli import app
-from densetomoe.evaluation import Settings, evaluate
+from densetomoe.evaluation import report as reports
+from densetomoe.evaluation.command import Settings, evaluate
 
 
 def decided(model, texts_file, **settings):
-    return pipeline.with_model_defaults(densetomoe.Recipe.build(model=str(model), calib=str(texts_file), **settings))
+    return defaults.with_model_defaults(densetomoe.Recipe.build(model=str(model), calib=str(texts_file), **settings))
 
 
 def test_decoders_route_dynamically_by_default_except_for_native_and_encoders(tiny_decoders, tiny_models, texts_file):

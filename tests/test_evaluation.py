@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import densetomoe
 from conftest import quick_recipe
-from densetomoe import UsageError, suites
-from densetomoe import report as reports
-from densetomoe.efficiency import cost
-from densetomoe.evaluation import Settings, accuracy_f1, evaluate, routing_summary
-from densetomoe.suites import load_suite
-from typer.testing import CliRunner
+from densetomoe import UsageError
+from densetomoe.evaluation import report as reports
+from densetomoe.evaluation import suites
+from densetomoe.evaluation.command import Settings, accuracy_f1, evaluate, routing_summary
+from densetomoe.evaluation.costs import cost
+from densetomoe.evaluation.suites import load_suite
 
 
 def test_accuracy_and_macro_f1_by_hand():

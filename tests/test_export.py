@@ -14,7 +14,9 @@ import yaml
 import densetomoe
 from conftest import quick_recipe
 from densetomoe import devices
-from densetomoe.pipeline import OUTPUT_FILES, Dense, output_size, processes
+from densetomoe.conversion import Dense
+from densetomoe.planning import OUTPUT_FILES, output_size
+from densetomoe.processes import state as processes
 from densetomoe.stages import export
 
 

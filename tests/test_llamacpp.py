@@ -16,11 +16,12 @@ import pytest
 import torch
 import transformers
 
-from conftest import quick_recipe, save_tiny_decoder
-
 import densetomoe
-from densetomoe import data, llamacpp, metrics
-from densetomoe.stages import load, native
+from conftest import quick_recipe, save_tiny_decoder
+from densetomoe import data, llamacpp
+from densetomoe.evaluation import metrics
+from densetomoe.formats import qwen_moe as native
+from densetomoe.stages import load
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(llamacpp.missing() is not None, reason=f"llama.cpp: {llamacpp.missing()}")]
 
@@ -131,11 +132,15 @@ def test_to_gguf_names_what_is_missing(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def smollm_native(smollm, tmp_path_factory):
     """The real SmolLM2-135M-Instruct as a native 8-expert, top-2 qwen2_moe folder, converted quickly
-    (4,096 calibration tokens, 20 router steps), once for this module."""
+    (4,096 calibration tokens from 48 documents, 12 more held out for the quick check, 20 router
+    steps), once for this module."""
+    root = tmp_path_factory.mktemp("smollm_native")
+    (root / "calib.txt").write_text("\n".join(data.default_corpus()[:48]))
     recipe = densetomoe.Recipe.build(
-        model=str(smollm), experts=8, top_k=2, format="native", calib_tokens=4096, sample_tokens=2048, router_steps=20
-    )
-    out = tmp_path_factory.mktemp("smollm_native") / "moe"
+        model=str(smollm), experts=8, top_k=2, format="native", calib=str(root / "calib.txt"), calib_tokens=4096,
+        sample_tokens=2048, router_steps=20,
+    )  # fmt: skip
+    out = root / "moe"
     densetomoe.convert(recipe, out=out, show_progress=False)
     return out
 
@@ -184,10 +189,11 @@ def test_eval_of_the_real_smollm_native_folder_in_llama_cpp(smollm_native, tmp_p
 
     from densetomoe.cli import app
 
+    (tmp_path / "heldout.txt").write_text("\n".join(data.heldout_corpus()[:32]))  # 32 paragraphs, 4,000 tokens: fidelity reads each
     suite = tmp_path / "heldout.yaml"
-    suite.write_text("name: heldout\ntask: perplexity\ndata: {package: densetomoe, path: corpus/wiki_heldout.txt.gz}\nwindow: 256\nstride: 128\nmax_tokens: 2048\n")
+    suite.write_text("name: heldout\ntask: perplexity\ndata: {file: heldout.txt}\nwindow: 256\nstride: 128\nmax_tokens: 2048\n")
     args = ["eval", str(smollm_native), "--engine", "llamacpp", "--suite", str(suite), "--no-speed", "--repeats", "2", "--new-tokens", "16"]
-    result = CliRunner().invoke(app, [*args, "--threads", "2", "--out", str(tmp_path / "report"), "--no-progress"])
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "report"), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "served by llama.cpp" in result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())

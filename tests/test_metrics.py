@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from densetomoe.metrics import adds_bos, perplexity
+from densetomoe.evaluation.metrics import adds_bos, perplexity
 
 TEXTS = ["The river floods every spring, and the farmers plant rice on the wet fields.", "Markets fell on Monday."] * 4
 

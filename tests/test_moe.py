@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import copy
 
 import pytest
@@ -10,9 +9,9 @@ import torch
 from torch import nn
 
 from densetomoe import surgery
-from densetomoe.moe import MoEFeedForward, Router, Routing, coverage_selection, covered_at, ramp_threshold, set_top_k
-from densetomoe.stages.router import coverage_for
 from densetomoe.ffn import DenseFFN
+from densetomoe.moe import MoEFeedForward, Router, Routing, coverage_selection, covered_at, ramp_threshold, set_top_k
+from densetomoe.stages.coverage import coverage_for
 from densetomoe.stages.partition import at_random
 
 

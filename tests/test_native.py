@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import densetomoe
 from conftest import DECODERS, quick_recipe, run_without_densetomoe, slow_except
 from densetomoe.cli import app
-from densetomoe.stages import native
+from densetomoe.formats import qwen_moe as native
 from densetomoe.stages.refit import NormalEquations, relative_error
 
 NATIVE = {"llama": "qwen2_moe", "mistral": "qwen2_moe", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
@@ -73,7 +73,7 @@ def test_native_top_2_differs_from_dense_and_refit_lowers_the_error(tiny_decoder
     with torch.no_grad():
         got = conversion.model(**inputs).logits
     assert rel(got, dense_logits(folder, family, inputs)) > 1e-2  # the equality above can fail
-    assert conversion.native.refit_error_after < conversion.native.refit_error_before
+    assert conversion.details.refit_error_after < conversion.details.refit_error_before
     assert conversion.model.config.num_experts_per_tok == 2
     assert densetomoe.load(tmp_path / "o", top_k=3).config.num_experts_per_tok == 3
 
@@ -84,7 +84,7 @@ def test_native_keeps_dense_layers_as_mlp_only_and_shared_experts(tiny_decoders,
     conversion = densetomoe.convert(recipe, out=out, show_progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["mlp_only_layers"] == [0] and config["shared_expert_intermediate_size"] == 16
-    assert not conversion.native.llama_cpp  # llama.cpp's qwen2moe makes every layer MoE
+    assert not conversion.details.llama_cpp  # llama.cpp's qwen2moe makes every layer MoE
     assert "llama.cpp cannot run this folder" in (out / "README.md").read_text()
     inputs = lm_inputs(folder)
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -248,6 +248,7 @@ def test_distilling_a_native_folder_trains_its_experts_and_keeps_it_native(tiny_
     assert figures["quick_eval"]["active_ffn_share"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow  # a conversion, then eval's sweep and timings: about 4 s
 def test_eval_measures_a_native_folder(tiny_decoders, texts_file, tmp_path):
     out = tmp_path / "native"
     densetomoe.convert(quick_recipe(tiny_decoders["qwen2"], texts_file, top_k=2, format="native"), out=out, show_progress=False)

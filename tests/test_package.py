@@ -32,13 +32,13 @@ def test_wheel_install_loads_every_shipped_suite_and_the_calibration_corpus(tmp_
     site = tmp_path / "site"
     run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)])
 
-    suites = sorted(path.stem for path in (ROOT / "densetomoe" / "suites").glob("*.yaml"))
+    suites = sorted(path.stem for path in (ROOT / "densetomoe" / "evaluation" / "suites").glob("*.yaml"))
     assert {"wiki-prose", "wiki-perplexity", "rotten-tomatoes-sentiment"} <= set(suites)
     script = f"""
 from pathlib import Path
 import densetomoe
 from densetomoe.data import default_corpus
-from densetomoe.suites import load_suite
+from densetomoe.evaluation.suites import load_suite
 
 site = Path({str(site)!r})
 assert Path(densetomoe.__file__).is_relative_to(site), densetomoe.__file__

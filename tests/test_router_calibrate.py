@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_moe import random_ffn
 
 import densetomoe
 from conftest import quick_recipe
 from densetomoe import archs
 from densetomoe.ffn import dense_ffn
+from densetomoe.moe import Router, blocks_of
 from densetomoe.stages import load
 from densetomoe.stages.calibrate import Reservoir, calibrate
 from densetomoe.stages.router import ROUTERS, RouterSettings, _fold_normalisation, expert_shares
-from densetomoe.moe import Router, blocks_of
-from test_moe import random_ffn
 
 
 def planted_layer():

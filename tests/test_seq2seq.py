@@ -181,7 +181,7 @@ def test_what_encoder_decoders_cannot_do_yet_is_refused(tiny_seq2seq, texts_file
 
 
 def test_eval_measures_teacher_forced_fidelity(tiny_seq2seq, texts_file, tmp_path):
-    from densetomoe.evaluation import Settings, evaluate
+    from densetomoe.evaluation.command import Settings, evaluate
 
     out = tmp_path / "moe"
     densetomoe.convert(quick_recipe(tiny_seq2seq["bart"], texts_file, top_k=2), out=out, show_progress=False)
@@ -204,7 +204,7 @@ def test_eval_measures_teacher_forced_fidelity(tiny_seq2seq, texts_file, tmp_pat
 
 def test_eval_translation_suite_scores_chrf_and_bleu(tiny_seq2seq, texts_file, tmp_path):
     pytest.importorskip("sacrebleu")
-    from densetomoe.evaluation import Settings, evaluate
+    from densetomoe.evaluation.command import Settings, evaluate
 
     out = tmp_path / "moe"
     densetomoe.convert(quick_recipe(tiny_seq2seq["marian"], texts_file, top_k=2), out=out, show_progress=False)

@@ -1,8 +1,7 @@
 """Write a converted model as a Hugging Face folder that explains itself.
 
-The folder holds the model in one of :data:`~densetomoe.folder.FORMATS` (remote code: safetensors
-weights, a config whose ``auto_map`` names a verbatim copy of :mod:`densetomoe.moe`; native: a plain
-transformers MoE checkpoint), the tokenizer, the recipe, a model card and the figures measured during
+The folder holds the model in one of :data:`~densetomoe.formats.FORMATS` (each format writes the
+model its own way), the tokenizer, the recipe, a model card and the figures measured during
 conversion (file names and schema: :mod:`densetomoe.folder`). It is written to a temporary sibling
 folder and moved into place only when complete, so a failure or Ctrl-C never leaves a half-written
 ``--out``; a write the filesystem refuses (no space left, say) is one line naming ``--out``, with the
@@ -24,6 +23,7 @@ from transformers import AutoTokenizer
 
 from .. import folder
 from ..errors import UsageError
+from ..formats import FORMATS
 
 # sentence-transformers keeps its pooling and settings beside the transformers files.
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -119,7 +119,7 @@ def write(
 ) -> Path:
     """Write everything to a temporary sibling of ``out`` and move it into place when complete.
 
-    ``format`` is a :data:`~densetomoe.folder.FORMATS` entry: how the model itself is written;
+    ``format`` is a :data:`~densetomoe.formats.FORMATS` entry: how the model itself is written;
     ``figures`` is what :func:`densetomoe.folder.figures` makes. The tokenizer is read again from
     ``source_folder`` (from ``gguf_file`` in it, for a GGUF source); ``extras`` may add files (figures)
     to the staging folder before it is moved. ``weights``: a folder whose safetensors files and index
@@ -129,12 +129,12 @@ def write(
     check_destination(out, overwrite)
     with staged(out, needed or model_size(model)) as staging:
         if weights is None:
-            folder.FORMATS[format](model, staging)
+            FORMATS[format].write(model, staging)
         else:
             staging.mkdir(parents=True)
             for path in sorted(weights.iterdir()):
                 os.replace(path, staging / path.name)
-            folder.write_beside_weights(model, staging, format)
+            FORMATS[format].write_config(model, staging)
         on_file("weights")
         _save_tokenizer(source_folder, gguf_file, staging)
         if not gguf_file:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import json
 import math
@@ -172,11 +174,25 @@ def _gguf_card(path: Path) -> dict:
 
 def load_config(source: Source):
     try:
+        if source.gguf_file:
+            return copy.deepcopy(_from_gguf(AutoConfig, source.path, source.gguf_file, _stamp(source)))
         return AutoConfig.from_pretrained(source.path, **source.files)
     except (ValueError, KeyError, OSError) as e:
         if source.gguf_file:
             raise UsageError(f"transformers cannot read {source.name}: {str(e).splitlines()[0]}") from None
         raise UsageError(f"{source.path} does not hold a config transformers can read: {str(e).splitlines()[0]}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _from_gguf(auto: type, folder: Path, gguf_file: str, stamp: tuple):
+    """A GGUF file's config or tokenizer, read once per file (and ``stamp``, its size and time): each
+    read parses all its metadata, the vocabulary's strings included (3 s for SmolLM2 on one core)."""
+    return auto.from_pretrained(folder, gguf_file=gguf_file)
+
+
+def _stamp(source: Source) -> tuple:
+    stat = (source.path / source.gguf_file).stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def model_class(config, causal_lm: bool = False) -> type:
@@ -264,7 +280,7 @@ def load_model(source: Source, config, dtype: str = "float32", allow_pickle: boo
     """The dense model (eval mode) and its tokenizer."""
     cls = model_class(config, causal_lm)
     if source.gguf_file:
-        model = cls.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=DTYPES[dtype])
+        model = cls.from_pretrained(source.path, gguf_file=source.gguf_file, config=copy.deepcopy(config), dtype=DTYPES[dtype])
         # The weights are dequantized now; without this marker save_pretrained refuses the model.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -278,6 +294,8 @@ def load_model(source: Source, config, dtype: str = "float32", allow_pickle: boo
 def load_tokenizer(source: Source):
     """The checkpoint's tokenizer, or a :class:`UsageError` saying why it has none."""
     try:
+        if source.gguf_file:
+            return copy.deepcopy(_from_gguf(AutoTokenizer, source.path, source.gguf_file, _stamp(source)))
         return AutoTokenizer.from_pretrained(source.path, **source.files)
     except (OSError, ValueError) as e:
         raise UsageError(f"{source.name} has no usable tokenizer: {str(e).splitlines()[0]}") from None

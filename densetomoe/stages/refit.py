@@ -12,7 +12,7 @@ will use. With the neurons and the routing fixed, the layer output is linear in 
   projections, the mean outputs that stand in for unselected experts (any constant offset lies in
   their span: a token always skips ``E - k`` of them) and the shared expert's down projection are fit
   jointly;
-* a native MoE (:func:`densetomoe.stages.native.native_layer`): ``z(x) = [w_1(x) 1{1 selected} a_1(x);
+* a native MoE (:func:`densetomoe.formats.qwen_moe.native_layer`): ``z(x) = [w_1(x) 1{1 selected} a_1(x);
   ...; a_shared(x)]`` with ``w_e`` the engines' routing weight;
 
 (``a_e`` the activations of expert ``e``'s neurons), so the best ``W`` is a ridge regression, solved

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ffn import CHUNK, DenseFFN
-from ..moe import Router, coverage_values
+from ..moe import Router
 from ..registry import Registry
 from .calibrate import LayerStats
 
@@ -138,22 +138,3 @@ def _fold_normalisation(router: Router, mean: torch.Tensor, std: torch.Tensor) -
         w = first.weight / std  # (out, hidden)
         first.bias.sub_(w @ mean)
         first.weight.copy_(w)
-
-
-@torch.no_grad()
-def coverage_for(router: Router, sample: torch.Tensor, top_k: int, ramp: float = 0.0) -> float:
-    """Dynamic top-k's coverage at which the tokens of ``sample`` take ``top_k`` experts on average
-    (with a soft boundary's ``ramp``, counting the experts taken in part).
-
-    A token takes an expert when that expert's coverage value (:func:`~densetomoe.moe.coverage_values`:
-    without a ramp, the router probability of the experts ranked before it) is below the coverage, so
-    the number of (token, expert) pairs taken at coverage ``c`` is the count of values below ``c``,
-    over all tokens: the coverage lies midway between the ``top_k * tokens``-th smallest of them and
-    the next (midway: a soft boundary's threshold at the next value itself is solved only to rounding).
-    """
-    values = torch.cat([coverage_values(router(part).float().softmax(-1), ramp).reshape(-1) for part in sample.split(CHUNK)])
-    pairs = top_k * len(sample)
-    if pairs >= len(values):
-        return 1.0 + 1e-6  # every expert (the probability before the last is below 1)
-    below, above = values.kthvalue(pairs).values, values.kthvalue(pairs + 1).values
-    return float((below + above) / 2)

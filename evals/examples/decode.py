@@ -41,8 +41,9 @@ from densetomoe.stages.partition import at_random
 from densetomoe.stages.router import ROUTERS, RouterSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
-from common import smollm_gguf
 from speed import moe_copy  # evals/examples/speed.py: random equal split, centroid router, every layer
+
+from common import smollm_gguf
 
 HIDDEN, FFN = 2048, 8192  # LLaMA-3.2-1B
 ROUTER_HIDDEN = 128  # what the default (mlp) router of a conversion has

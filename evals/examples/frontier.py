@@ -5,7 +5,7 @@ Rows: the dense model, and one per recipe named with ``--rows`` (YAML files, by 
 section to every recipe, so that each row gets the same recovery budget. A recipe of one expert
 (``experts: 1, top_k: 1, prune: P``) is the dense model with its FFN width pruned to the share 1 - P
 (importance from calibration, the same least-squares refit of the down projection, the same
-recovery) and is served as the dense model type it is (:func:`densetomoe.stages.native.dense_equivalent`):
+recovery) and is served as the dense model type it is (:func:`densetomoe.formats.qwen_moe.dense_equivalent`):
 the baseline a user could pick instead of an MoE. Then, for every row, in the same run:
 
 * **served perplexity**: llama.cpp itself (f16 GGUF made by its own converter, its default float16
@@ -47,16 +47,15 @@ import densetomoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import CHAT_PROMPT, dense_smollm, quiet_torch
-
 from densetomoe import llamacpp
+from densetomoe.evaluation.suites import load_suite
 from densetomoe.folder import read_figures
-from densetomoe.stages import native
-from densetomoe.suites import load_suite
+from densetomoe.formats import qwen_moe as native
 
 HERE = Path(__file__).resolve().parent
 ROWS = HERE / "frontier"  # evals/examples/frontier/: one recipe a row, and the shared recovery
 ROOT = HERE.parents[1]
-TARGET_PERPLEXITY, TARGET_DECODE = 1.3, 1.25  # what a served decoder should reach (README, The quality/speed frontier)
+TARGET_PERPLEXITY, TARGET_DECODE = 1.3, 1.25  # what a served decoder should reach (docs/serving.md, the quality/speed frontier)
 
 
 def recipe_of(path: Path, recovery: dict | None) -> densetomoe.Recipe:

@@ -24,7 +24,6 @@ import densetomoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import mean_pooled, rotten_tomatoes
-
 from densetomoe.stages import load
 
 

@@ -31,11 +31,10 @@ import densetomoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import quiet_torch, smollm_gguf
-
 from densetomoe import llamacpp
-from densetomoe import report as reports
-from densetomoe.evaluation import Settings, evaluate
-from densetomoe.suites import load_suite
+from densetomoe.evaluation import report as reports
+from densetomoe.evaluation.command import Settings, evaluate
+from densetomoe.evaluation.suites import load_suite
 
 
 def converted(workdir: Path, experts: int, top_k: int, fmt: str, settings: dict, log) -> Path:

@@ -23,9 +23,8 @@ import densetomoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import SMOLLM_GGUF, quiet_torch, smollm_gguf
-
 from densetomoe.data import heldout_corpus
-from densetomoe.metrics import perplexity
+from densetomoe.evaluation.metrics import perplexity
 from densetomoe.stages import load
 
 

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from densetomoe import archs, surgery
-from densetomoe.efficiency import cost, random_inputs, time_models
+from densetomoe.evaluation.costs import cost, random_inputs, time_models
 from densetomoe.ffn import dense_ffn
 from densetomoe.moe import blocks_of
 from densetomoe.stages.partition import at_random

@@ -32,12 +32,11 @@ import densetomoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import SMOLLM_GGUF, experiment_rows, quiet_torch, smollm_gguf
-
 from densetomoe.data import heldout_corpus
-from densetomoe.efficiency import random_inputs, time_models
+from densetomoe.evaluation.costs import random_inputs, time_models
+from densetomoe.evaluation.metrics import perplexity
 from densetomoe.ffn import neuron_share
-from densetomoe.evaluation import RoutingRecorder
-from densetomoe.metrics import perplexity
+from densetomoe.formats.remote_code import RoutingRecorder
 from densetomoe.moe import moe_modules
 from densetomoe.stages import load
 

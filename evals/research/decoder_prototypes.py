@@ -26,15 +26,18 @@ from transformers.activations import ACT2FN
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import OracleRouter, experiment_rows
-
-from densetomoe import archs, data, metrics, pipeline
+from densetomoe import archs, data
+from densetomoe.conversion import Dense
+from densetomoe.evaluation import metrics
 from densetomoe.ffn import CHUNK, dense_ffn, expert_size
+from densetomoe.layer import split_layer
 from densetomoe.moe import blocks_of, coverage_selection, covered_before, replace_ffn
 from densetomoe.recipe import Recipe
 from densetomoe.stages import blockwise, load
 from densetomoe.stages.calibrate import LayerRecorder, calibration_batches, layer_generator
+from densetomoe.stages.coverage import coverage_for
 from densetomoe.stages.refit import NormalEquations
-from densetomoe.stages.router import RouterSettings, coverage_for
+from densetomoe.stages.router import RouterSettings
 
 ROWS = experiment_rows(__file__)  # decoder_prototypes.yaml: name -> what, recipe settings, the script's own options
 
@@ -162,7 +165,7 @@ def main() -> None:
     t0 = time.time()
     recipe = Recipe(model=args.model, experts=args.experts, top_k=args.top_k, shared_experts=args.shared_experts,
                     router=args.router, calib_tokens=args.calib_tokens, sample_tokens=args.sample_tokens)
-    dense = pipeline.Dense.describe(recipe.model, False).split(recipe)
+    dense = Dense.describe(recipe.model, False).split(recipe)
     arch = dense.arch
     model, _ = load.load_model(dense.source, dense.config, "float32", False, causal_lm=True)
     tokenizer = data.for_batches(load.load_tokenizer(dense.source))
@@ -191,7 +194,7 @@ def main() -> None:
         for i in range(len(blocks)):
             ffn = dense_ffn(blocks[i], arch, ACT2FN[act_name])
             st, s0 = record(blocks[i], ffn, s0, i, arch, recipe.sample_tokens, tokens)
-            split = pipeline.split_layer(ffn, st, recipe, act_name, settings, layer_generator(0, i, "split"))
+            split = split_layer(ffn, st, recipe, act_name, settings, layer_generator(0, i, "split"))
             with torch.no_grad():
                 for xp in st.inputs.split(CHUNK):
                     befores.append(covered_before(split.router(xp).float().softmax(-1))[0].reshape(-1))
@@ -210,7 +213,7 @@ def main() -> None:
             blockwise.run_block(block, moe_stream)
             continue
         stats = dstats if args.fit == "dense" else record(block, ffn, moe_stream, i, arch, recipe.sample_tokens, tokens)[0]
-        split = pipeline.split_layer(ffn, stats, recipe, act_name, settings, layer_generator(0, i, "split"))
+        split = split_layer(ffn, stats, recipe, act_name, settings, layer_generator(0, i, "split"))
         module = split.build(args.top_k)
         if args.oracle:  # (the unselected experts' means are refit below, under the oracle's routing)
             module.router = OracleRouter(split.routed, split.labels, args.experts)
@@ -249,7 +252,9 @@ def main() -> None:
                 pick = torch.randint(len(x), (512,), generator=g)
                 with torch.enable_grad():
                     loss = (module(x[pick]) - y[pick]).square().mean() / norm
-                    opt.zero_grad(); loss.backward(); opt.step()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
             module.eval()
             if args.dynamic:
                 module.tau = module.coverage

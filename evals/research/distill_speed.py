@@ -38,9 +38,8 @@ import densetomoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import experiment_rows, quiet_torch, smollm_gguf
-
 from densetomoe import memory
-from densetomoe.pipeline import Dense
+from densetomoe.conversion import Dense
 from densetomoe.recipe import Distill
 from densetomoe.stages.distill import distill_model, share_frozen, trainable
 

@@ -5,7 +5,7 @@ Structures (``--structures``):
 
 * ``dense``: the shape as it is (``llama``);
 * ``pruned:S``: the FFN cut to the share ``S`` of its width (``llama``, as a one-expert native folder
-  of a LLaMA becomes: :func:`densetomoe.stages.native.dense_equivalent`);
+  of a LLaMA becomes: :func:`densetomoe.formats.qwen_moe.dense_equivalent`);
 * ``E:K``: ``qwen2_moe`` of ``E`` experts, top-``K``, with the all-zero 32-neuron shared expert that
   ``--format native`` writes without ``--shared-experts``;
 * ``E:K:P``: the FFN in ``E + P`` equal parts, ``P`` of them one always-on shared expert (``--experts E
@@ -35,9 +35,8 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import SHAPES, package_folder, quiet_torch
-from densetomoe.stages.native import EMPTY_SHARED  # the zero shared expert --format native writes
-
 from densetomoe import llamacpp
+from densetomoe.formats.qwen_moe import EMPTY_SHARED  # the zero shared expert --format native writes
 
 SHAPES = {**SHAPES, "smollm2-135m": (30, 576, 1536, 9, 3, 49152)}  # name: (layers, hidden, ffn, heads, kv heads, vocabulary)
 

@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 from transformers.activations import ACT2FN
 
 import densetomoe
-from densetomoe import archs, data, pipeline
+from densetomoe import archs, data
+from densetomoe.conversion import Dense
 from densetomoe.ffn import dense_ffn
 from densetomoe.moe import MoEFeedForward, blocks_of
 from densetomoe.recipe import Recipe
@@ -31,7 +32,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1024)
     args = p.parse_args()
     torch.set_num_threads(2)
-    dense = pipeline.Dense.describe(args.base, False).split(Recipe(model=args.base))
+    dense = Dense.describe(args.base, False).split(Recipe(model=args.base))
     model, _ = load.load_model(dense.source, dense.config, "float32", False, causal_lm=True)
     arch = dense.arch
     ffns = [dense_ffn(block, arch, ACT2FN[archs.activation(dense.config, arch)]) for block in blocks_of(model, arch.layers)]

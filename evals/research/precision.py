@@ -28,9 +28,8 @@ import densetomoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import SMOLLM_GGUF, experiment_rows, quiet_torch, smollm_gguf
-
 from densetomoe.data import heldout_corpus
-from densetomoe.evaluation import Routes
+from densetomoe.evaluation.command import Routes
 from densetomoe.moe import moe_modules
 from densetomoe.stages import load
 

@@ -27,10 +27,9 @@ import densetomoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import experiment_rows
-
 from densetomoe.data import batches
-from densetomoe.efficiency import cost
-from densetomoe.suites import load_suite
+from densetomoe.evaluation.costs import cost
+from densetomoe.evaluation.suites import load_suite
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "minilm-sentiment.yaml"

@@ -33,20 +33,20 @@ from transformers.activations import ACT2FN
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evals/, for common.py
 from common import OracleRouter, experiment_rows
-
-from densetomoe import archs, data, pipeline
+from densetomoe import archs, data
+from densetomoe.conversion import Dense
 from densetomoe.ffn import CHUNK, dense_ffn
 from densetomoe.moe import Router, blocks_of
 from densetomoe.recipe import Recipe
 from densetomoe.stages import blockwise, load
 from densetomoe.stages.calibrate import LayerRecorder, calibration_batches, layer_generator
+from densetomoe.stages.coverage import coverage_for
 from densetomoe.stages.partition import PARTITIONS
 from densetomoe.stages.refit import refit_experts
 from densetomoe.stages.router import (
     ROUTERS,
     RouterSettings,
     _fold_normalisation,
-    coverage_for,
     expert_shares,
     fit_router,
 )
@@ -140,7 +140,7 @@ def main() -> None:
     torch.set_num_threads(2)
     t0 = time.time()
     recipe = Recipe(model=args.model, experts=args.experts, top_k=args.top_k, calib_tokens=args.calib_tokens, sample_tokens=args.sample_tokens)
-    dense = pipeline.Dense.describe(recipe.model, False).split(recipe)
+    dense = Dense.describe(recipe.model, False).split(recipe)
     arch = dense.arch
     model, _ = load.load_model(dense.source, dense.config, "float32", False, causal_lm=True)
     tokenizer = data.for_batches(load.load_tokenizer(dense.source))

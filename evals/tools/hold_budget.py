@@ -1,7 +1,7 @@
 """A folder distilled before distillation held dynamic top-k's budget, copied and given that reset.
 
 Distillation now sets each dynamic layer's coverage again after training
-(:func:`densetomoe.stages.distill.reset_coverage`), on 16,384 tokens of the folder's calibration
+(:func:`densetomoe.stages.coverage.reset_coverage`), on 16,384 tokens of the folder's calibration
 text. This applies the same step to a folder distilled before, written to a copy (without its
 ``eval/``), and prints each layer's experts per token on those tokens before and after:
 
@@ -18,10 +18,10 @@ import transformers
 
 import densetomoe
 from densetomoe import data
+from densetomoe.conversion import split_texts
 from densetomoe.moe import CONFIG_KEY, moe_modules
-from densetomoe.pipeline import split_texts
 from densetomoe.recipe import Recipe
-from densetomoe.stages.distill import reset_coverage
+from densetomoe.stages.coverage import reset_coverage
 
 
 def main() -> None:

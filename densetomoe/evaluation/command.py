@@ -21,20 +21,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import archs, gguf, served
-from . import folder as folders
-from ._version import __version__
-from .console import progress
-from .data import batches, teacher_forced
-from .efficiency import cost, median_rounds, random_inputs, time_models
-from .errors import UsageError
-from .loading import load
-from .metrics import ExpertLoad, chrf_bleu, perplexity
-from .moe import MoEFeedForward, blocks_of, check_top_k, moe_modules, set_top_k
-from .pipeline import Dense
-from .stages import load as dense_loading
-from .stages.evaluate import Probe, active_ffn_share, fidelity, mean_pool, record, scored_tokens, token_nll
-from .stages.export import scratch
+from .. import archs, formats, gguf
+from .. import folder as folders
+from .._version import __version__
+from ..console import progress
+from ..conversion import Dense
+from ..data import batches, teacher_forced
+from ..errors import UsageError
+from ..loading import load
+from ..moe import blocks_of, moe_modules
+from ..stages import load as dense_loading
+from ..stages.export import scratch
+from . import served
+from .costs import cost, median_rounds, random_inputs, time_models
+from .metrics import chrf_bleu, perplexity
+from .quick import Probe, fidelity, mean_pool, record, scored_tokens, token_nll
 from .suites import Suite, load_suite
 
 SCHEMA = "densetomoe.report/1"
@@ -111,25 +112,12 @@ def _teacher_forced_perplexity(model: nn.Module, tokenizer, texts: list[str], ma
     return math.exp(nll / max(tokens, 1))
 
 
-class RoutingRecorder(ExpertLoad):
-    """:class:`~densetomoe.metrics.ExpertLoad` of densetomoe's MoE layers: each token's experts, from
-    the layer's own selection (every expert, where tokens skip none)."""
-
-    def __init__(self, layers: list[MoEFeedForward]):
-        super().__init__(layers, [m.num_experts for m in layers], _selected)
-
-
-def _selected(module: MoEFeedForward, args: tuple, output) -> torch.Tensor:
-    x = args[0].reshape(-1, module.hidden_size)
-    return module.selection(x) if module.sparse else torch.ones(len(x), module.num_experts)
-
-
 class Routes:
     """Every MoE layer's routing decisions, recorded on one model's forward passes and replayed, in the
     same order, on another model with the same layers (the same folder in another dtype): what changes
     apart from the routes. In half precision a converted decoder's output differs from float32's
     mostly because tokens near a routing boundary flip experts, not through its arithmetic
-    (README, Half precision)."""
+    (docs/results.md, Half precision)."""
 
     METHODS = ("selection", "select")  # dynamic top-k's (tokens, experts) mask, fixed top-k's indices
 
@@ -264,8 +252,8 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
     suites = [load_suite(s) for s in settings.suites]  # fail fast on bad suites
     engine = served.check_engine(settings.engine, moe_dir, settings.gguf)  # before any work: what cannot run is one line now
     model = load(moe_dir)
-    format = folders.format_of(moe_dir)
-    layers = served.NativeLayers(model) if format == "native" else RemoteLayers(model)
+    format = formats.of(moe_dir)
+    layers = format.layers(model)
     top_ks = settings.top_ks or [layers.top_k]
     for k in top_ks:
         try:
@@ -285,14 +273,13 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         raise UsageError("fidelity needs text: give at least one --suite")
     probe = record(dense, list(_text_batches(dense, tokenizer, fidelity_texts, settings.seq_len, 32)), causal_lm=arch.seq2seq, all_layers=True)
     dense_cost = cost(dense, settings.seq_len, ffn_linears)
-    dense_cache: dict = {}
     report = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "densetomoe_version": __version__,
         "moe_dir": moe_dir.name,  # the report may be published: names, never local paths
         "base_model": folders.public_name(described.source.name, described.source.hub_id),
-        "format": format,
+        "format": format.name,
         "num_experts": layers.num_experts,
         "converted_top_k": layers.top_k,
         "machine": {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
@@ -301,35 +288,16 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         "sweep": [],
     }
 
-    dense_ffn_size, num_layers = described.ffn_size, described.num_layers
+    decoding = tokenizer if arch.decoder and not arch.seq2seq else None
+    run = _Sweep(layers, model, dense, tokenizer, decoding, probe, suites, described, settings)
     with progress(show_progress) as bar:
         task = bar.add_task("evaluating", total=len(top_ks))
         for k in top_ks:
-            layers.set_top_k(k)  # modules and config together; the folder's own: per layer, as converted
-            entry = {"top_k": k, "active_ffn_share": layers.active_ffn_share(dense_ffn_size, num_layers)}
-            if k == layers.top_k:
-                entry["fidelity"] = _with_routing(layers, probe, report, label=k)
-            else:
-                entry["fidelity"] = _fidelity(model, probe)
-            entry["quality"] = {}
-            for suite in suites:
-                dense_q, moe_q = _suite_quality(suite, model, dense, tokenizer, dense_cache)
-                report["dense"]["quality"][suite.name] = dense_q
-                entry["quality"][suite.name] = moe_q
-            entry["cost"] = cost(model, settings.seq_len, layers.ffn_linears()).as_dict()
-            entry["weights_mb"] = _weights_mb(model)
-            if settings.speed:
-                entry["speed"] = _speed(dense, model, settings, tokenizer if arch.decoder and not arch.seq2seq else None)
-            report["sweep"].append(entry)
+            report["sweep"].append(_sweep_entry(k, run, report))
             bar.advance(task)
     layers.restore()
     if engine:
-        suite = next((s for s in suites if s.task == "perplexity"), None) or load_suite(gguf.SCORED_ON)
-        with scratch(moe_dir, None, "engine") as work:
-            report["llama_cpp"] = served.engine_comparison(
-                moe_dir, dense, tokenizer, suite, work, settings.gguf, settings.threads or torch.get_num_threads(),
-                settings.new_tokens, settings.repeats, log,
-            )  # fmt: skip
+        report["llama_cpp"] = _engine_row(moe_dir, dense, tokenizer, suites, settings, log)
     elif settings.engine == "llamacpp" or settings.gguf is not None:
         report["llama_cpp"] = {"none": served.engine_reason(moe_dir)}
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -338,6 +306,51 @@ def evaluate(moe_dir: str | Path, settings: Settings | None = None, show_progres
         report["recovery"] = recovery
     report["metrics"] = _hub_metrics(report)
     return report
+
+
+@dataclass
+class _Sweep:
+    """What every top-k of the sweep is measured with."""
+
+    layers: object  # the folder's MoE layers (formats.Layers)
+    model: nn.Module
+    dense: nn.Module
+    tokenizer: object
+    decoding: object  # the tokenizer where greedy decoding is timed (decoder LMs), else None
+    probe: Probe
+    suites: list[Suite]
+    described: Dense
+    settings: Settings
+    dense_cache: dict = field(default_factory=dict)  # the dense model's suite results, measured once
+
+
+def _sweep_entry(k: int, run: _Sweep, report: dict) -> dict:
+    """One top-k of the sweep: share, fidelity (with routing at the folder's own top-k), quality on
+    each suite (the dense model's into ``report`` too), cost and speed."""
+    layers, model = run.layers, run.model
+    layers.set_top_k(k)  # modules and config together; the folder's own: per layer, as converted
+    entry = {"top_k": k, "active_ffn_share": layers.active_ffn_share(run.described.ffn_size, run.described.num_layers)}
+    entry["fidelity"] = _with_routing(layers, run.probe, report, label=k) if k == layers.top_k else _fidelity(model, run.probe)
+    entry["quality"] = {}
+    for suite in run.suites:
+        dense_q, moe_q = _suite_quality(suite, model, run.dense, run.tokenizer, run.dense_cache)
+        report["dense"]["quality"][suite.name] = dense_q
+        entry["quality"][suite.name] = moe_q
+    entry["cost"] = cost(model, run.settings.seq_len, layers.ffn_linears()).as_dict()
+    entry["weights_mb"] = _weights_mb(model)
+    if run.settings.speed:
+        entry["speed"] = _speed(run.dense, model, run.settings, run.decoding)
+    return entry
+
+
+def _engine_row(moe_dir: Path, dense, tokenizer, suites, settings: Settings, log) -> dict:
+    """The llama.cpp row: the folder and its dense model served, on the first perplexity suite's text."""
+    suite = next((s for s in suites if s.task == "perplexity"), None) or load_suite(gguf.SCORED_ON)
+    with scratch(moe_dir, None, "engine") as work:
+        return served.engine_comparison(
+            moe_dir, dense, tokenizer, suite, work, settings.gguf, settings.threads or torch.get_num_threads(),
+            settings.new_tokens, settings.repeats, log,
+        )  # fmt: skip
 
 
 def _with_routing(layers, probe: Probe, report: dict, label: int) -> dict:
@@ -400,39 +413,6 @@ def decode_rates(models: dict[str, nn.Module], prompt: list[int], new_tokens: in
     for name in models:
         run(name)
     return {name: statistics.median(r) for name, r in median_rounds(list(models), run, repeats).items()}
-
-
-class RemoteLayers:
-    """The MoE layers of a remote-code model (densetomoe's own module), as :func:`evaluate` reads them;
-    :class:`densetomoe.served.NativeLayers` reads a native model's the same way."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.modules = moe_modules(model)  # block index -> module
-        self.num_experts = model.config.num_experts
-        self.top_k = model.config.num_experts_per_tok  # the folder's nominal top-k; per-layer values may differ
-        self.saved = {i: m.routing for i, m in self.modules.items()}  # per layer, where a budget chose them (dynamic top-k too)
-
-    def check_top_k(self, k: int) -> None:
-        check_top_k(k, self.num_experts)
-
-    def set_top_k(self, k: int) -> None:
-        set_top_k(self.model, self.saved if k == self.top_k else k)
-
-    def restore(self) -> None:
-        set_top_k(self.model, self.saved)
-
-    def layer_top_k(self, index: int) -> int:
-        return self.modules[index].top_k
-
-    def active_ffn_share(self, dense_ffn_size: int, num_layers: int) -> float:
-        return active_ffn_share(list(self.modules.values()), dense_ffn_size, num_layers)
-
-    def ffn_linears(self) -> None:  # densetomoe's MoE modules are recognised by type
-        return None
-
-    def recorder(self) -> RoutingRecorder:
-        return RoutingRecorder(list(self.modules.values()))
 
 
 def _hub_metrics(report: dict) -> list[dict]:

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..efficiency import moe_ffn_flops
-from ..ffn import ffn_flops as ffn_flops_of
 from ..ffn import neuron_share
 from ..moe import MoEFeedForward
+from .costs import model_ffn_flops
 
 
 @dataclass
@@ -121,16 +120,6 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-def ffn_flops(modules: list[MoEFeedForward], dense_ffn_size: int, num_layers: int) -> tuple[float, float]:
-    """``(dense, moe)`` multiply-adds x 2 per token summed over all FFN layers (router included), for a
-    model whose converted layers are ``modules``."""
-    if not modules:
-        return 0.0, 0.0
-    per_layer = ffn_flops_of(modules[0].hidden_size, dense_ffn_size, modules[0].gated)  # a dense FFN
-    unconverted = (num_layers - len(modules)) * per_layer
-    return num_layers * per_layer, unconverted + sum(moe_ffn_flops(m) for m in modules)
-
-
 @torch.no_grad()
 def damage(model: nn.Module, probe: Probe) -> float:
     """How far ``model`` has moved from the dense outputs recorded in ``probe``: the mean next-token
@@ -209,7 +198,7 @@ def compare(
     f = fidelity(model, probe)
     if converted is None:
         converted = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    dense, moe = ffn_flops(converted, dense_ffn_size, num_layers)
+    dense, moe = model_ffn_flops(converted, dense_ffn_size, num_layers)
     return QuickReport(
         texts=f.texts,
         tokens=f.tokens,

@@ -1,5 +1,5 @@
-"""Sequential (one block at a time) conversion gives the folder the in-memory conversion gives, and
-bad uses of it are answered with one line (issue 10)."""
+"""The two schedulers: one block at a time (``--sequential``) gives the folder the whole model in memory
+gives, and bad uses of it are answered with one line."""
 
 from __future__ import annotations
 
@@ -163,9 +163,9 @@ def test_a_model_too_large_for_memory_is_refused_in_one_line_that_names_the_sequ
 
 
 def test_large_decoders_convert_one_block_at_a_time_by_default(tiny_models, tiny_decoders, texts_file, tmp_path, monkeypatch):
-    from densetomoe import pipeline
+    from densetomoe import defaults
 
-    monkeypatch.setattr(pipeline, "SEQUENTIAL_FROM", 1)  # every tiny model counts as large
+    monkeypatch.setattr(defaults, "SEQUENTIAL_FROM", 1)  # every tiny model counts as large
     cases = {
         "decoder": (quick_recipe(tiny_decoders["llama"], texts_file), True),
         "encoder": (quick_recipe(tiny_models["BertModel"], texts_file), False),
@@ -175,5 +175,5 @@ def test_large_decoders_convert_one_block_at_a_time_by_default(tiny_models, tiny
     for name, (recipe, expected) in cases.items():
         result = densetomoe.convert(recipe, tmp_path / name.replace(" ", "-"), show_progress=False)
         assert result.recipe.sequential is expected, name  # the recipe written to the folder says which ran
-    monkeypatch.setattr(pipeline, "SEQUENTIAL_FROM", 10**12)
-    assert pipeline.with_model_defaults(quick_recipe(tiny_decoders["llama"], texts_file)).sequential is False
+    monkeypatch.setattr(defaults, "SEQUENTIAL_FROM", 10**12)
+    assert defaults.with_model_defaults(quick_recipe(tiny_decoders["llama"], texts_file)).sequential is False

@@ -31,9 +31,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import UsageError
-from .folder import REPORT_FILE
-from .stages.export import staged
+from ..errors import UsageError
+from ..folder import REPORT_FILE
+from ..stages.export import staged
 
 MARKDOWN_FILE = "report.md"
 FIGURE_ROUTING = "expert_load.png"

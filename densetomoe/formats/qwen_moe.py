@@ -51,7 +51,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from ..errors import UsageError
 from ..ffn import CHUNK, DenseFFN
 from ..moe import MoEFeedForward
-from .refit import LayerFit, NormalEquations, RIDGE
+from ..stages.refit import RIDGE, LayerFit, NormalEquations
 
 ROUTER_SPREAD = 2.0**-6  # largest logit spread of a token after scaling: softmax uniform to ~2%, ranks kept in float32
 ALL_EXPERTS_SPREAD = 2.0**-14  # ... at top_k == experts, where no ranking is needed: uniform to ~1e-4

@@ -35,7 +35,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 # Where `--suite NAME` looks, in order: the working directory's evals/suites, then the shipped suites.
 SUITE_DIRS = (Path("evals/suites"), Path(__file__).resolve().parent)

@@ -1,4 +1,4 @@
-"""The distillation teacher shares every weight the student does not train (issue 10): with
+"""The distillation teacher shares every weight the student does not train: with
 ``train: moe`` a conversion holds one model plus its dense FFNs, not two models, and trains exactly
 as it did with a separate copy of the dense model; with ``train: blocks`` it shares the embeddings and
 the output layer alone; with ``train: all`` the teacher is a real copy."""
@@ -13,7 +13,7 @@ import transformers
 
 import densetomoe
 from conftest import quick_recipe, sample_inputs, slow_except
-from densetomoe import archs, pipeline
+from densetomoe import archs, pipeline, schedulers
 from densetomoe.moe import blocks_of
 from densetomoe.recipe import Distill
 from densetomoe.stages import distill as distill_stage
@@ -103,7 +103,7 @@ def test_shared_teacher_trains_as_a_copied_teacher(request, monkeypatch, texts_f
     folder, settings = _folder(request, case)
     recipe = quick_recipe(folder, texts_file, distill=DISTILL, **settings)
     shared = densetomoe.convert(recipe, out=tmp_path / "shared", show_progress=False)
-    monkeypatch.setattr(pipeline, "dense_teacher", lambda dense, settings: copy.deepcopy(dense))  # as before issue 10
+    monkeypatch.setattr(schedulers, "dense_teacher", lambda dense, settings: copy.deepcopy(dense))  # as before issue 10
     copied = densetomoe.convert(recipe, show_progress=False)
     _same_training(shared, copied)
     assert not shared.stats.layers  # the calibration samples were let go before training
@@ -210,7 +210,7 @@ def test_the_module_distillation_hands_back_is_the_one_evaluated_and_written(mon
         handed_back.append(distill_stage.filled(like, state, device))
         return handed_back[-1]
 
-    monkeypatch.setattr(distill_stage, "unsharded", new_module)
+    monkeypatch.setattr(distill_stage.loop, "unsharded", new_module)
     recipe = quick_recipe(tiny_decoders["llama"], texts_file, distill=DISTILL)
     converted = densetomoe.convert(recipe, out=tmp_path / "converted", show_progress=False)
     distilled = densetomoe.distill(tmp_path / "converted", Distill(**DISTILL), out=tmp_path / "distilled", show_progress=False)

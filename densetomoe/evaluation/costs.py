@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .ffn import ffn_flops
-from .moe import MoEFeedForward
+from ..moe import MoEFeedForward
 
 
 @dataclass
@@ -32,6 +31,11 @@ class Cost:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def ffn_flops(hidden_size: int, neurons: int, gated: bool) -> float:
+    """FLOPs per token (2 per multiply-add) of ``neurons`` FFN neurons: up, down and, if gated, gate."""
+    return 2.0 * hidden_size * (3 if gated else 2) * neurons
 
 
 def _expert_params(m: MoEFeedForward) -> int:
@@ -53,6 +57,16 @@ def moe_ffn_flops(m: MoEFeedForward) -> float:
         flops += sum(_linear_flops(layer) or 0.0 for layer in m.router.modules())
         flops += 2.0 * m.num_experts * m.hidden_size
     return flops
+
+
+def model_ffn_flops(modules: list[MoEFeedForward], dense_ffn_size: int, num_layers: int) -> tuple[float, float]:
+    """``(dense, moe)`` multiply-adds x 2 per token summed over all FFN layers (router included), for a
+    model whose converted layers are ``modules``."""
+    if not modules:
+        return 0.0, 0.0
+    per_layer = ffn_flops(modules[0].hidden_size, dense_ffn_size, modules[0].gated)  # a dense FFN
+    unconverted = (num_layers - len(modules)) * per_layer
+    return num_layers * per_layer, unconverted + sum(moe_ffn_flops(m) for m in modules)
 
 
 def is_sparse_block(module: nn.Module) -> bool:

@@ -96,7 +96,7 @@ def chrf_bleu(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     try:
         import sacrebleu
     except ImportError:
-        from .errors import UsageError
+        from ..errors import UsageError
 
         raise UsageError("translation suites score with sacrebleu: pip install sacrebleu") from None
     return {

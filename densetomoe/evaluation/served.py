@@ -1,11 +1,4 @@
-"""Evaluating a native folder: its MoE layers as transformers builds them, and the engine that serves it.
-
-A native folder (``--format native``) is a plain transformers MoE (``qwen2_moe``, ``qwen3_moe``):
-each sparse block holds a ``gate`` (the router: a weight and a fixed ``top_k``) and ``experts``
-(every expert's projections in two stacked tensors), and a ``shared_expert`` where the format has
-one. :class:`NativeLayers` gives ``densetomoe eval`` what it reads from densetomoe's own MoE module
-in a remote-code folder: the top-k to sweep, the share of the FFN a token computes, and how tokens
-spread over experts.
+"""A converted folder as llama.cpp serves it, for ``densetomoe eval --engine llamacpp``.
 
 :func:`engine_comparison` measures what a user of llama.cpp gets: the folder and its dense model as
 GGUF files of the same type, served perplexity on the same held-out windows, and decode speed at
@@ -18,77 +11,14 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from . import folder as folders
-from . import gguf, llamacpp
-from .efficiency import expert_neurons, is_sparse_block
-from .errors import UsageError
-from .ffn import neuron_share
-from .metrics import ExpertLoad
-from .moe import check_top_k
+from .. import folder as folders
+from .. import formats, gguf, llamacpp
+from ..errors import UsageError
 from .suites import Suite
 
 PROMPT = "Tell me about the history of the Roman Empire."  # the timed request, in the model's chat template when it has one
-
-
-class RouterRecorder(ExpertLoad):
-    """:class:`~densetomoe.metrics.ExpertLoad` of a native model's sparse blocks, from each router's own
-    choice (its third output: the ``(tokens, top_k)`` expert indices)."""
-
-    def __init__(self, blocks: list[nn.Module]):
-        super().__init__([b.gate for b in blocks], [b.gate.weight.shape[0] for b in blocks], _chosen)
-
-
-def _chosen(router: nn.Module, args: tuple, output) -> torch.Tensor:
-    return torch.nn.functional.one_hot(output[2], router.weight.shape[0]).sum(1)  # (tokens, experts)
-
-
-class NativeLayers:
-    """The MoE layers of a native model, as ``densetomoe eval`` reads them."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.layers = list(model.model.layers)
-        self.modules = {i: layer.mlp for i, layer in enumerate(self.layers) if is_sparse_block(layer.mlp)}  # block index -> sparse block
-        first = next(iter(self.modules.values()))
-        self.num_experts, self.top_k = first.gate.weight.shape[0], first.gate.top_k
-
-    def check_top_k(self, k: int) -> None:
-        check_top_k(k, self.num_experts)
-
-    def set_top_k(self, k: int) -> None:
-        for block in self.modules.values():
-            block.gate.top_k = k
-        self.model.config.num_experts_per_tok = k
-
-    def restore(self) -> None:
-        self.set_top_k(self.top_k)
-
-    def layer_top_k(self, index: int) -> int:
-        return self.modules[index].gate.top_k
-
-    def active_ffn_share(self, dense_ffn_size: int, num_layers: int) -> float:
-        """Mean over the layers of the share of the dense FFN's neurons a token computes: ``top_k``
-        experts and the shared expert (an all-zero one too: the engine computes it) in a sparse
-        block, every neuron of a layer kept dense."""
-        used = 0.0
-        for layer in self.layers:
-            mlp = layer.mlp
-            if is_sparse_block(mlp):
-                shared = getattr(mlp, "shared_expert", None)
-                used += neuron_share(mlp.gate.top_k, expert_neurons(mlp), shared.up_proj.out_features if shared is not None else 0, dense_ffn_size)
-            else:
-                used += neuron_share(1, mlp.up_proj.out_features, 0, dense_ffn_size)
-        return used / max(num_layers, 1)
-
-    def ffn_linears(self) -> set[nn.Module]:
-        """Every linear layer of every FFN (shared experts, their gates, layers kept dense)."""
-        return {m for layer in self.layers for m in layer.mlp.modules() if isinstance(m, nn.Linear)}
-
-    def recorder(self) -> RouterRecorder:
-        return RouterRecorder(list(self.modules.values()))
 
 
 # -- the engine ------------------------------------------------------------------------------------
@@ -104,8 +34,9 @@ class Served:
 
 def engine_reason(folder: Path) -> str | None:
     """Why ``folder`` has no llama.cpp row, or None when it can have one."""
-    if folders.format_of(folder) != "native":
-        return "a remote-code folder runs only in transformers (llama.cpp cannot run densetomoe's MoE module); convert with --format native to serve it"
+    format = formats.of(folder)
+    if not format.llama_cpp:
+        return f"a {format.name} folder runs only in transformers (llama.cpp cannot run densetomoe's MoE module); convert with --format native to serve it"
     return llamacpp.missing()
 
 
@@ -130,7 +61,7 @@ def engine_comparison(
     suite: Suite,
     scratch: Path,
     gguf_file: Path | None = None,
-    threads: int = 2,
+    threads: int | None = None,
     new_tokens: int = 64,
     repeats: int = 5,
     log=lambda message: None,
@@ -198,6 +129,6 @@ def check_engine(engine: str | None, folder: Path, gguf_file: Path | None) -> st
     reason = engine_reason(folder)
     if reason is None:
         return "llamacpp" if asked or folder_gguf(folder) is not None else None
-    if asked and folders.format_of(folder) == "native":  # llama.cpp missing: what was asked cannot run
+    if asked and formats.of(folder).llama_cpp:  # llama.cpp missing: what was asked cannot run
         raise UsageError(f"--engine llamacpp needs llama.cpp: {reason}")
     return None

@@ -1,4 +1,4 @@
-"""Recovery (issue 5): the MoE module's training path, shared experts, pruning, per-layer budgets,
+"""Recovery: the MoE module's training path, shared experts, pruning, per-layer budgets,
 distillation with checkpoints and resume, and the folders all of that writes."""
 
 from __future__ import annotations
@@ -18,14 +18,23 @@ import densetomoe
 from conftest import quick_recipe, run_fresh, run_without_densetomoe, sample_inputs
 from densetomoe import archs, memory, surgery
 from densetomoe.data import packed
-from densetomoe.stages.distill import (
-    reset_coverage,
-    History, distill_model, fused_head, head_kl, latest_checkpoint, losses, lr_factor, moe_blocks, share_frozen, trainable,
-    training_texts,
-)  # fmt: skip
 from densetomoe.moe import Router, output_shares
 from densetomoe.recipe import Distill
 from densetomoe.stages import budget
+from densetomoe.stages.coverage import reset_coverage
+from densetomoe.stages.distill import (
+    History,
+    distill_model,
+    fused_head,
+    head_kl,
+    latest_checkpoint,
+    losses,
+    lr_factor,
+    moe_blocks,
+    share_frozen,
+    trainable,
+    training_texts,
+)
 from densetomoe.stages.partition import at_random
 
 

@@ -1,23 +1,22 @@
-"""The outputs used as people use them (issue 13): reports never delete, figures name their top-k,
+"""The outputs used as people use them, with the tools they use them with: reports never delete, figures name their top-k,
 results reach the Hub card, and the CLI follows the usual conventions."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 import densetomoe
-from conftest import quick_recipe
+from conftest import BarePython, quick_recipe
 from densetomoe import moe
 from densetomoe.cli import app
-from densetomoe.evaluation import Settings, evaluate
-from test_push import TOKEN, fake_hub, metadata, online  # noqa: F401  (the fake Hub fixtures)
+from densetomoe.evaluation.command import Settings, evaluate
+from fake_hub import TOKEN, metadata
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ def test_a_sweep_labels_every_figure_with_the_top_k_it_measured(classifier_once,
     assert report["converted_top_k"] == 2
     assert report["routing"]["top_k"] == 2
     assert all(layer["top_k"] == 2 for layer in report["routing"]["layers"])
-    from densetomoe import report as reports
+    from densetomoe.evaluation import report as reports
 
     md = (reports.write(report, tmp_path / "r") / "report.md").read_text()
     assert "Routing at top-2" in md and "Routing at top-1" not in md and "Routing at top-4" not in md
@@ -86,12 +85,15 @@ def test_version_and_short_help():
     assert sub.exit_code == 0 and "--experts" in sub.output
 
 
-def _python(script: str, without_densetomoe: bool = False) -> subprocess.CompletedProcess:
-    """``script`` in a fresh process whose stdin stays open: a remote-code prompt would wait for an answer."""
+def _python(script: str, without_densetomoe: bool = False) -> SimpleNamespace:
+    """``script`` in a fresh process whose stdin stays open: a remote-code prompt would wait for an
+    answer (until the timeout). ``returncode``, ``stdout`` and ``stderr``, as ``subprocess.run`` gives them."""
     prelude = "import sys\nsys.modules['densetomoe'] = None\n" if without_densetomoe else ""
-    return subprocess.run([sys.executable, "-c", prelude + script], stdin=subprocess.PIPE, capture_output=True, text=True, timeout=120)
+    code, stdout, stderr = BarePython.shared().run(prelude + script, timeout=120)
+    return SimpleNamespace(returncode=code, stdout=stdout, stderr=stderr)
 
 
+@pytest.mark.slow  # three fresh processes, each importing densetomoe or running remote code: over 3 s
 def test_the_tokenizer_of_a_remote_code_folder_loads_without_a_prompt(classifier_once):
     load_tokenizer = f"from transformers import AutoTokenizer\nprint(type(AutoTokenizer.from_pretrained({str(classifier_once)!r}{{}})).__name__)"
     plain = load_tokenizer.format("")
@@ -108,12 +110,11 @@ def test_the_tokenizer_of_a_remote_code_folder_loads_without_a_prompt(classifier
 
 
 def test_a_native_folder_is_a_densetomoe_folder_for_push(tiny_decoders, tmp_path):
-    from densetomoe import folder as folders
-    from densetomoe import hub
+    from densetomoe import formats, hub
 
     out = tmp_path / "native"
     densetomoe.convert(quick_recipe(tiny_decoders["llama"], format="native", router_steps=5), out, show_progress=False)
-    assert folders.format_of(out) == "native" and moe.CONFIG_KEY not in json.loads((out / "config.json").read_text())
+    assert formats.format_of(out) == "native" and moe.CONFIG_KEY not in json.loads((out / "config.json").read_text())
     hub.check_folder(out)  # no error: native folders are published like remote-code ones
     card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert "densetomoe" in card["tags"]
@@ -232,7 +233,7 @@ def test_fine_tuning_adds_the_load_balancing_loss_as_transformers_moe_models_do(
     assert config["output_router_logits"] is False and config["router_aux_loss_coef"] == moe.ROUTER_AUX_LOSS_COEF
 
 
-@pytest.mark.parametrize(("family", "routing"), [("llama", "dynamic"), ("gpt2", "top-k")])
+@pytest.mark.parametrize(("family", "routing"), [pytest.param("llama", "dynamic", marks=pytest.mark.slow), ("gpt2", "top-k")])  # compiling the dynamic graph: over 3 s
 def test_a_converted_decoder_compiles_in_one_graph_and_exports(tiny_decoders, texts_file, family, routing):
     """``torch.compile(fullgraph=True)`` and ``torch.export`` trace the MoE (every expert, masked:
     no routing-dependent shapes, with a fixed or a dynamic top-k) and compute what eager does
