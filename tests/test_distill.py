@@ -208,6 +208,7 @@ print(kept, inside - resident_bytes(), kept_after)
 """
 
 
+@pytest.mark.slow  # allocates and frees for real: about 3 s
 @pytest.mark.skipif(memory._libc is None, reason="glibc's allocator only (Linux)")
 def test_training_keeps_freed_memory_for_reuse_and_returns_it_after():
     """Inside the block freed 16 MB tensors stay resident for the next ones; leaving it hands them back
