@@ -149,7 +149,7 @@ def block_by_block(job: Job, stack: ExitStack, clock: Clock, show_progress: bool
     context = BlockContext(arch, dense.config, shell, dtype, device, dense.ffn_size, set(_layers(recipe, num_layers)))
     weights = stack.enter_context(export.scratch(job.out, job.needed, "weights"))  # the export moves its files in
     writer = blockwise.ShardWriter(weights)
-    modules = _convert_blocks(job, context, blockwise.Checkpoint(dense.source.path), streams, writer, show_progress)
+    modules = _convert_blocks(job, context, blockwise.Checkpoint(dense.source.path), streams, stats.tokens, writer, show_progress)
     if not modules:
         raise UsageError("no layer was converted")
     model, details = job.builder.finish(shell, arch, modules)
@@ -189,15 +189,16 @@ def _capture(job: Job, cls: type, dtype: torch.dtype) -> tuple[_Streams, Activat
     return _Streams(calibration, held_out, held_out.copy()), stats
 
 
-def _convert_blocks(job: Job, context: BlockContext, checkpoint, streams: _Streams, writer, show_progress: bool) -> dict[int, MoEFeedForward]:
+def _convert_blocks(
+    job: Job, context: BlockContext, checkpoint, streams: _Streams, tokens: int, writer, show_progress: bool
+) -> dict[int, MoEFeedForward]:
     """Every block in turn: read, calibrated and converted (the layers asked for), built in the format,
-    run, written and released. Returns the converted modules, on the meta device (their shapes
-    describe the model)."""
+    run, written and released; ``tokens``: the calibration tokens in ``streams``. Returns the
+    converted modules, on the meta device (their shapes describe the model)."""
     recipe, arch = job.recipe, context.arch
     activation_name = archs.activation(context.config, arch)
     activation = ACT2FN[activation_name]
     settings = RouterSettings(hidden=recipe.router_hidden, steps=recipe.router_steps)
-    tokens = sum(int(m.sum()) for m in streams.calibration.masks())
     modules: dict[int, MoEFeedForward] = {}
     with progress(show_progress) as bar, devices.computing_on(context.device):
         task = bar.add_task("blocks", total=job.dense.num_layers)

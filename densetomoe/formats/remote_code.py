@@ -76,6 +76,12 @@ def moe_config(model: nn.Module):
     return config
 
 
+def _write_moe_files(model: nn.Module, staging: Path) -> None:
+    """The ``MoE<Config>`` config and the modeling file its ``auto_map`` names."""
+    moe_config(model).save_pretrained(staging)
+    shutil.copyfile(Path(moe.__file__), staging / MODELING_FILE)
+
+
 class RoutingRecorder(ExpertLoad):
     """:class:`~densetomoe.metrics.ExpertLoad` of densetomoe's MoE layers: each token's experts, from
     the layer's own selection (every expert, where tokens skip none)."""
@@ -158,12 +164,10 @@ class RemoteCode(Format):
 
     def write(self, model, staging):
         model.save_pretrained(staging)  # with generation_config.json for a model that can generate
-        moe_config(model).save_pretrained(staging)  # replaces the dense config written above
-        shutil.copyfile(Path(moe.__file__), staging / MODELING_FILE)
+        _write_moe_files(model, staging)  # the MoE config replaces the dense one written above
 
     def write_config(self, model, staging):
-        moe_config(model).save_pretrained(staging)
-        shutil.copyfile(Path(moe.__file__), staging / MODELING_FILE)
+        _write_moe_files(model, staging)
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(staging)
 
