@@ -21,7 +21,7 @@ from .folder import REPORT_DIR
 from .formats import FORMATS
 from .gguf import PERPLEXITY_TOKENS
 from .gguf import TYPES as GGUF_TYPES
-from .recipe import Distill, DType, MixedPrecision, Recipe, RoutingKind, Trainable, merge
+from .recipe import Distill, DType, Gates, MixedPrecision, Recipe, RoutingKind, Trainable, merge
 from .registry import Registry
 from .stages.budget import BUDGETS
 from .stages.partition import PARTITIONS
@@ -318,6 +318,7 @@ def distill_command(
     seq_len: Annotated[int, typer.Option(help="Tokens per text; longer ones are cut.")] = _default("seq_len", Distill),
     expert_dropout: Annotated[float, typer.Option(help="Probability of dropping each selected expert per token while training.")] = _default("expert_dropout", Distill),
     train: Annotated[Trainable, typer.Option(help="moe: only experts, routers and corrections learn. blocks: also attention and norms (embeddings and output layer frozen). all: every weight.")] = _default("train", Distill),
+    gates: Annotated[Gates, typer.Option(help="A native folder's routers. frozen: they keep the conversion's choice of experts. learn: they train under the engines' softmax routing, each at its experts' rate relative to its size.")] = _default("gates", Distill),
     mixed_precision: Annotated[MixedPrecision, typer.Option(help="accelerate mixed precision: no, bf16 or fp16.")] = _default("mixed_precision", Distill),
     recipe: Annotated[Optional[Path], typer.Option(help="A recipe YAML whose distill: section sets the defaults; flags win.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Dense teacher. Default: the base model recorded in the folder.")] = None,
@@ -335,7 +336,7 @@ def distill_command(
 
         flags = {
             "steps": steps, "minutes": minutes, "data": _sources(data), "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
-            "expert_dropout": expert_dropout, "train": train, "mixed_precision": mixed_precision,
+            "expert_dropout": expert_dropout, "train": train, "gates": gates, "mixed_precision": mixed_precision,
         }  # fmt: skip
         given = {k: v for k, v in flags.items() if _given(ctx, k)}
         if recipe is not None:

@@ -29,6 +29,7 @@ Budget = Annotated[str, AfterValidator(BUDGETS.check)]
 Format = Annotated[str, AfterValidator(FORMATS.check)]
 DType = Literal["float32", "bfloat16", "float16"]
 Trainable = Literal["moe", "blocks", "all"]
+Gates = Literal["frozen", "learn"]
 RoutingKind = Literal["top-k", "dynamic", "dynamic-soft"]
 RAMP = 0.1  # dynamic-soft's ramp unless the recipe names one (docs/results.md, Half precision)
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -60,6 +61,11 @@ class Distill(BaseModel):
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the logit KL")
     expert_dropout: float = Field(0.0, ge=0, lt=1, description="probability of dropping each selected expert per token while training")
     train: Trainable = Field("moe", description="moe: only experts, routers and corrections learn; blocks: every weight but the embeddings and the output layer; all: every weight")
+    gates: Gates = Field(
+        "frozen",
+        description="native folders' routers: frozen: they keep the conversion's choice of experts; learn: they train under the "
+        "engines' softmax routing, each at its experts' rate relative to its size",
+    )
     mixed_precision: MixedPrecision = Field("no", description="accelerate's mixed precision (bf16 on recent GPUs and CPUs)")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (for --resume)")
     log_every: int = Field(10, gt=0, description="steps between points of the loss curve")

@@ -248,6 +248,45 @@ def test_distilling_a_native_folder_trains_its_experts_and_keeps_it_native(tiny_
     assert figures["quick_eval"]["active_ffn_share"] == pytest.approx(0.5)
 
 
+def test_learning_gates_train_each_router_at_its_own_scale_and_keep_the_shared_gate(tiny_decoders, texts_file, tmp_path):
+    """``gates: learn``: the routers learn, each moved about ``lr x rms(router) / rms(experts)`` a step
+    (AdamW's first step moves every weight by its rate), so the conversion's ranking survives the
+    first steps; the shared expert's constant gate stays as it was."""
+    folder, out = tiny_decoders["llama"], tmp_path / "native"
+    densetomoe.convert(quick_recipe(folder, texts_file, experts=3, top_k=2, format="native", shared_experts=1), out=out, show_progress=False)
+    before = transformers.AutoModelForCausalLM.from_pretrained(out)
+    args = ["distill", str(out), "--steps", "1", "--batch-size", "4", "--lr", "1e-3", "--gates", "learn", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    after = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for old, new in zip(before.model.layers, after.model.layers):
+        gate, moved = old.mlp.gate.weight.detach(), (new.mlp.gate.weight - old.mlp.gate.weight).detach().abs()
+        rate = 1e-3 * float(gate.pow(2).mean().sqrt() / old.mlp.experts.gate_up_proj.detach().pow(2).mean().sqrt())
+        first = rate / 21  # the first step is 1/21 of the way into the default 20-step warm-up
+        assert float(moved.max()) == pytest.approx(first, rel=0.01)  # it learned, at its own rate
+        assert rate < 1e-3 * 1e-2  # a scaled router: an ordinary step would have moved it 100x more
+        assert torch.equal(old.mlp.shared_expert_gate.weight, new.mlp.shared_expert_gate.weight)
+
+
+def test_routers_train_in_float32_under_bfloat16_autocast(tiny_decoders, texts_file):
+    """Distillation routes as the engines do, in float32, also under bfloat16 autocast: a bfloat16 router
+    picks other experts for some tokens of a converted model's near-uniform logits (about 0.2% here, on
+random inputs)."""
+    from densetomoe.stages.distill.gates import engine_routing
+
+    model = densetomoe.convert(quick_recipe(tiny_decoders["llama"], texts_file, top_k=2, format="native"), show_progress=False).model
+    gate = model.model.layers[0].mlp.gate
+    x = torch.randn(4096, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    exact = native.routing_weights(x @ gate.weight.T, 2, False).topk(2).indices.sort(-1).values
+    def chosen():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return gate(x)[2].sort(-1).values
+    assert (chosen() != exact).any(-1).sum() > 0  # transformers' own router under autocast
+    with engine_routing(model):
+        assert torch.equal(chosen(), exact)
+    assert (chosen() != exact).any(-1).sum() > 0  # and the router is itself again afterwards
+
+
 @pytest.mark.slow  # a conversion, then eval's sweep and timings: about 4 s
 def test_eval_measures_a_native_folder(tiny_decoders, texts_file, tmp_path):
     out = tmp_path / "native"

@@ -18,6 +18,9 @@ selected experts, so that a distilled model needs no gate weights and the dense 
 the loss?) and the router loss, which keeps it ranking experts by what they actually contribute as
 the experts change. A straight-through gate was chosen over learned gate weights because gate
 weights change the function the experts were cut from and must first be learned back to 1.
+A native folder trains under the engines' own math instead: softmax-weighted top-k, nothing from
+the unselected experts, its routers in float32 whatever the autocast, frozen unless ``gates: learn``
+(see :mod:`.gates`).
 
 The teacher holds no second copy of what the student does not train. With ``train: moe`` (the
 default) attention, embeddings, norms and the layers left dense are frozen, so teacher and student

@@ -23,6 +23,7 @@ from ...evaluation.quick import next_token_nll
 from ...recipe import Distill
 from .data import STATE_FILE, latest_checkpoint, save, tokenize, training_texts, windows
 from .fsdp import skeleton, unsharded
+from .gates import engine_routing, param_groups
 from .losses import fused_head, losses, total
 from .teacher import check_apart, moe_blocks, trainable
 
@@ -116,7 +117,7 @@ def distill_model(
     moe_modules = moe_blocks(student)
     if not moe_modules:
         raise UsageError("the model has no MoE layers to distill")
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(student, params, settings), lr=settings.lr, weight_decay=settings.weight_decay)
     decoder = arch is not None and arch.decoder  # read as causal LMs are trained: windows of one token stream
     data, collate = (list(packed(tokenizer, texts, settings.seq_len)), windows) if decoder else (texts, tokenize(tokenizer, settings.seq_len))
     loader = torch.utils.data.DataLoader(
@@ -131,7 +132,8 @@ def distill_model(
     held_out = _held_out(accelerator, tokenizer, held_out_texts, settings, collate, decoder)
     history = _history(accelerator, settings, workdir if resume else None, resume, log)
     trainer = _Trainer(accelerator, student, teacher, settings, moe_modules, head, params, optimizer, held_out, decoder)
-    trainer.train(loader, history, workdir, show_progress)
+    with engine_routing(accelerator.unwrap_model(student)):
+        trainer.train(loader, history, workdir, show_progress)
     student = unsharded(accelerator.unwrap_model(trainer.student), home, like)
     student.eval().requires_grad_(False).to(home)
     teacher.to(home)
@@ -252,7 +254,7 @@ class _Trainer:
         settings, accelerator = self.settings, self.accelerator
         started = time.perf_counter()
         for group in self.optimizer.param_groups:
-            group["lr"] = settings.lr * lr_factor(history.step, history.elapsed, settings)
+            group["lr"] = group["peak_lr"] * lr_factor(history.step, history.elapsed, settings)
         with torch.no_grad(), accelerator.autocast():
             t_out = self.teacher(**batch, output_hidden_states=True, **self.keep)
         with accelerator.autocast():

@@ -12,6 +12,7 @@ from torch import nn
 from ...evaluation.costs import is_sparse_block
 from ...moe import MoEFeedForward
 from ...recipe import Distill
+from .gates import frozen_gates
 
 
 def moe_blocks(model: nn.Module) -> list[nn.Module]:
@@ -23,9 +24,8 @@ def trainable(model: nn.Module, settings: Distill) -> list[nn.Parameter]:
     """The parameters that learn, marked so (``requires_grad``): the MoE layers' (``train: moe``), every
     weight but the embeddings and the output layer (``train: blocks``), or all of them (``train: all``).
 
-    In a native MoE block the experts (and shared expert) learn and the gates stay frozen: their
-    weights are scaled down so that the softmax is uniform (see :mod:`densetomoe.formats.qwen_moe`), and an
-    optimizer step sized for ordinary weights would undo that.
+    In a native MoE block the experts (and shared expert) learn; the routers learn only with
+    ``gates: learn``, at their own rate, and the shared experts' gates never (see :mod:`.gates`).
     """
     learning = _learning(model, settings)
     for p in model.parameters():
@@ -41,12 +41,7 @@ def _learning(model: nn.Module, settings: Distill) -> set[int]:
         learning = {id(p) for p in model.parameters()}
         if settings.train == "blocks":
             learning -= {id(p) for p in _embeddings(model)}
-    for m in moe_blocks(model):
-        if is_sparse_block(m):
-            learning -= {id(p) for p in m.gate.parameters()}
-            if hasattr(m, "shared_expert_gate"):
-                learning -= {id(p) for p in m.shared_expert_gate.parameters()}
-    return learning
+    return learning - frozen_gates(model, settings)
 
 
 def _embeddings(model: nn.Module) -> list[nn.Parameter]:
