@@ -63,7 +63,7 @@ FRONTIER = Path(__file__).resolve().parent.parent / "evals" / "examples" / "fron
 def test_every_frontier_row_is_a_native_smollm2_recipe_that_takes_the_shared_recovery(path):
     """evals/examples/frontier.py's rows: each validates with the one recovery every row gets, fits SmolLM2, and is
     a structure llama.cpp serves (native, every layer MoE, top-k within the engine's limit)."""
-    recovery = densetomoe.Recipe.from_yaml(FRONTIER / "recovery-30min.yaml", model="-").distill
+    recovery = densetomoe.Recipe.from_yaml(FRONTIER / "recovery-30min-lr5.yaml", model="-").distill
     recipe = densetomoe.Recipe.from_yaml(path, distill=recovery.model_dump())
     check_against_model(recipe, *SHAPES["smollm2"])
     assert recipe.format == "native" and recipe.layers is None and recipe.ffn_budget is None
@@ -71,9 +71,9 @@ def test_every_frontier_row_is_a_native_smollm2_recipe_that_takes_the_shared_rec
 
 
 def test_the_served_recipe_is_the_frontier_row_it_quotes_with_the_frontier_recovery():
-    """recipes/smollm2-served.yaml is evals/examples/frontier/shared3-5x1.yaml with recovery-30min.yaml's distillation:
+    """recipes/smollm2-served.yaml is evals/examples/frontier/shared3-5x1.yaml with recovery-30min-lr5.yaml's distillation:
     the figures in its header are that row's."""
     served = densetomoe.Recipe.from_yaml(RECIPES[0].parent / "smollm2-served.yaml")
-    recovery = densetomoe.Recipe.from_yaml(FRONTIER / "recovery-30min.yaml", model="-").distill
+    recovery = densetomoe.Recipe.from_yaml(FRONTIER / "recovery-30min-lr5.yaml", model="-").distill
     row = densetomoe.Recipe.from_yaml(FRONTIER / "shared3-5x1.yaml", distill=recovery.model_dump())
     assert served.to_yaml() == row.to_yaml()
