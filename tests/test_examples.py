@@ -231,8 +231,23 @@ def test_frontier_reads_its_rows_as_recipes_and_tabulates_a_run(tmp_path):
     assert frontier.costs(folder) == {"ffn_flops": 0.25, "convert_min": 5.0, "recovery_min": 10.0}
     assert frontier.served_folder(folder) == folder  # an MoE is served as it is
     row = {"perplexity": 20.0, "perplexity_vs_dense": 1.25, "decode_tok_s": 50.0, "decode_vs_dense": 1.3, "end_to_end_vs_dense": 1.2}
-    table = frontier.table({"rows": [{"row": "moe-8x2", **row, **frontier.costs(folder)}]}).splitlines()
-    assert table[2] == "| moe-8x2 | 20.00 | 1.25x | 50.0 | 1.30x | 1.20x | 0.250 | 5.0 min | 10.0 min |"
+    table = frontier.table({"rows": [{"row": "moe-8x2", **row, "pruned_at_same_speed": 1.5, **frontier.costs(folder)}]}).splitlines()
+    assert table[2] == "| moe-8x2 | 20.00 | 1.25x | 1.50x | 50.0 | 1.30x | 1.20x | 0.250 | 5.0 min | 10.0 min |"
+
+
+def test_frontier_reads_the_pruned_baseline_at_each_moes_own_speed():
+    frontier = script(EXAMPLES / "frontier.py")
+    rows = [
+        {"kind": "dense", "decode_vs_dense": 1.0, "perplexity_vs_dense": 1.0},
+        {"kind": "pruned", "decode_vs_dense": 1.4, "perplexity_vs_dense": 4.0},
+        {"kind": "moe", "decode_vs_dense": 1.2, "perplexity_vs_dense": 1.5},  # not on the curve
+        {"kind": "pruned", "decode_vs_dense": 1.2, "perplexity_vs_dense": 2.0},
+    ]
+    curve = frontier.pruned_curve(rows)
+    assert curve == [(1.0, 1.0), (1.2, 2.0), (1.4, 4.0)]
+    assert frontier.pruned_at(curve, 1.3) == pytest.approx(2 ** 1.5)  # log-linear: the geometric mean of 2 and 4
+    assert frontier.pruned_at(curve, 1.2) == pytest.approx(2.0) and frontier.pruned_at(curve, 1.1) == pytest.approx(2**0.5)
+    assert frontier.pruned_at(curve, 1.5) is None and frontier.pruned_at(curve, 0.9) is None  # never extrapolated
 
 
 def test_gguf_types_tabulates_each_type_against_its_folders_first(tmp_path):

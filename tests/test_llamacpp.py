@@ -98,7 +98,6 @@ def test_native_moe_agrees_with_transformers(tiny_llama, texts_file, tmp_path, t
             np.testing.assert_allclose(expected, dense(torch.tensor([ids])).logits[0].numpy(), atol=1e-3)
 
 
-
 def test_a_recovered_native_folder_serves_in_llama_cpp_the_perplexity_transformers_measures(tiny_llama, texts_file, tmp_path):
     """Native recovery trains under the engines' own routing math (softmax-weighted top-k, nothing from
     the unselected experts): at top-k == experts it starts from the dense model exactly, and a folder
@@ -120,6 +119,7 @@ def test_a_recovered_native_folder_serves_in_llama_cpp_the_perplexity_transforme
     measured = metrics.perplexity(moe, tokenizer, texts, 128, 64, max_tokens=1024)
     assert served.tokens == measured.tokens
     assert abs(np.log(served.value) - np.log(measured.value)) < 0.03 * np.log(measured.value)
+
 
 def test_to_gguf_names_what_is_missing(monkeypatch, tmp_path):
     monkeypatch.setenv(llamacpp.CONVERTER_ENV, str(tmp_path))

