@@ -230,7 +230,9 @@ def plot(result: dict, path: Path) -> None:
     colours = {"dense": "black", "pruned": "tab:gray", "moe": "tab:blue"}
     for r in result["rows"]:
         ax.scatter(r["decode_vs_dense"], r["perplexity_vs_dense"], color=colours[r.get("kind", "moe")])
-        ax.annotate(r["row"], (r["decode_vs_dense"], r["perplexity_vs_dense"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        left = r.get("kind") == "pruned"  # pruned labels left of their points, MoE labels right: rows this close stay legible
+        ax.annotate(r["row"], (r["decode_vs_dense"], r["perplexity_vs_dense"]), textcoords="offset points",
+                    xytext=(-6, -4) if left else (5, 4), ha="right" if left else "left", fontsize=8)
     ax.set_xlabel("llama.cpp decode speed-up over dense (batch 1)")
     ax.set_ylabel("served perplexity / dense")
     ax.set_yscale("log")
