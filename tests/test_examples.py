@@ -230,6 +230,10 @@ def test_frontier_reads_its_rows_as_recipes_and_tabulates_a_run(tmp_path):
     (folder / "densetomoe_conversion.json").write_text(json.dumps({"seconds": {"total": 900.0, "distill": 600.0}, "quick_eval": {"ffn_flops_ratio": 0.25}}))
     assert frontier.costs(folder) == {"ffn_flops": 0.25, "convert_min": 5.0, "recovery_min": 10.0}
     assert frontier.served_folder(folder) == folder  # an MoE is served as it is
+    assert frontier.kind("moe-8x2", folder) == "moe" and frontier.kind("dense", tmp_path) == "dense"
+    (tmp_path / "pruned").mkdir()
+    (tmp_path / "pruned" / "config.json").write_text(json.dumps({"num_experts": 1}))
+    assert frontier.kind("pruned", tmp_path / "pruned") == "pruned"
     row = {"perplexity": 20.0, "perplexity_vs_dense": 1.25, "decode_tok_s": 50.0, "decode_vs_dense": 1.3, "end_to_end_vs_dense": 1.2}
     table = frontier.table({"rows": [{"row": "moe-8x2", **row, "pruned_at_same_speed": 1.5, **frontier.costs(folder)}]}).splitlines()
     assert table[2] == "| moe-8x2 | 20.00 | 1.25x | 1.50x | 50.0 | 1.30x | 1.20x | 0.250 | 5.0 min | 10.0 min |"

@@ -83,10 +83,19 @@ def built(path: Path, recovery: dict | None, workdir: Path, log) -> Path:
     return out
 
 
+def one_expert(folder: Path) -> bool:
+    """A native MoE of one expert: the dense model with its FFN pruned to a narrower width."""
+    return json.loads((folder / "config.json").read_text()).get("num_experts") == 1
+
+
+def kind(name: str, folder: Path) -> str:
+    """The row's kind: ``dense``, ``pruned`` (one expert) or ``moe``."""
+    return "dense" if name == "dense" else "pruned" if one_expert(folder) else "moe"
+
+
 def served_folder(folder: Path) -> Path:
     """What llama.cpp is given for ``folder``: itself, or for one expert its dense equivalent beside it."""
-    config = json.loads((folder / "config.json").read_text())
-    if config.get("num_experts") != 1:
+    if not one_expert(folder):
         return folder
     dense = folder.parent / f"{folder.name}.dense"
     if not (dense / "config.json").is_file() or (dense / "config.json").stat().st_mtime < (folder / "config.json").stat().st_mtime:
@@ -143,7 +152,7 @@ def main() -> None:
     if args.build_only:
         return
     ggufs = {name: gguf_of(served_folder(folder)) for name, folder in folders.items()}
-    rows = {name: {"row": name, **({} if name == "dense" else costs(folders[name]))} for name in folders}
+    rows = {name: {"row": name, "kind": kind(name, folder), **({} if name == "dense" else costs(folder))} for name, folder in folders.items()}
     rows["dense"].update(ffn_flops=1.0, convert_min=0.0, recovery_min=0.0)
 
     suite = load_suite("wiki-perplexity")
@@ -158,8 +167,7 @@ def main() -> None:
         decode, end_to_end = llamacpp.medians(runs)
         rows[name].update(decode_tok_s=decode, end_to_end_s=end_to_end)
     dense = rows["dense"]
-    for name, row in rows.items():
-        row["kind"] = "dense" if name == "dense" else "pruned" if served_folder(folders[name]) != folders[name] else "moe"
+    for row in rows.values():
         row["perplexity_vs_dense"] = row["perplexity"] / dense["perplexity"]
         row["decode_vs_dense"] = row["decode_tok_s"] / dense["decode_tok_s"]
         row["end_to_end_vs_dense"] = dense["end_to_end_s"] / row["end_to_end_s"]
@@ -206,7 +214,7 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        baseline = "" if r.get("pruned_at_same_speed") is None else f"{r['pruned_at_same_speed']:.2f}x"
+        baseline = "" if r["pruned_at_same_speed"] is None else f"{r['pruned_at_same_speed']:.2f}x"
         lines.append(
             f"| {r['row']} | {r['perplexity']:.2f} | {r['perplexity_vs_dense']:.2f}x | {baseline} | {r['decode_tok_s']:.1f} | "
             f"{r['decode_vs_dense']:.2f}x | {r['end_to_end_vs_dense']:.2f}x | {r['ffn_flops']:.3f} | "
@@ -229,8 +237,8 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(*zip(*curve), color="tab:gray", lw=1, label="the dense FFN pruned to a narrower width")
     colours = {"dense": "black", "pruned": "tab:gray", "moe": "tab:blue"}
     for r in result["rows"]:
-        ax.scatter(r["decode_vs_dense"], r["perplexity_vs_dense"], color=colours[r.get("kind", "moe")])
-        left = r.get("kind") == "pruned"  # pruned labels left of their points, MoE labels right: rows this close stay legible
+        ax.scatter(r["decode_vs_dense"], r["perplexity_vs_dense"], color=colours[r["kind"]])
+        left = r["kind"] == "pruned"  # pruned labels left of their points, MoE labels right: rows this close stay legible
         ax.annotate(r["row"], (r["decode_vs_dense"], r["perplexity_vs_dense"]), textcoords="offset points",
                     xytext=(-6, -4) if left else (5, 4), ha="right" if left else "left", fontsize=8)
     ax.set_xlabel("llama.cpp decode speed-up over dense (batch 1)")
